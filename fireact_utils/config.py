@@ -1,0 +1,265 @@
+"""One typed parameter schema for notebooks, CLI and tests.
+
+Every default lives here, once, with a one-line help. `params/*.yaml` hold only overrides.
+Precedence: schema default < YAML file < explicit overrides (dict or "a.b=value" strings).
+Unknown keys and wrong types fail before any work starts, naming the key.
+
+    from fireact_utils.config import load_params
+    p = load_params("params/smoke.yaml", {"evaluate.n_questions": 5})
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SECRET_FIELDS = ("api_key",)  # never stored: keys come from the environment only
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelParams(Section):
+    """The student (or the local teacher): what to load and how."""
+
+    name: str = Field("smollm2-135m", description="HF id, local path, or built-in alias 'smollm2-135m'")
+    adapter: str | None = Field(None, description="PEFT adapter dir applied on top (fine-tuned LoRA)")
+    cache_dir: str | None = Field(None, description="where converted models live; default $FIREACT_CACHE or ~/.cache/fireact")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+
+
+class LLMParams(Section):
+    """An LM backend: the local model (transformers) or any OpenAI-compatible endpoint."""
+
+    backend: Literal["local", "openai"] = Field("local", description="local transformers or OpenAI-compatible HTTP")
+    model: str = Field("gpt-4", description="model name sent to the endpoint (openai backend)")
+    base_url: str | None = Field(None, description="endpoint, e.g. http://127.0.0.1:8000/v1; None = OpenAI")
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the key (never the key)")
+    chat: bool = Field(True, description="chat completions (True) or text completions (False)")
+    concurrency: int = Field(8, ge=1, description="parallel requests (openai backend)")
+    max_retries: int = Field(6, ge=0, description="retries on 429/5xx/timeouts, exponential backoff + jitter")
+    retry_budget_s: float = Field(120.0, gt=0, description="total seconds of backoff allowed per request")
+    timeout_s: float = Field(60.0, gt=0, description="per-request timeout")
+    price_per_1k_prompt: float = Field(0.0, ge=0, description="USD per 1k prompt tokens, for cost reports")
+    price_per_1k_completion: float = Field(0.0, ge=0, description="USD per 1k completion tokens")
+
+
+class SearchParams(Section):
+    """The search tool the agent calls."""
+
+    kind: Literal["recorded", "serpapi", "corpus"] = Field("recorded", description="recorded Google replay, live SerpAPI, or BM25 corpus")
+    corpus_path: str | None = Field(None, description="JSONL of {title, text} paragraphs (kind=corpus)")
+    cache_path: str | None = Field(None, description="SerpAPI cache file; default <cache>/serpapi.json")
+    noise_rate: float = Field(0.0, ge=0, le=1, description="probability an observation is corrupted")
+    noise_kind: Literal["none", "random"] = Field("none", description="replace with 'None' or a random other observation")
+    seed: int = Field(0, description="seed of the noise")
+    max_obs_chars: int = Field(600, gt=0, description="observations are truncated to this many characters")
+
+
+class AgentParams(Section):
+    """How an episode is prompted and run."""
+
+    method: Literal["react", "cot", "io", "reflexion"] = Field("react", description="prompting / agent method")
+    mode: Literal["fewshot", "finetuned"] = Field("fewshot", description="few-shot exemplars, or zero-shot fine-tuned format")
+    format: Literal["alpaca", "chat"] = Field("alpaca", description="fine-tuned prompt format (mode=finetuned)")
+    max_turns: int = Field(8, ge=1, description="Thought/Action steps before an episode is cut (max_turns)")
+    max_new_tokens: int = Field(128, ge=1, description="tokens per generation step")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy")
+    batch_size: int = Field(32, ge=1, description="episodes generating together (local backend)")
+    reflexion_trials: int = Field(2, ge=1, description="attempts per question for reflexion")
+
+
+class EvalParams(Section):
+    task: str = Field("hotpotqa", description="hotpotqa | bamboogle | strategyqa | mmlu | mmlu:<subject> | path.jsonl")
+    split: str = Field("dev", description="dataset split")
+    n_questions: int = Field(100, ge=1, description="first n of the seeded shuffle (FireAct: 500 of dev)")
+    seed: int = Field(233, description="shuffle seed; 233 reproduces FireAct's dev-500")
+    methods: list[Literal["io", "cot", "react"]] = Field(["io", "cot", "react"], description="few-shot baselines to run")
+    bootstrap: int = Field(1000, ge=10, description="bootstrap resamples for confidence intervals")
+
+
+class GenerateParams(Section):
+    """Teacher trajectory generation."""
+
+    teacher: LLMParams = Field(default_factory=LLMParams, description="the teacher LM")
+    tasks: list[str] = Field(["hotpotqa"], description="tasks to draw training questions from")
+    split: str = Field("train", description="split of the training questions")
+    methods: list[Literal["react", "cot", "reflexion"]] = Field(["react"], description="methods to run")
+    n_questions: int = Field(0, ge=0, description="questions per task (0: skip generation, use FireAct's released data)")
+    seed: int = Field(0, description="question sampling seed")
+
+
+class DatasetParams(Section):
+    """Which fine-tuning data, mixed how."""
+
+    source: str = Field("fireact:hotpotqa", description="fireact:<name> (released GPT-4 data) or a trajectories JSONL path")
+    mixture: dict[str, float] = Field(default_factory=dict, description="task:method -> count (>=1) or ratio (<1); empty = all")
+    n_trajectories: int | None = Field(None, ge=1, description="keep the first N (data-scaling study)")
+    seed: int = Field(0, description="mixing seed")
+
+    @field_validator("mixture")
+    @classmethod
+    def _mixture_keys(cls, v: dict[str, float]) -> dict[str, float]:
+        for k, w in v.items():
+            if k.count(":") != 1 or w <= 0:
+                raise ValueError(f"mixture key {k!r} must be 'task:method' with a positive weight")
+        return v
+
+
+class TrainParams(Section):
+    """Supervised fine-tuning with TRL's SFTTrainer."""
+
+    method: Literal["lora", "full"] = Field("lora", description="PEFT LoRA adapter or all weights")
+    format: Literal["alpaca", "chat"] = Field("alpaca", description="training text format")
+    loss_on: Literal["agent", "all"] = Field("agent", description="agent = loss on Thought/Action tokens only; all = FireAct's whole text")
+    epochs: float = Field(2.0, gt=0, description="passes over the data")
+    max_steps: int = Field(-1, description=">0 overrides epochs")
+    learning_rate: float = Field(1e-4, gt=0, description="peak LR (FireAct LoRA: 3e-4)")
+    batch_size: int = Field(8, ge=1, description="sequences per optimizer step (per device)")
+    grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
+    max_length: int = Field(1024, ge=32, description="tokens; longer examples are truncated")
+    padding_free: Literal["auto", True, False] = Field(
+        "auto", description="one unpadded row per batch; needs flash-attention (auto: on iff GPU + flash_attn)")
+    group_by_length: bool = Field(True, description="batch similar lengths together")
+    lora_r: int = Field(16, ge=1, description="LoRA rank")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scale numerator")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
+    lora_target_modules: list[str] | str = Field("all-linear", description="modules that get adapters")
+    bf16: Literal["auto", True, False] = Field("auto", description="auto: on for GPU and bf16-capable CPUs")
+    gradient_checkpointing: Literal["auto", True, False] = Field("auto", description="auto: on for GPU")
+    logging_steps: int = Field(5, ge=1, description="log loss every N steps")
+    save_steps: int = Field(50, ge=1, description="checkpoint every N steps (resume point)")
+    seed: int = Field(42, description="training seed")
+
+
+class StudyParams(Section):
+    """Scaling / robustness sweeps (notebook 04)."""
+
+    data_sizes: list[int] = Field(default_factory=list, description="numbers of trajectories to fine-tune on")
+    noise_rates: list[float] = Field([0.5], description="noisy-tool rates to evaluate")
+    noise_kinds: list[Literal["none", "random"]] = Field(["none", "random"], description="noise kinds")
+    noisy_fewshot: bool = Field(False, description="also run the (slow) few-shot base under noise")
+    mixtures: dict[str, str] = Field(default_factory=dict, description="label -> FireAct dataset for mix comparisons")
+    generalization_tasks: list[str] = Field(default_factory=list, description="extra tasks for the fine-tuned agent")
+
+
+class Params(Section):
+    """Everything one run needs."""
+
+    name: str = Field("default", description="run name; artifacts go to outputs/runs/<name>")
+    data_dir: str | None = Field(None, description="FireAct data dir; default $FIREACT_DATA_DIR or <repo>/data")
+    output_root: str = Field("outputs/runs", description="parent of run folders (relative to the repo)")
+    model: ModelParams = Field(default_factory=ModelParams)
+    llm: LLMParams = Field(default_factory=LLMParams, description="backend of the evaluated agent")
+    search: SearchParams = Field(default_factory=SearchParams)
+    agent: AgentParams = Field(default_factory=AgentParams)
+    evaluate: EvalParams = Field(default_factory=EvalParams)
+    generate: GenerateParams = Field(default_factory=GenerateParams)
+    dataset: DatasetParams = Field(default_factory=DatasetParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    study: StudyParams = Field(default_factory=StudyParams)
+
+    @model_validator(mode="after")
+    def _no_secrets(self) -> Params:
+        # Keys must come from the environment; a literal key in params would leak into dumps.
+        for sec in (self.llm, self.generate.teacher):
+            if sec.api_key_env.startswith(("sk-", "hf_")):
+                raise ValueError("api_key_env must name an environment variable, not hold a key")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        root = Path(self.output_root)
+        return (root if root.is_absolute() else REPO_ROOT / root) / self.name
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class ParamsError(ValueError):
+    """Invalid parameters; the message names the key."""
+
+
+def _set_dotted(d: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise ParamsError(f"{key}: {p} is not a section")
+    d[parts[-1]] = value
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(s: str) -> tuple[str, Any]:
+    """'train.epochs=3' -> ('train.epochs', 3); values are parsed as YAML scalars/lists."""
+    if "=" not in s:
+        raise ParamsError(f"override {s!r} must look like key.sub=value")
+    k, v = s.split("=", 1)
+    return k.strip(), yaml.safe_load(v)
+
+
+def load_params(path: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None) -> Params:
+    """Resolve params: schema defaults < YAML at `path` < `overrides` (dotted keys)."""
+    raw: dict = {}
+    if path:
+        path = Path(path)
+        if not path.is_file() and not path.is_absolute() and (REPO_ROOT / path).is_file():
+            path = REPO_ROOT / path
+        if not path.is_file():
+            raise ParamsError(f"params file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ParamsError(f"malformed YAML in {path}: {e}") from e
+        if not isinstance(raw, dict):
+            raise ParamsError(f"{path}: top level must be a mapping")
+        raw.setdefault("name", path.stem)
+    ov: dict = {}
+    items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
+    for k, v in items:
+        _set_dotted(ov, k, v)
+    merged = _deep_merge(raw, ov)
+    try:
+        return Params.model_validate(merged)
+    except ValidationError as e:
+        lines = [f"  {'.'.join(map(str, err['loc'])) or '<root>'}: {err['msg']}" for err in e.errors()]
+        src = f" in {path}" if path else ""
+        raise ParamsError(f"invalid params{src}:\n" + "\n".join(lines)) from None
+
+
+def cache_dir() -> Path:
+    """Root of caches (converted models, search indexes): $FIREACT_CACHE or ~/.cache/fireact."""
+    return Path(os.environ.get("FIREACT_CACHE") or Path.home() / ".cache" / "fireact")
+
+
+def data_dir(path: str | Path | None = None) -> Path:
+    """The FireAct data directory: argument > $FIREACT_DATA_DIR > <repo>/data.
+
+    Raises FileNotFoundError naming the variable to set when it does not exist.
+    """
+    src = "argument"
+    if path is None:
+        env = os.environ.get("FIREACT_DATA_DIR")
+        path, src = (env, "FIREACT_DATA_DIR") if env else (REPO_ROOT / "data", "default")
+    p = Path(path).expanduser()
+    if not p.is_absolute() and not p.exists() and (REPO_ROOT / p).exists():
+        p = REPO_ROOT / p
+    if not p.is_dir():
+        raise FileNotFoundError(
+            f"FireAct data dir not found: {p} (from {src}). Set FIREACT_DATA_DIR to a copy of the "
+            "FireAct data (e.g. ../shared/fireact) or run `make data` when online."
+        )
+    return p.resolve()

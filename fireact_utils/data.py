@@ -1,0 +1,150 @@
+"""Fine-tuning datasets: FireAct's released trajectories, our generated ones, and mixtures.
+
+Every source becomes the same trajectory record (see `trajectories`): question, steps,
+preamble, task, method, reward. Mixing by task × method, deduplication by question and the
+data-scaling subsets are pure, seeded functions of those records; a dataset card (counts and
+token lengths) is written next to every dataset.
+
+    recs = load_dataset_source("fireact:hotpotqa")          # 500 GPT-4 ReAct trajectories
+    recs = mix(recs, {"hotpotqa:react": 300, "strategyqa:cot": 0.5}, seed=0)
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from collections import Counter
+from pathlib import Path
+
+from .config import data_dir as resolve_data_dir
+from .io import DataFileError, atomic_write_json, read_json, read_jsonl, write_jsonl
+from .trajectories import final_reward, parse_chat, parse_react_text, to_alpaca, to_chat
+
+FIREACT_SETS = ("hotpotqa", "hotpotqa_multimethod", "multitask", "multitask_multimethod")
+
+
+def _strategyqa_questions(root: Path) -> set[str]:
+    qs: set[str] = set()
+    for name in ("strategyqa_train_filtered.json", "strategyqa_dev.json"):
+        f = root / "strategyqa" / name
+        if f.is_file():
+            qs.update(r["question"].strip() for r in read_json(f))
+    return qs
+
+
+def _label(rec: dict, strategyqa_qs: set[str]) -> dict:
+    """FireAct's files carry no task/method columns; infer them from content."""
+    if rec.get("preamble", "").lstrip().startswith("A.") or rec["question"].startswith("Question:"):
+        task = "mmlu"
+    elif rec["question"].strip() in strategyqa_qs:
+        task = "strategyqa"
+    else:
+        task = "hotpotqa"
+    method = "react" if any(s["action"] == "search" for s in rec["steps"]) else "cot"
+    return {**rec, "task": task, "method": method}
+
+
+def load_fireact(name: str = "hotpotqa", fmt: str = "alpaca", data_dir: str | Path | None = None,
+                 keep_failed: bool = False) -> list[dict]:
+    """FireAct's released GPT-4 trajectories as records (reward-False rows dropped unless asked)."""
+    if name not in FIREACT_SETS:
+        raise ValueError(f"unknown FireAct dataset {name!r}; choose from {FIREACT_SETS}")
+    root = resolve_data_dir(data_dir)
+    recs = []
+    if fmt == "alpaca":
+        path = root / "finetune" / "alpaca_format" / f"{name}.json"
+        for i, row in enumerate(read_json(path)):
+            if not isinstance(row, dict) or "instruction" not in row or "output" not in row:
+                raise DataFileError(f"{path}: record {i} lacks instruction/output")
+            preamble, steps = parse_react_text(row["output"])
+            recs.append({"question": row["instruction"], "preamble": preamble, "steps": steps,
+                         "eol": row["output"].endswith("\n")})
+    elif fmt == "chat":
+        path = root / "finetune" / "gpt_format" / f"{name}.jsonl"
+        for i, row in enumerate(read_jsonl(path)):
+            if "messages" not in row:
+                raise DataFileError(f"{path}: record {i + 1} lacks messages")
+            q, steps = parse_chat(row["messages"])
+            recs.append({"question": q, "preamble": "", "steps": steps})
+    else:
+        raise ValueError(f"format must be alpaca or chat, not {fmt!r}")
+    sq = _strategyqa_questions(root)
+    out = []
+    for i, r in enumerate(recs):
+        r = _label(r, sq)
+        r.update(source=f"fireact:{name}", source_index=i, reward=final_reward(r["steps"]))
+        if keep_failed or r["reward"] is not False:
+            out.append(r)
+    return out
+
+
+def load_dataset_source(source: str, data_dir: str | Path | None = None, fmt: str = "alpaca") -> list[dict]:
+    """`fireact:<name>` or a JSONL of trajectory records (as written by generation)."""
+    if source.startswith("fireact:"):
+        return load_fireact(source.split(":", 1)[1], fmt=fmt, data_dir=data_dir)
+    recs = read_jsonl(source)
+    for i, r in enumerate(recs):
+        if "question" not in r or "steps" not in r:
+            raise DataFileError(f"{source}: line {i + 1} is not a trajectory record (needs question, steps)")
+    return [r for r in recs if r.get("reward", r.get("em"))]
+
+
+def dedup(records: list[dict]) -> list[dict]:
+    """First record per question (normalized whitespace/case)."""
+    seen: set[str] = set()
+    out = []
+    for r in records:
+        k = " ".join(r["question"].lower().split())
+        if k not in seen:
+            seen.add(k)
+            out.append(r)
+    return out
+
+
+def mix(records: list[dict], mixture: dict[str, float] | None = None, n: int | None = None, seed: int = 0) -> list[dict]:
+    """Select by `task:method` (count if >= 1, else fraction of that group), dedup, seeded shuffle,
+    then keep the first `n` (data-scaling subsets are nested: first 100 ⊂ first 200 …)."""
+    records = dedup(records)
+    if mixture:
+        groups: dict[str, list[dict]] = {}
+        for r in records:
+            groups.setdefault(f"{r.get('task', '?')}:{r.get('method', '?')}", []).append(r)
+        chosen = []
+        for key, w in mixture.items():
+            g = groups.get(key, [])
+            k = int(w) if w >= 1 else round(w * len(g))
+            if k > len(g):
+                raise ValueError(f"mixture asks {k} of {key} but only {len(g)} exist (have: {sorted(groups)})")
+            chosen += random.Random(f"{seed}:{key}").sample(g, k)
+        records = chosen
+    records = list(records)
+    random.Random(seed).shuffle(records)
+    if n is not None:
+        if n > len(records):
+            raise ValueError(f"asked for {n} trajectories, only {len(records)} available")
+        records = records[:n]
+    return records
+
+
+def dataset_card(records: list[dict], tok=None) -> dict:
+    """Counts per task/method and token-length statistics (characters if no tokenizer)."""
+    texts = [to_alpaca(r)["output"] for r in records]
+    lens = [len(tok(t)["input_ids"]) for t in texts] if tok is not None else [len(t) for t in texts]
+    unit = "tokens" if tok is not None else "chars"
+    return {
+        "n": len(records),
+        "by_task_method": dict(Counter(f"{r.get('task', '?')}:{r.get('method', '?')}" for r in records)),
+        "turns_mean": statistics.fmean(len(r["steps"]) for r in records) if records else 0,
+        f"length_{unit}": {"mean": statistics.fmean(lens) if lens else 0, "max": max(lens, default=0),
+                           "total": sum(lens)},
+    }
+
+
+def save_dataset(records: list[dict], out_dir: str | Path, tok=None) -> Path:
+    """Write records + both FireAct formats + the dataset card into `out_dir`."""
+    out = Path(out_dir)
+    write_jsonl(out / "trajectories.jsonl", records)
+    atomic_write_json(out / "alpaca.json", [to_alpaca(r) for r in records])
+    write_jsonl(out / "chat.jsonl", [to_chat(r) for r in records])
+    atomic_write_json(out / "card.json", dataset_card(records, tok))
+    return out

@@ -1,0 +1,116 @@
+"""Scores over episodes: means with bootstrap confidence intervals, and results tables.
+
+A "condition" is one set of episode records (e.g. few-shot ReAct, fine-tuned, fine-tuned +
+noisy tool). Tables put conditions side by side on the same questions, with 95% CIs obtained
+by resampling questions (percentile bootstrap, seeded).
+
+    table = results_table({"ReAct few-shot": recs_a, "FireAct (ours)": recs_b})
+    write_table(table, run_dir / "metrics")      # metrics.csv + metrics.md
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .io import atomic_write_text
+
+METRICS = ("em", "f1", "turns", "finish", "prompt_tokens", "completion_tokens")
+
+
+def bootstrap_ci(values, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float, float]:
+    """(mean, low, high): percentile bootstrap over the items of `values`."""
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(x.mean()), float(lo), float(hi)
+
+
+def paired_bootstrap_diff(a, b, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of b - a over the same questions, with a 95% CI (resampling question pairs)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError("paired bootstrap needs the same questions in both conditions")
+    return bootstrap_ci(b - a, n_boot, seed)
+
+
+def episode_values(records: list[dict], metric: str) -> list[float]:
+    if metric == "finish":
+        return [float(r["status"] == "finished") for r in records]
+    return [float(r[metric]) for r in records]
+
+
+def condition_row(name: str, records: list[dict], n_boot: int = 1000, wall_s: float | None = None) -> dict:
+    row: dict = {"condition": name, "n": len(records)}
+    for m in METRICS:
+        mean, lo, hi = bootstrap_ci(episode_values(records, m), n_boot)
+        row[m], row[f"{m}_lo"], row[f"{m}_hi"] = mean, lo, hi
+    statuses = pd.Series([r["status"] for r in records]).value_counts().to_dict()
+    row["statuses"] = ", ".join(f"{k}:{v}" for k, v in sorted(statuses.items()))
+    if wall_s is not None and records:
+        row["seconds_per_episode"] = wall_s / len(records)
+    return row
+
+
+def results_table(conditions: dict[str, list[dict]], n_boot: int = 1000, wall: dict[str, float] | None = None,
+                  extra: dict[str, dict] | None = None) -> pd.DataFrame:
+    """One row per condition; `extra[name]` adds columns (e.g. search hit rates, noise rate)."""
+    rows = []
+    for name, recs in conditions.items():
+        row = condition_row(name, recs, n_boot, (wall or {}).get(name))
+        row.update((extra or {}).get(name, {}))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def fmt_ci(mean: float, lo: float, hi: float, scale: float = 100.0, digits: int = 1) -> str:
+    return f"{mean * scale:.{digits}f} [{lo * scale:.{digits}f}, {hi * scale:.{digits}f}]"
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """Human table: EM/F1/finish in % with CIs, turns and tokens as means."""
+    cols = ["condition", "n", "EM % [95% CI]", "F1 %", "finish %", "turns", "prompt tok", "completion tok"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in df.iterrows():
+        cells = [str(r["condition"]), str(r["n"]), fmt_ci(r["em"], r["em_lo"], r["em_hi"]),
+                 f"{r['f1'] * 100:.1f}", f"{r['finish'] * 100:.0f}", f"{r['turns']:.2f}",
+                 f"{r['prompt_tokens']:.0f}", f"{r['completion_tokens']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(df: pd.DataFrame, stem: str | Path) -> tuple[Path, Path]:
+    stem = Path(stem)
+    csv_path, md_path = stem.with_suffix(".csv"), stem.with_suffix(".md")
+    atomic_write_text(csv_path, df.to_csv(index=False))
+    atomic_write_text(md_path, markdown_table(df))
+    return csv_path, md_path
+
+
+def fireact_reference(data_dir=None) -> pd.DataFrame:
+    """FireAct's released evaluation runs (HotpotQA dev-500) as table rows, for the summary."""
+    from .config import data_dir as resolve
+    from .io import read_json
+
+    rows = []
+    for f in sorted((resolve(data_dir) / "trajs").glob("*.json")):
+        d = read_json(f)
+        em = [float(v["em"] in (True, "True")) for v in d.values()]
+        f1 = [float(v["f1"]) for v in d.values()]
+        name = "FireAct " + ("GPT-3.5 FT" if "gpt-3.5" in f.name else "Llama-2-13B LoRA" if "13b" in f.name
+                             else "Llama-2-7B LoRA")
+        mean, lo, hi = bootstrap_ci(em)
+        rows.append({"condition": f"{name} (released run)", "n": len(em), "em": mean, "em_lo": lo, "em_hi": hi,
+                     "f1": float(np.mean(f1))})
+    return pd.DataFrame(rows)
+
+
+PAPER_HOTPOTQA_EM = {  # FireAct paper, HotpotQA EM (%), Llama-2-7B, ReAct
+    "Llama-2-7B few-shot ReAct": 14.8,
+    "Llama-2-7B FireAct (500 GPT-4 trajectories)": 26.2,
+}
