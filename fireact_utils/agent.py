@@ -15,6 +15,7 @@ Prompt modes:
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -131,7 +132,7 @@ class Agent:
             return self.finish(ep, None, "api_error")
         if ep.pending_thought is not None:
             # The prompt ended in "Action:"; the generation's first line is the action.
-            line = gen.text.strip().split("\n")[0]
+            line = gen.text.strip().split("\n")[0].strip().removeprefix("Action:").strip()
             parsed = {**parse_step(f"Action: {line}"), "thought": ep.pending_thought}
             ep.pending_thought = None
         else:
@@ -163,8 +164,9 @@ class Agent:
                 step["observation"] = f"Search failed ({type(e).__name__}). Try again or another query."
                 if ep.tool_errors >= MAX_TOOL_ERRORS:
                     return self.finish(ep, None, "tool_error")
-        if len(ep.steps) >= 3 and all(s["observation"] == INVALID_ACTION for s in ep.steps[-3:]):
-            self.finish(ep, None, "parse_error")  # three invalid actions in a row: the model is lost
+        if len(ep.steps) >= 3 and all(s["action"] != "search" for s in ep.steps[-3:]):
+            # three invalid actions in a row (unparseable or unknown tool): the model is lost
+            self.finish(ep, None, "parse_error")
         elif len(ep.steps) >= self.p.max_turns:
             self.finish(ep, None, "max_turns")
 
@@ -197,14 +199,40 @@ def load_done(out_path: str | Path | None) -> dict[str, dict]:
     return {r["id"]: r for r in iter_jsonl(out_path)}
 
 
+def _end_torn_tail(out_path: Path) -> None:
+    """Make `out_path` end with a newline before we append to it.
+
+    A kill mid-write leaves a last line without its newline; appending straight after it would
+    glue the next record onto it and turn a dropped-with-warning tail into a malformed middle
+    line that fails every later read. An unparseable tail is cut off (its episode never finished
+    and is re-run); a complete record that only lacks the newline gets one.
+    """
+    with open(out_path, "rb+") as f:
+        data = f.read()
+        if not data or data.endswith(b"\n"):
+            return
+        start = data.rfind(b"\n") + 1
+        try:
+            complete = isinstance(json.loads(data[start:]), dict)
+        except ValueError:  # includes a multi-byte character cut in half
+            complete = False
+        if complete:
+            f.write(b"\n")
+        else:
+            f.truncate(start)
+
+
 def run_episodes(task: Task, indices: Iterable[int], llm: LLM, search: Callable[[str], str] | None,
                  params: AgentParams, out_path: str | Path | None = None, redo: bool = False,
                  progress: bool = True) -> list[dict]:
     """Roll out one episode per index; return records in index order (saved ones included)."""
-    indices = list(indices)
-    done = {} if redo else load_done(out_path)
+    indices = list(dict.fromkeys(indices))  # a repeated index would write a duplicate record
+    # api_error episodes are re-run: an outage must not leave permanent failures (the newest record wins).
+    done = {} if redo else {k: r for k, r in load_done(out_path).items() if r["status"] != "api_error"}
     if redo and out_path and Path(out_path).exists():
         Path(out_path).unlink()
+    if out_path and Path(out_path).is_file():
+        _end_torn_tail(Path(out_path))
     agent = Agent(task, params, search)
     chat_llm = getattr(getattr(llm, "p", None), "chat", False)
     todo = [Episode(episode_id(task, i), i, task.questions[i], task.answers[i], params.method)
@@ -245,6 +273,7 @@ def _reflect(agent: Agent, ep: Episode, llm: LLM, p: AgentParams) -> None:
     ep.reflections.append(gen.text.strip() or "(no reflection)")
     ep.trial += 1
     ep.steps, ep.answer, ep.status = [], None, None
+    ep.tool_errors, ep.pending_thought = 0, None  # a fresh attempt: failures of the last one don't count
 
 
 def summarize(records: list[dict]) -> dict:

@@ -74,10 +74,11 @@ def fmt_ci(mean: float, lo: float, hi: float, scale: float = 100.0, digits: int 
 
 def markdown_table(df: pd.DataFrame) -> str:
     """Human table: EM/F1/finish in % with CIs, turns and tokens as means."""
-    cols = ["condition", "n", "EM % [95% CI]", "F1 %", "finish %", "turns", "prompt tok", "completion tok"]
+    lead = [c for c in ("task",) if c in df]  # grouped tables (grouped_results_table) show their group first
+    cols = [*lead, "condition", "n", "EM % [95% CI]", "F1 %", "finish %", "turns", "prompt tok", "completion tok"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in df.iterrows():
-        cells = [str(r["condition"]), str(r["n"]), fmt_ci(r["em"], r["em_lo"], r["em_hi"]),
+        cells = [*(str(r[c]) for c in lead), str(r["condition"]), str(r["n"]), fmt_ci(r["em"], r["em_lo"], r["em_hi"]),
                  f"{r['f1'] * 100:.1f}", f"{r['finish'] * 100:.0f}", f"{r['turns']:.2f}",
                  f"{r['prompt_tokens']:.0f}", f"{r['completion_tokens']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -114,3 +115,27 @@ PAPER_HOTPOTQA_EM = {  # FireAct paper, HotpotQA EM (%), Llama-2-7B, ReAct
     "Llama-2-7B few-shot ReAct": 14.8,
     "Llama-2-7B FireAct (500 GPT-4 trajectories)": 26.2,
 }
+
+
+def grouped_results_table(groups: dict[str, dict[str, list[dict]]], n_boot: int = 1000,
+                          group: str = "task") -> pd.DataFrame:
+    """`results_table` per group (e.g. task -> condition -> records), stacked with a `group` column."""
+    parts = [results_table(conds, n_boot).assign(**{group: g}) for g, conds in groups.items()]
+    if not parts:
+        return pd.DataFrame()
+    df = pd.concat(parts, ignore_index=True)
+    return df[[group, *[c for c in df.columns if c != group]]]
+
+
+def paper_summary(table: pd.DataFrame, data_dir=None) -> pd.DataFrame:
+    """Our conditions beside FireAct's released runs and the paper's HotpotQA EM (no CI there).
+
+    Our rows and the released runs are on HotpotQA dev questions of the same seeded shuffle
+    (ours: the first n; released: 500); the paper's numbers are quoted, with n unknown here.
+    """
+    cols = ["condition", "n", "em", "em_lo", "em_hi", "f1"]
+    ours = table[[c for c in cols if c in table]].assign(source="this run")
+    released = fireact_reference(data_dir).assign(source="FireAct released run")
+    paper = pd.DataFrame({"condition": list(PAPER_HOTPOTQA_EM),
+                          "em": [v / 100 for v in PAPER_HOTPOTQA_EM.values()]}).assign(source="FireAct paper")
+    return pd.concat([ours, released, paper], ignore_index=True)[["source", *cols]]

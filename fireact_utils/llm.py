@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -120,6 +121,7 @@ class OpenAIBackend:
         self.name = self.p.model
         self.failures: list[str] = []
         self.retries = 0
+        self._lock = threading.Lock()  # retries/failures are updated from `concurrency` threads
 
     def _once(self, prompt: Prompt, stop: list[str], max_new_tokens: int, temperature: float) -> Generation:
         if self.p.chat:
@@ -137,6 +139,11 @@ class OpenAIBackend:
         return Generation(cut_at_stop(text, stop), getattr(u, "prompt_tokens", 0) or 0,
                           getattr(u, "completion_tokens", 0) or 0)
 
+    def _scrub(self, text: str) -> str:
+        """`text` without the API key: a server may echo the Authorization header in its error body."""
+        key = self.client.api_key
+        return text.replace(key, "***") if key and key != "EMPTY" else text
+
     def _retry_delay(self, err: Exception, attempt: int) -> float | None:
         """Seconds to wait before retrying `err`, or None if it is not worth retrying."""
         import openai
@@ -147,9 +154,11 @@ class OpenAIBackend:
             after = err.response.headers.get("retry-after") if err.response is not None else None
             if after:
                 try:
-                    return float(after)
+                    seconds = float(after)
                 except ValueError:
-                    pass
+                    seconds = -1.0  # an HTTP-date: back off ourselves
+                if seconds >= 0:  # a negative or NaN header would make time.sleep raise
+                    return seconds
         elif not isinstance(err, openai.APIConnectionError | openai.APITimeoutError):
             return None
         return min(2.0 ** attempt, 30.0) * (0.5 + random.random())  # exponential backoff, full jitter
@@ -162,10 +171,12 @@ class OpenAIBackend:
             except Exception as e:  # noqa: BLE001 - every failure becomes a recorded error
                 delay = self._retry_delay(e, attempt)
                 if delay is None or attempt >= self.p.max_retries or slept + delay > self.p.retry_budget_s:
-                    msg = f"{type(e).__name__}: {str(e)[:300]} (after {attempt} retries)"
-                    self.failures.append(msg)
+                    msg = f"{type(e).__name__}: {self._scrub(str(e))[:300]} (after {attempt} retries)"
+                    with self._lock:
+                        self.failures.append(msg)
                     return Generation("", error=msg)
-                self.retries += 1
+                with self._lock:
+                    self.retries += 1
                 attempt += 1
                 slept += delay
                 time.sleep(delay)

@@ -194,8 +194,21 @@ def table_extras(p: Params, names) -> dict[str, dict]:
             row["search_bm25_rate"] = tool.get("bm25_rate")
         if "noise_rate" in tool:
             row["noise_rate"] = tool["noise_rate"]
+            row["noise_kind"] = tool.get("noise_kind")
+        agent = m.get("agent") or {}
+        if agent:  # lets plots tell prompted from fine-tuned agents without parsing names
+            row["mode"], row["method"] = agent.get("mode"), agent.get("method")
         out[condition_label(n)] = row
     return out
+
+
+def condition_table(p: Params, conds: dict[str, list[dict]]):
+    """`evaluate.results_table` of conditions keyed by run name: labelled rows, CIs with
+    `evaluate.bootstrap` resamples, and the `table_extras` columns."""
+    from .evaluate import results_table
+
+    labelled = {condition_label(k): v for k, v in conds.items()}
+    return results_table(labelled, p.evaluate.bootstrap, extra=table_extras(p, conds))
 
 
 # ---------------------------------------------------------------- study (notebook 04)

@@ -25,7 +25,8 @@ ACTION_RE = re.compile(r"^\s*(\w+)\s*\[(.*)\]\s*$", re.S)
 
 
 def format_action(action: str, arg: str) -> str:
-    return f"{action}[{arg}]"
+    # An unparseable action is kept as the model wrote it (action "", arg = raw text).
+    return f"{action}[{arg}]" if action else arg
 
 
 def step_text(step: dict) -> str:
@@ -89,7 +90,7 @@ def parse_react_text(text: str) -> tuple[str, list[dict]]:
                 cur = {"thought": "", "action": "", "arg": "", "observation": None}
                 steps.append(cur)
             m = ACTION_RE.match(line[len("Action:"):])
-            cur["action"], cur["arg"] = (m.group(1), m.group(2)) if m else ("invalid", line[len("Action:"):].strip())
+            cur["action"], cur["arg"] = (m.group(1), m.group(2)) if m else ("", line[len("Action:"):].strip())
             field = "action"
         elif line.startswith("Observation:") and cur is not None:
             cur["observation"] = _after(line, "Observation:")

@@ -1,0 +1,250 @@
+"""Figures of the study, each saved as PNG (for reading) and SVG (for papers) by `save_fig`.
+
+Every plot takes a DataFrame from `evaluate.results_table` (one row per condition, with
+`em`, `em_lo`, `em_hi`, ... where `_lo`/`_hi` bound the 95% bootstrap CI over questions) and
+returns the figure, already closed so that a notebook shows it once. EM is drawn in percent.
+
+    plot_prompting_vs_finetuned(pipeline.condition_table(p, conds), stem=run_dir / "figures" / "pvf")
+
+Shortcuts: seconds per episode is a run total divided by episodes (episodes run in batches, so
+there is no per-episode time to resample) and is drawn without an interval.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from html import escape
+from pathlib import Path
+
+import matplotlib
+
+if "ipykernel" not in sys.modules and not os.environ.get("DISPLAY") and not os.environ.get("MPLBACKEND"):
+    matplotlib.use("Agg")  # headless (tests, CLI): render to files only
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+MODE_COLORS = {"fewshot": sns.color_palette("deep")[0], "finetuned": sns.color_palette("deep")[3]}
+MODE_NAMES = {"fewshot": "few-shot prompting (base model)", "finetuned": "fine-tuned (FireAct)"}
+CI_NOTE = "error bars: 95% bootstrap CI over questions"
+
+
+def save_fig(fig, stem: str | Path) -> list[Path]:
+    """Write `<stem>.png` (150 dpi) and `<stem>.svg`; return both paths."""
+    Path(stem).parent.mkdir(parents=True, exist_ok=True)
+    paths = [Path(stem).with_suffix(".png"), Path(stem).with_suffix(".svg")]
+    for path in paths:
+        fig.savefig(path, dpi=150, bbox_inches="tight")
+    return paths
+
+
+def _done(fig, stem):
+    if stem is not None:
+        save_fig(fig, stem)
+    plt.close(fig)  # notebooks display the returned figure; scripts keep no open figures
+    return fig
+
+
+def _empty(df: pd.DataFrame | None, what: str) -> bool:
+    empty = df is None or len(df) == 0
+    if empty:
+        print(f"nothing to plot for {what}: the table is empty")
+    return empty
+
+
+def _mode(row) -> str:
+    """'fewshot' or 'finetuned' from the table's `mode` column, else from the condition label."""
+    mode = row.get("mode")
+    return mode if isinstance(mode, str) else "finetuned" if "fine" in str(row["condition"]).lower() else "fewshot"
+
+
+def _err(df: pd.DataFrame, metric: str, scale: float = 1.0) -> np.ndarray | None:
+    """Asymmetric error bars (2 x n) from `<metric>_lo` / `<metric>_hi`, or None if absent."""
+    if f"{metric}_lo" not in df or f"{metric}_hi" not in df:
+        return None
+    mid, lo, hi = (df[c].to_numpy(float) * scale for c in (metric, f"{metric}_lo", f"{metric}_hi"))
+    return np.clip(np.vstack([mid - lo, hi - mid]), 0, None)
+
+
+def _mode_legend(fig, modes) -> None:
+    """One legend for the whole figure, below the panels, so it never hides a bar."""
+    shown = [m for m in MODE_NAMES if m in set(modes)]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=MODE_COLORS[m]) for m in shown]
+    fig.legend(handles, [MODE_NAMES[m] for m in shown], loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=len(shown), frameon=False)
+
+
+def _hbars(ax, df: pd.DataFrame, metric: str, scale: float, xlabel: str, title: str, ci: bool = True) -> list[str]:
+    """One horizontal bar per condition, coloured by prompting mode, CI whiskers when known."""
+    modes = [_mode(r) for _, r in df.iterrows()]
+    y = np.arange(len(df))
+    ax.barh(y, df[metric].to_numpy(float) * scale, color=[MODE_COLORS[m] for m in modes],
+            xerr=_err(df, metric, scale) if ci else None, capsize=4, error_kw={"elinewidth": 1.2})
+    ax.set_yticks(y, df["condition"].astype(str))
+    ax.invert_yaxis()  # first condition on top, as in the table
+    ax.set(xlabel=xlabel, title=title, xlim=(0, max(ax.get_xlim()[1], 10 if scale == 100 else 1)))  # EM: >= 0-10%
+    ax.grid(axis="x", alpha=0.3)
+    return modes
+
+
+def plot_prompting_vs_finetuned(table: pd.DataFrame, stem: str | Path | None = None):
+    """EM (%) and turns per episode for each condition: does fine-tuning beat few-shot prompting?"""
+    if _empty(table, "prompting vs fine-tuned"):
+        return None
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 0.6 * len(table) + 2.2), sharey=True)
+    _mode_legend(fig, _hbars(a, table, "em", 100, "exact match, EM (% of questions)", "Answer accuracy"))
+    _hbars(b, table, "turns", 1, "Thought/Action turns per episode (mean)", "Episode length")
+    fig.suptitle(f"Few-shot prompting vs FireAct fine-tuning ({int(table['n'].max())} questions; {CI_NOTE})")
+    return _done(fig, stem)
+
+
+def plot_efficiency(table: pd.DataFrame, stem: str | Path | None = None):
+    """Cost per episode: prompt tokens, completion tokens, and wall-clock seconds."""
+    if _empty(table, "efficiency"):
+        return None
+    has_time = "seconds_per_episode" in table and table["seconds_per_episode"].notna().any()
+    fig, axes = plt.subplots(1, 3 if has_time else 2, figsize=(15 if has_time else 11, 0.6 * len(table) + 2.2),
+                             sharey=True)
+    _mode_legend(fig, _hbars(axes[0], table, "prompt_tokens", 1, "prompt tokens per episode (sum over turns)",
+                             "Input read by the LM"))
+    _hbars(axes[1], table, "completion_tokens", 1, "generated tokens per episode", "Output generated by the LM")
+    if has_time:
+        _hbars(axes[2], table.fillna({"seconds_per_episode": 0}), "seconds_per_episode", 1,
+               "seconds per episode (run wall time / episodes; no CI)", "Wall-clock time", ci=False)
+    fig.suptitle(f"Inference cost per episode ({CI_NOTE}): fine-tuned agents need no few-shot exemplars")
+    return _done(fig, stem)
+
+
+def plot_loss_curve(train_log_csv: str | Path, stem: str | Path | None = None):
+    """Training loss per optimizer step, with the learning rate on a second axis."""
+    log = pd.read_csv(train_log_csv)
+    if _empty(log, "the loss curve") or "loss" not in log:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(log["step"], log["loss"], "o-", color=MODE_COLORS["finetuned"], label="training loss")
+    ax.set(xlabel="optimizer step", ylabel="cross-entropy loss (nats per loss token)")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if "learning_rate" in log:
+        lr = ax.twinx()
+        lr.plot(log["step"], log["learning_rate"], "--", color="grey", label="learning rate")
+        lr.set_ylabel("learning rate")
+        h2, l2 = lr.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, loc="upper right")
+    ax.set_title(f"Fine-tuning loss ({len(log)} logged steps; final {log['loss'].iloc[-1]:.3f})")
+    return _done(fig, stem)
+
+
+def plot_data_scaling(df: pd.DataFrame, reference: pd.DataFrame | None = None, stem: str | Path | None = None):
+    """EM vs number of fine-tuning trajectories (`n_trajectories` column), CI band; dashed
+    horizontal lines for the rows of `reference` (e.g. few-shot ReAct and full-data fine-tuning)."""
+    if _empty(df, "data scaling"):
+        return None
+    df = df.sort_values("n_trajectories")
+    x, em = df["n_trajectories"].to_numpy(float), df["em"].to_numpy(float) * 100
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(x, em, "o-", color=MODE_COLORS["finetuned"], label="fine-tuned on N trajectories")
+    ax.fill_between(x, df["em_lo"] * 100, df["em_hi"] * 100, color=MODE_COLORS["finetuned"], alpha=0.2,
+                    label="95% bootstrap CI")
+    for i, (_, r) in enumerate((reference if reference is not None else pd.DataFrame()).iterrows()):
+        ax.axhline(r["em"] * 100, ls="--", color=sns.color_palette("muted")[(i + 2) % 10], label=str(r["condition"]))
+    ax.set_xticks(x, [f"{v:g}" for v in x])
+    ax.set(xlabel="fine-tuning trajectories (count)", ylabel="exact match, EM (% of questions)",
+           ylim=(-0.5, max(ax.get_ylim()[1], 10)),
+           title=f"Data scaling: more teacher trajectories, better agent? ({int(df['n'].max())} questions)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _done(fig, stem)
+
+
+def plot_robustness(table: pd.DataFrame, stem: str | Path | None = None):
+    """EM vs noise rate of the search tool, one line per agent (prompted / fine-tuned) and noise kind.
+    Clean conditions (no `noise_rate`) sit at rate 0 and start every line of their agent."""
+    if _empty(table, "robustness"):
+        return None
+    t = table.assign(mode=[_mode(r) for _, r in table.iterrows()],
+                     **{c: table[c] if c in table else np.nan for c in ("noise_rate", "noise_kind")})
+    clean = t[t["noise_rate"].isna() | (t["noise_rate"] == 0)]
+    noisy = t[t["noise_rate"] > 0]
+    if "method" in clean:  # the clean few-shot baseline to compare with is ReAct (same tool use)
+        clean = clean[clean["method"].isna() | (clean["method"] == "react")]
+    kinds = sorted(noisy["noise_kind"].dropna().unique()) or [None]  # None: no noisy condition yet
+    kind_desc = {"none": 'observation replaced by "None"', "random": "observation replaced by a random other one",
+                 None: "clean tool only"}
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for mode in MODE_NAMES:
+        for j, kind in enumerate(kinds):
+            pts = pd.concat([clean[clean["mode"] == mode].assign(noise_rate=0.0),
+                             noisy[(noisy["mode"] == mode) & (noisy["noise_kind"] == kind)]]).sort_values("noise_rate")
+            if pts.empty:
+                continue
+            ax.errorbar(pts["noise_rate"] * 100, pts["em"] * 100, yerr=_err(pts, "em", 100), capsize=4,
+                        marker="os^"[j % 3], ls="-" if j == 0 else ":", color=MODE_COLORS[mode],
+                        label=f"{MODE_NAMES[mode]}: {kind_desc.get(kind, kind)}")
+    ax.set(xlabel="noisy observations (% of search calls); 0 = clean tool", ylabel="exact match, EM (% of questions)",
+           ylim=(-0.5, max(ax.get_ylim()[1], 10)), xlim=(-3, max(ax.get_xlim()[1], 55)),
+           title=f"Robustness to a noisy search tool ({CI_NOTE})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _done(fig, stem)
+
+
+def _grouped_bars(ax, df: pd.DataFrame, group: str, hue: str) -> None:
+    groups, hues = list(dict.fromkeys(df[group])), list(dict.fromkeys(df[hue]))
+    width = 0.8 / len(hues)
+    palette = sns.color_palette("deep", len(hues))
+    for j, h in enumerate(hues):
+        sub = df[df[hue] == h].set_index(group).reindex(groups)
+        x = np.arange(len(groups)) + (j - (len(hues) - 1) / 2) * width
+        ax.bar(x, sub["em"] * 100, width, yerr=_err(sub.fillna(0), "em", 100), capsize=4, color=palette[j], label=h)
+    ax.set_xticks(np.arange(len(groups)), groups)
+    ax.set_ylabel("exact match, EM (% of questions)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def plot_generalization(table: pd.DataFrame, stem: str | Path | None = None):
+    """EM per task (x) for each agent (bars): does HotpotQA fine-tuning transfer to other tasks?
+    `table` has a `task` column (see `evaluate.grouped_results_table`)."""
+    if _empty(table, "generalization"):
+        return None
+    fig, ax = plt.subplots(figsize=(3 + 2.2 * table["task"].nunique(), 4.5))
+    _grouped_bars(ax, table, "task", "condition")
+    ax.set(xlabel="task (not seen in fine-tuning unless it is the training task)", ylim=(0, max(ax.get_ylim()[1], 10)),
+           title=f"Generalization to other tasks ({CI_NOTE})")
+    return _done(fig, stem)
+
+
+def plot_mixtures(table: pd.DataFrame, reference: pd.DataFrame | None = None, stem: str | Path | None = None):
+    """EM of agents fine-tuned on different data mixtures (one bar each), with optional reference rows."""
+    if _empty(table, "mixtures"):
+        return None
+    t = table.assign(mode="finetuned", condition="fine-tuned on " + table["condition"].astype(str))
+    if reference is not None:
+        t = pd.concat([reference, t], ignore_index=True)
+    fig, ax = plt.subplots(figsize=(9, 0.6 * len(t) + 2.2))
+    _mode_legend(fig, _hbars(ax, t, "em", 100, "exact match, EM (% of questions)",
+                             f"Fine-tuning data mixtures (tasks x methods) ({CI_NOTE})"))
+    return _done(fig, stem)
+
+
+def loss_mask_html(tok, example: dict, ignore: int = -100, max_tokens: int = 400):
+    """IPython HTML of a tokenized example: tokens that carry loss are highlighted, masked ones grey."""
+    from IPython.display import HTML
+
+    spans = []
+    for tid, lab in list(zip(example["input_ids"], example["labels"], strict=True))[:max_tokens]:
+        text = escape(tok.decode([tid])).replace("\n", "&#8629;<br>")
+        style = "background:#f6c9b8;color:#000" if lab != ignore else "color:#999"
+        spans.append(f'<span style="{style}">{text}</span>')
+    n, n_loss = len(example["labels"]), sum(lab != ignore for lab in example["labels"])
+    legend = (f'<p><span style="background:#f6c9b8">highlighted</span>: loss ({n_loss} tokens); '
+              f'<span style="color:#999">grey</span>: masked, context only ({n - n_loss} tokens). '
+              f"First {min(max_tokens, n)} of {n} tokens.</p>")
+    return HTML(legend + '<div style="font-family:monospace;white-space:pre-wrap;line-height:1.6">'
+                + "".join(spans) + "</div>")

@@ -1,0 +1,256 @@
+"""Real local servers for tests: `transformers serve`, and a fault-injecting OpenAI-shaped server.
+
+    with transformers_serve(model_path) as served:          # Served(base_url, model, log)
+        OpenAIBackend(LLMParams(backend="openai", base_url=served.base_url, model=served.model))
+
+    with FaultServer([Fault("429", times=2)], upstream=served.base_url) as fs:
+        ...  # first two requests get 429 + Retry-After, the rest are forwarded
+
+`FaultServer` is plain `http.server` in a daemon thread on 127.0.0.1 at a free port. Each
+request takes the first `Fault` that still has uses left and matches its body; with none it is
+forwarded to `upstream` or answered with a canned chat/text completion built by `reply`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+DEFAULT_REPLY = "Thought: canned.\nAction: finish[canned]"
+
+
+def free_port() -> int:
+    """A port the OS just reported free (a tiny race remains until the server binds it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http(url: str, body: dict | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+    """GET (body None) or POST JSON; returns (status, body) for any HTTP status."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+# ---------------------------------------------------------------- transformers serve
+
+
+class Served(NamedTuple):
+    base_url: str  # e.g. http://127.0.0.1:PORT/v1
+    model: str  # the server is pinned to this model; requests must name it
+    log: Path
+
+
+def serve_command(model_path: str, port: int) -> list[str]:
+    exe = Path(sys.executable).with_name("transformers")
+    cli = str(exe) if exe.is_file() else shutil.which("transformers") or "transformers"
+    return [cli, "serve", model_path, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+            "--log-level", "warning"]
+
+
+@contextmanager
+def transformers_serve(model_path: str, log_dir: Path, startup_s: float = 180.0) -> Iterator[Served]:
+    """Run `transformers serve` pinned to `model_path` until the block exits (always stopped).
+
+    Ready means /health answers and one 1-token completion went through: the first request
+    pays the lazy warm-up (tens of seconds on a busy 2-core box), so tests don't.
+    """
+    port = free_port()
+    log = log_dir / f"transformers-serve-{port}.log"
+    # One OpenMP thread: the test process computes too, and two processes each spinning a thread
+    # per core thrash a small shared box (measured: 8 tokens 1.1 s -> 0.5 s on 2 busy cores).
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    with open(log, "wb") as logf:
+        # Own process group: stopping it kills anything the CLI started, and nothing else.
+        proc = subprocess.Popen(serve_command(model_path, port), stdout=logf, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"transformers serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"transformers serve not ready after {startup_s} s:\n{log.read_text()[-3000:]}")
+            try:
+                if _http(f"{base}/health", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass  # not listening yet
+            time.sleep(0.5)
+        status, body = _http(f"{base}/v1/completions", {"model": model_path, "prompt": "Hi", "max_tokens": 1},
+                             timeout=max(1.0, deadline - time.monotonic()))
+        if status != 200:
+            raise RuntimeError(f"transformers serve warm-up failed: HTTP {status} {body[:300]!r}")
+        yield Served(f"{base}/v1", model_path, log)
+    finally:
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            pass
+
+
+# ---------------------------------------------------------------- fault injection
+
+
+FaultKind = Literal["429", "500", "slow", "drop", "echo_auth"]
+
+
+@dataclass
+class Fault:
+    """What to do to the next `times` requests whose body contains `match` (None: any request).
+
+    429/500: that status with a JSON error body and `retry_after` (None: no header).
+    slow:    sleep `delay_s`, then answer normally (the client has usually timed out by then).
+    drop:    read the request, close the connection without a response.
+    echo_auth: 401 whose body echoes the Authorization header (a careless server; secrets test).
+    """
+
+    kind: FaultKind
+    times: int = 1
+    match: str | None = None
+    retry_after: str | None = "0"
+    delay_s: float = 1.0
+
+
+def canned_body(path: str, request: dict, text: str) -> dict:
+    """An OpenAI-shaped completion of `text` for /chat/completions or /completions."""
+    prompt = request.get("messages") or request.get("prompt") or ""
+    usage = {"prompt_tokens": len(json.dumps(prompt).split()), "completion_tokens": max(1, len(text.split()))}
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    common = {"id": "canned-1", "created": 0, "model": request.get("model", "canned"), "usage": usage}
+    if path.endswith("/chat/completions"):
+        return {**common, "object": "chat.completion",
+                "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}]}
+    return {**common, "object": "text_completion", "choices": [{"index": 0, "finish_reason": "stop", "text": text}]}
+
+
+class FaultServer:
+    """OpenAI-compatible HTTP server that injects faults; see the module docstring."""
+
+    def __init__(self, faults: list[Fault] | None = None, upstream: str | None = None,
+                 reply: Callable[[dict], str] | None = None):
+        self.faults = list(faults or [])
+        self.upstream = upstream.rstrip("/") if upstream else None  # .../v1
+        self.reply = reply or (lambda request: DEFAULT_REPLY)
+        self.log: list[tuple[str, str]] = []  # (path, what happened): fault kind, "forwarded" or "canned"
+        self.auth_seen: list[str] = []  # Authorization headers received
+        self._lock = threading.Lock()
+        self._httpd: ThreadingHTTPServer | None = None
+
+    @property
+    def base_url(self) -> str:
+        assert self._httpd is not None, "server not started"
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+
+    def outcomes(self) -> list[str]:
+        with self._lock:
+            return [what for _, what in self.log]
+
+    def _take_fault(self, body: bytes) -> Fault | None:
+        text = body.decode("utf-8", "replace")
+        with self._lock:
+            for f in self.faults:
+                if f.times > 0 and (f.match is None or f.match in text):
+                    f.times -= 1
+                    return f
+        return None
+
+    def _record(self, path: str, what: str) -> None:
+        with self._lock:
+            self.log.append((path, what))
+
+    def __enter__(self) -> FaultServer:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:  # keep test output clean
+                pass
+
+            def _send(self, status: int, body: dict | bytes, headers: dict[str, str] | None = None) -> None:
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    for k, v in (headers or {}).items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout) before we answered
+
+            def do_GET(self) -> None:
+                self._send(200, {"object": "list", "data": [{"id": "canned", "object": "model"}]})
+
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                server.auth_seen.append(self.headers.get("Authorization", ""))
+                fault = server._take_fault(raw)
+                if fault is not None:
+                    server._record(self.path, fault.kind)
+                    if fault.kind == "drop":
+                        self.close_connection = True
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                        return
+                    if fault.kind in ("429", "500"):
+                        headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
+                        msg = "rate limited (injected)" if fault.kind == "429" else "server error (injected)"
+                        return self._send(int(fault.kind), {"error": {"message": msg, "type": "injected"}}, headers)
+                    if fault.kind == "echo_auth":
+                        auth = self.headers.get("Authorization", "")
+                        return self._send(401, {"error": {"message": f"bad credentials: {auth}"}})
+                    time.sleep(fault.delay_s)  # slow: then answer normally below
+                self._answer(raw, recorded=fault is not None)
+
+            def _answer(self, raw: bytes, recorded: bool) -> None:
+                if server.upstream:
+                    path = self.path[len("/v1"):] if self.path.startswith("/v1") else self.path
+                    status, body = _http(server.upstream + path, json.loads(raw), timeout=300)
+                    if not recorded:
+                        server._record(self.path, "forwarded")
+                    return self._send(status, body)
+                request = json.loads(raw or b"{}")
+                if not recorded:
+                    server._record(self.path, "canned")
+                self._send(200, canned_body(self.path, request, server.reply(request)))
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True  # a handler still sleeping for a "slow" fault never blocks exit
+        self._httpd.block_on_close = False
+        threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()

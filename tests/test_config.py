@@ -1,0 +1,59 @@
+"""The params schema: precedence, validation messages naming the key, secrets."""
+
+import pytest
+
+from fireact_utils.config import ParamsError, data_dir, load_params
+
+
+def test_precedence_schema_yaml_overrides(tmp_path):
+    f = tmp_path / "x.yaml"
+    f.write_text("train:\n  epochs: 3\n  learning_rate: 2.0e-4\nagent:\n  max_turns: 5\n")
+    p = load_params(f, ["train.epochs=1", "evaluate.methods=[react]"])
+    assert p.name == "x"  # defaults to the file stem
+    assert p.train.epochs == 1 and p.train.learning_rate == 2e-4  # override beats YAML beats schema
+    assert p.agent.max_turns == 5 and p.agent.max_new_tokens == 128
+    assert p.evaluate.methods == ["react"]
+    assert load_params(None, {"train.method": "full"}).train.method == "full"
+
+
+@pytest.mark.parametrize("text, key", [
+    ("trian:\n  epochs: 1\n", "trian"),
+    ("train:\n  epocs: 1\n", "train.epocs"),
+    ("train:\n  epochs: many\n", "train.epochs"),
+    ("agent:\n  method: tot\n", "agent.method"),
+    ("search:\n  noise_rate: 1.5\n", "search.noise_rate"),
+    ("dataset:\n  mixture: {hotpotqa: 3}\n", "dataset.mixture"),
+])
+def test_bad_params_name_the_key(tmp_path, text, key):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
+        load_params(f)
+
+
+def test_bad_files_and_overrides(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "missing.yaml")
+    (tmp_path / "b.yaml").write_text("train: [1, 2\n")
+    with pytest.raises(ParamsError, match="malformed YAML"):
+        load_params(tmp_path / "b.yaml")
+    with pytest.raises(ParamsError, match="key.sub=value"):
+        load_params(None, ["train.epochs"])
+    with pytest.raises(ParamsError, match="environment variable"):
+        load_params(None, {"llm.api_key_env": "sk-abc123"})
+
+
+def test_every_params_file_loads():
+    from fireact_utils.config import REPO_ROOT
+
+    files = sorted((REPO_ROOT / "params").glob("*.yaml"))
+    assert {"cpu.yaml"} <= {f.name for f in files}
+    for f in files:
+        assert load_params(f).name == f.stem
+
+
+def test_data_dir_errors_name_the_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("FIREACT_DATA_DIR", str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="FIREACT_DATA_DIR"):
+        data_dir()
+    assert data_dir(tmp_path) == tmp_path.resolve()

@@ -1,0 +1,108 @@
+"""LM backends on the real built-in model: LocalBackend in-process, OpenAIBackend over a real
+`transformers serve` on 127.0.0.1. Few prompts, few tokens: the CPU is shared."""
+
+from __future__ import annotations
+
+import pytest
+
+from fireact_utils.config import LLMParams
+from fireact_utils.llm import OpenAIBackend, cut_at_stop
+
+# Different lengths on purpose: batching them needs left padding of all but the longest.
+PROMPTS = [
+    "The capital of France is",
+    "1, 2, 3, 4,",
+    "Once upon a time, in a small village by the sea, there lived an old",
+]
+
+
+def _first_word_after(text: str, skip: int = 2) -> str:
+    """A stop string the model will certainly produce: a word from the middle of its own output."""
+    words = text.split()
+    assert len(words) > skip, f"output too short to pick a stop word from: {text!r}"
+    return " " + words[skip]
+
+
+# ---------------------------------------------------------------- local backend
+
+
+def test_local_greedy_deterministic_and_batch_invariant(local_llm):
+    batched = local_llm.generate(PROMPTS, stop=[], max_new_tokens=6)
+    again = local_llm.generate(PROMPTS, stop=[], max_new_tokens=6)
+    single = [local_llm.generate([p], stop=[], max_new_tokens=6)[0] for p in PROMPTS]
+    assert all(g.text.strip() for g in batched)
+    assert [g.text for g in batched] == [g.text for g in again]  # greedy: no randomness
+    # One-at-a-time has no padding; equal texts mean the left padding and its mask are right.
+    assert [g.text for g in batched] == [g.text for g in single]
+    assert [g.completion_tokens for g in batched] == [g.completion_tokens for g in single]
+
+
+def test_local_token_counts(local_llm):
+    gens = local_llm.generate(PROMPTS, stop=[], max_new_tokens=6)
+    for p, g in zip(PROMPTS, gens, strict=True):
+        assert g.prompt_tokens == len(local_llm.tok(p, add_special_tokens=False)["input_ids"])
+        assert 0 < g.completion_tokens <= 6
+        assert g.error is None
+
+
+def test_local_stop_strings_cut(local_llm):
+    full = local_llm.generate(["1, 2, 3, 4,"], stop=[], max_new_tokens=12)[0].text
+    stop = " 7"
+    assert stop in full, f"expected the model to count on: {full!r}"
+    cut = local_llm.generate(["1, 2, 3, 4,"], stop=[stop], max_new_tokens=12)[0]
+    assert stop not in cut.text
+    assert cut.text == full[: full.index(stop)]
+    assert cut.completion_tokens < 12  # generation stopped early, not just the text
+
+
+def test_local_chat_messages(local_llm):
+    msgs = [{"role": "user", "content": "Name a color."}]
+    chat, plain = local_llm.generate([msgs, "Name a color."], stop=[], max_new_tokens=6)
+    assert chat.text.strip() and chat.completion_tokens > 0
+    # The chat template wraps the message in role markers, so the prompt is longer than the bare text.
+    assert chat.prompt_tokens > plain.prompt_tokens
+
+
+# ---------------------------------------------------------------- OpenAI backend on transformers serve
+
+
+def _served_backend(served, chat: bool) -> OpenAIBackend:
+    return OpenAIBackend(LLMParams(backend="openai", base_url=served.base_url, model=served.model, chat=chat,
+                                   timeout_s=120, max_retries=1, concurrency=2))
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "text"])
+def test_served_completion_and_stop(served_model, chat):
+    llm = _served_backend(served_model, chat)
+    prompt = "Count: 1, 2, 3, 4," if chat else "1, 2, 3, 4,"
+    full = llm.generate([prompt], stop=[], max_new_tokens=8)[0]
+    assert full.error is None, full.error
+    assert full.text.strip() and full.prompt_tokens > 0 and 0 < full.completion_tokens <= 8
+    stop = _first_word_after(full.text)
+    # transformers serve leaves the stop text in its output; cut_at_stop must remove it.
+    cut = llm.generate([prompt], stop=[stop], max_new_tokens=8)[0]
+    assert cut.error is None, cut.error
+    assert stop not in cut.text
+    assert cut.text == cut_at_stop(full.text, [stop])
+    assert llm.retries == 0 and llm.failures == []
+
+
+def test_served_concurrent_batch_keeps_order(served_model):
+    llm = _served_backend(served_model, chat=False)
+    together = llm.generate(PROMPTS[:2], stop=[], max_new_tokens=4)
+    apart = [llm.generate([p], stop=[], max_new_tokens=4)[0] for p in PROMPTS[:2]]
+    assert [g.text for g in together] == [g.text for g in apart]
+    assert all(g.prompt_tokens > 0 and g.completion_tokens > 0 for g in together)
+
+
+def test_served_chat_message_prompt(served_model):
+    llm = _served_backend(served_model, chat=True)
+    g = llm.generate([[{"role": "user", "content": "Name a color."}]], stop=[], max_new_tokens=6)[0]
+    assert g.error is None and g.text.strip() and g.completion_tokens > 0
+
+
+def test_text_completion_rejects_chat_prompt():
+    # Refused before any request: the discard port would refuse a connection anyway.
+    llm = OpenAIBackend(LLMParams(backend="openai", base_url="http://127.0.0.1:9/v1", chat=False, max_retries=0))
+    g = llm.generate([[{"role": "user", "content": "hi"}]], stop=[], max_new_tokens=2)[0]
+    assert g.text == "" and "needs string prompts" in g.error

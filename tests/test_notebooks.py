@@ -1,0 +1,185 @@
+"""The notebooks: committed clean, parameterised by literals only, and the whole chain runs.
+
+The chain test executes every notebook in order with params/smoke.yaml through papermill
+(`pipeline.run_chain`, once per module) into a temporary output root and checks the artifacts.
+It takes a few minutes on a 2-core CPU.
+"""
+
+import ast
+import json
+import time
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+
+from fireact_utils.config import load_params
+from fireact_utils.pipeline import NOTEBOOK_DIR, NOTEBOOKS, condition_label, run_chain
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = REPO / "params" / "smoke.yaml"
+PARAM_NAMES = ["params_file", "overrides"]
+FAKE_KEYS = {"OPENAI_API_KEY": "sk-fake-0penai-Zq81xT", "SERPAPI_API_KEY": "serp-fake-Kx93pL2w"}
+
+
+def _nb(name: str):
+    return nbformat.read(str(NOTEBOOK_DIR / f"{name}.ipynb"), as_version=4)
+
+
+def _params_cell(nb):
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1, "exactly one cell tagged 'parameters'"
+    return cells[0]
+
+
+def test_all_notebooks_present():
+    assert sorted(p.stem for p in NOTEBOOK_DIR.glob("*.ipynb")) == sorted(NOTEBOOKS)
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_committed_without_outputs(name):
+    nb = _nb(name)
+    nbformat.validate(nb)
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
+    for c in nb.cells:
+        if c.cell_type == "code":
+            assert c.outputs == [] and c.execution_count is None, f"{name}: cell {c.id} has outputs"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_parameters_cell_is_literals(name):
+    nb = _nb(name)
+    cell = _params_cell(nb)
+    body = ast.parse(cell.source).body
+    assert [t.id for s in body for t in s.targets] == PARAM_NAMES
+    for s in body:
+        ast.literal_eval(s.value)  # literals only: papermill replaces them as text
+    assert all("#" in line for line in cell.source.splitlines()), "each parameter has a trailing help comment"
+    nxt = nb.cells[nb.cells.index(cell) + 1]
+    assert "load_params(params_file, overrides)" in nxt.source, "the next cell resolves them through the schema"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_papermill_sees_parameters(name):
+    import papermill as pm
+
+    found = pm.inspect_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"))
+    assert list(found) == PARAM_NAMES
+    assert all(found[k]["help"] for k in PARAM_NAMES)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "params").glob("*.yaml")), ids=lambda p: p.name)
+def test_params_files_load(path):
+    p = load_params(path)
+    assert p.name == path.stem
+
+
+# ---------------------------------------------------------------- the chain
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, data_dir):
+    overrides = [f"output_root={tmp_path_factory.mktemp('runs')}"]
+    t0 = time.time()
+    with pytest.MonkeyPatch.context() as mp:
+        # One torch thread per kernel: on a shared 2-core machine, two spinning OpenMP threads
+        # made each generate() call 10-18x slower (measured: 72 s vs 8.6 s for the same batch).
+        mp.setenv("OMP_NUM_THREADS", "1")
+        # Fake keys in the environment must never reach any output file (see test_no_secrets_in_outputs).
+        for var, key in FAKE_KEYS.items():
+            mp.setenv(var, key)
+        run_dir = run_chain(SMOKE, overrides, html=True)
+    print(f"\nsmoke chain: {time.time() - t0:.0f}s")
+    return load_params(SMOKE, overrides), run_dir
+
+
+def _conditions(csv: Path, column: str = "condition") -> set:
+    df = pd.read_csv(csv)
+    assert len(df) > 0 and df["em"].between(0, 1).all()
+    return set(df[column])
+
+
+def test_chain_executes_every_notebook(chain):
+    _, run_dir = chain
+    for nb in NOTEBOOKS:
+        executed = run_dir / "notebooks" / f"{nb}.ipynb"
+        assert executed.is_file() and (run_dir / "notebooks" / f"{nb}.html").stat().st_size > 0
+        cells = nbformat.read(str(executed), as_version=4).cells
+        assert any("injected-parameters" in c.metadata.get("tags", []) for c in cells)
+        assert not [o for c in cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+
+
+def test_chain_dataset_and_model(chain):
+    p, run_dir = chain
+    card = json.loads((run_dir / "dataset" / "card.json").read_text())
+    assert card["n"] == p.dataset.n_trajectories
+    done = json.loads((run_dir / "finetune" / "final" / "train_done.json").read_text())
+    assert done["n_examples"] == p.dataset.n_trajectories
+    assert len(pd.read_csv(run_dir / "finetune" / "train_log.csv")) == p.train.max_steps
+
+
+def test_chain_eval_records(chain):
+    p, run_dir = chain
+    files = sorted((run_dir / "eval").glob("*.jsonl"))
+    base = {f"base_fewshot_{m}" for m in p.evaluate.methods}
+    noisy = {f"finetuned_react_noise_{k}_{r:g}" for k in p.study.noise_kinds for r in p.study.noise_rates}
+    gen = {f"gen_{t}_{s}" for t in p.study.generalization_tasks for s in ("base", "ft")}
+    scaling = {f"scaling_n{n}" for n in p.study.data_sizes}
+    assert {f.stem for f in files} == base | {"finetuned_react"} | noisy | gen | scaling
+    for f in files:
+        ids = [json.loads(line)["id"] for line in f.read_text().splitlines()]
+        assert len(ids) == len(set(ids)) == p.evaluate.n_questions, f.name
+        assert (f.with_suffix(".meta.json")).is_file()
+
+
+def test_chain_tables(chain):
+    p, run_dir = chain
+    tables = run_dir / "tables"
+    main = {condition_label(f"base_fewshot_{m}") for m in p.evaluate.methods} | {condition_label("finetuned_react")}
+    assert _conditions(tables / "main.csv") == main
+    assert (tables / "main.md").read_text().startswith("| condition")
+    noisy = {condition_label(f"finetuned_react_noise_{k}_{r:g}") for k in p.study.noise_kinds for r in p.study.noise_rates}
+    assert _conditions(tables / "robustness.csv") == main | noisy
+    assert _conditions(tables / "data_scaling.csv", "n_trajectories") == set(p.study.data_sizes)
+    gen = pd.read_csv(tables / "generalization.csv")
+    assert set(gen["task"]) == set(p.study.generalization_tasks) and len(gen) == 2 * len(p.study.generalization_tasks)
+    summary = pd.read_csv(tables / "summary_vs_paper.csv")
+    assert {"this run", "FireAct released run", "FireAct paper"} <= set(summary["source"])
+    assert not (tables / "mixtures.csv").exists()  # study.mixtures is empty in smoke: skipped
+
+
+def test_chain_figures(chain):
+    _, run_dir = chain
+    for stem in ("loss_curve", "prompting_vs_finetuned", "efficiency", "robustness", "data_scaling", "generalization"):
+        for ext in ("png", "svg"):
+            f = run_dir / "figures" / f"{stem}.{ext}"
+            assert f.is_file() and f.stat().st_size > 1000, f
+
+
+def test_no_secrets_in_outputs(chain):
+    """Keys set in the environment appear in no params dump, log, trajectory, notebook or HTML."""
+    _, run_dir = chain
+    files = [f for f in run_dir.rglob("*") if f.is_file()]
+    assert len(files) > 20
+    for f in files:
+        data = f.read_bytes()
+        for key in FAKE_KEYS.values():
+            assert key.encode() not in data, f"{key} leaked into {f}"
+
+
+def test_chain_resumes_at_first_unfinished_notebook(chain, capsys):
+    """A chain killed during notebook 04 re-runs 04 only; 00-03 are skipped by their markers."""
+    p, run_dir = chain
+    nb_dir = run_dir / "notebooks"
+    (nb_dir / f"{NOTEBOOKS[-1]}.done").unlink()
+    before = {nb: (nb_dir / f"{nb}.ipynb").stat().st_mtime for nb in NOTEBOOKS}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        run_chain(SMOKE, [f"output_root={p.output_root}"], html=False)
+    out = capsys.readouterr().out
+    assert out.count("[skip]") == len(NOTEBOOKS) - 1 and f"[done] {NOTEBOOKS[-1]}" in out
+    after = {nb: (nb_dir / f"{nb}.ipynb").stat().st_mtime for nb in NOTEBOOKS}
+    assert all(after[nb] == before[nb] for nb in NOTEBOOKS[:-1]) and after[NOTEBOOKS[-1]] > before[NOTEBOOKS[-1]]
+    assert (nb_dir / f"{NOTEBOOKS[-1]}.done").is_file()

@@ -1,0 +1,78 @@
+"""Fine-tuning on real FireAct trajectories with the real built-in model (a few CPU steps)."""
+
+import pytest
+
+from fireact_utils.config import AgentParams, ModelParams, TrainParams
+from fireact_utils.data import load_fireact
+from fireact_utils.train import IGNORE, adapter_model_params, finetune, tokenize_alpaca, tokenize_chat
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    from fireact_utils.models import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+
+
+@pytest.fixture(scope="module")
+def records(data_dir):
+    return load_fireact("hotpotqa", data_dir=data_dir)[:8]
+
+
+def _loss_text(tok, ex):
+    return tok.decode([i for i, lab in zip(ex["input_ids"], ex["labels"], strict=True) if lab != IGNORE])
+
+
+def test_agent_only_mask_alpaca(tok, records):
+    ex = tokenize_alpaca(records[0], tok, "agent")
+    text = _loss_text(tok, ex)
+    assert "Thought:" in text and "Action: search[" in text and "Action: finish[" in text
+    assert "Observation" not in text  # tool output carries no loss
+    assert "### Instruction" not in text and records[0]["question"] not in text
+    assert ex["labels"][-1] == tok.eos_token_id  # learns to stop
+    full = tokenize_alpaca(records[0], tok, "all")
+    assert full["input_ids"] == ex["input_ids"] and all(lab != IGNORE for lab in full["labels"])
+
+
+def test_agent_only_mask_chat(tok, records):
+    ex = tokenize_chat(records[0], tok, "agent")
+    text = _loss_text(tok, ex)
+    assert "Action: finish[" in text and "Observation" not in text
+    assert records[0]["question"] not in text
+    assert len(ex["input_ids"]) == len(ex["labels"])
+
+
+def test_truncation(tok, records):
+    ex = tokenize_alpaca(records[0], tok, "agent", max_length=40)
+    assert len(ex["input_ids"]) == len(ex["labels"]) == 40
+
+
+def test_lora_finetune_lowers_loss_saves_and_changes_agent(tmp_path, records, data_dir):
+    from fireact_utils.agent import run_episodes
+    from fireact_utils.llm import LocalBackend
+    from fireact_utils.tasks import eval_indices, load_task
+    from fireact_utils.tools import RecordedSearch
+
+    p = TrainParams(method="lora", max_steps=6, batch_size=4, learning_rate=2e-3, logging_steps=1, save_steps=3,
+                    lora_r=8, lora_alpha=16)
+    # Repeated data (the same 4 trajectories) must be memorised: loss goes down.
+    out = finetune(records[:4], tmp_path / "ft", p, ModelParams())
+    assert (out / "adapter_config.json").is_file() and (out / "train_done.json").is_file()
+    log = (tmp_path / "ft" / "train_log.csv").read_text().splitlines()
+    losses = [float(row.split(",")[4]) for row in log[1:]]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert sorted(d.name for d in (tmp_path / "ft").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    # Asking again returns the finished result without training; other params are refused.
+    assert finetune(records[:4], tmp_path / "ft", p, ModelParams()) == out
+    with pytest.raises(ValueError, match="other params"):
+        finetune(records[:4], tmp_path / "ft", p.model_copy(update={"lora_r": 4}), ModelParams())
+
+    task = load_task("hotpotqa", "dev", data_dir)
+    idx = eval_indices(task, 2)
+    ap = AgentParams(mode="finetuned", max_turns=2, max_new_tokens=32)
+    base = run_episodes(task, idx, LocalBackend(ModelParams()), RecordedSearch(), ap, progress=False)
+    tuned = run_episodes(task, idx, LocalBackend(adapter_model_params(ModelParams(), out)), RecordedSearch(), ap,
+                         progress=False)
+    assert [r["steps"] for r in base] != [r["steps"] for r in tuned]
