@@ -17,7 +17,7 @@ setup: .venv/.setup-done
 	$(PY) -m ipykernel install --user --name fireact --display-name "FireAct (.venv)" >/dev/null
 	touch $@
 
-demo: setup              ## run all notebooks with $(PARAMS) into outputs/runs/<name>/ (~50 min on 2 CPU cores)
+demo: setup              ## run all notebooks with $(PARAMS) into outputs/runs/<name>/ (resumes where it stopped)
 	$(PY) -m fireact_utils run $(PARAMS)
 
 test: setup              ## the test suite (fast; no GPU, no network)
