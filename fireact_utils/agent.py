@@ -15,7 +15,6 @@ Prompt modes:
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -199,29 +198,6 @@ def load_done(out_path: str | Path | None) -> dict[str, dict]:
     return {r["id"]: r for r in iter_jsonl(out_path)}
 
 
-def _end_torn_tail(out_path: Path) -> None:
-    """Make `out_path` end with a newline before we append to it.
-
-    A kill mid-write leaves a last line without its newline; appending straight after it would
-    glue the next record onto it and turn a dropped-with-warning tail into a malformed middle
-    line that fails every later read. An unparseable tail is cut off (its episode never finished
-    and is re-run); a complete record that only lacks the newline gets one.
-    """
-    with open(out_path, "rb+") as f:
-        data = f.read()
-        if not data or data.endswith(b"\n"):
-            return
-        start = data.rfind(b"\n") + 1
-        try:
-            complete = isinstance(json.loads(data[start:]), dict)
-        except ValueError:  # includes a multi-byte character cut in half
-            complete = False
-        if complete:
-            f.write(b"\n")
-        else:
-            f.truncate(start)
-
-
 def run_episodes(task: Task, indices: Iterable[int], llm: LLM, search: Callable[[str], str] | None,
                  params: AgentParams, out_path: str | Path | None = None, redo: bool = False,
                  progress: bool = True) -> list[dict]:
@@ -231,8 +207,6 @@ def run_episodes(task: Task, indices: Iterable[int], llm: LLM, search: Callable[
     done = {} if redo else {k: r for k, r in load_done(out_path).items() if r["status"] != "api_error"}
     if redo and out_path and Path(out_path).exists():
         Path(out_path).unlink()
-    if out_path and Path(out_path).is_file():
-        _end_torn_tail(Path(out_path))
     agent = Agent(task, params, search)
     chat_llm = getattr(getattr(llm, "p", None), "chat", False)
     todo = [Episode(episode_id(task, i), i, task.questions[i], task.answers[i], params.method)

@@ -211,22 +211,34 @@ def parse_override(s: str) -> tuple[str, Any]:
     return k.strip(), yaml.safe_load(v)
 
 
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """A params file as a dict; a top-level `base: other.yaml` (relative to this file) is read
+    first and this file's keys override it, so a variant holds only what differs."""
+    if not path.is_file():
+        raise ParamsError(f"params file not found: {path}")
+    if path.resolve() in chain:
+        raise ParamsError(f"{path}: circular 'base' chain")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ParamsError(f"malformed YAML in {path}: {e}") from e
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: top level must be a mapping")
+    raw.setdefault("name", path.stem)  # a variant is its own run, never its base's
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    return _deep_merge(_read_yaml(path.parent / str(base), (*chain, path.resolve())), raw)
+
+
 def load_params(path: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None) -> Params:
-    """Resolve params: schema defaults < YAML at `path` < `overrides` (dotted keys)."""
+    """Resolve params: schema defaults < YAML at `path` (after its `base`) < `overrides` (dotted keys)."""
     raw: dict = {}
     if path:
         path = Path(path)
         if not path.is_file() and not path.is_absolute() and (REPO_ROOT / path).is_file():
             path = REPO_ROOT / path
-        if not path.is_file():
-            raise ParamsError(f"params file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ParamsError(f"malformed YAML in {path}: {e}") from e
-        if not isinstance(raw, dict):
-            raise ParamsError(f"{path}: top level must be a mapping")
-        raw.setdefault("name", path.stem)
+        raw = _read_yaml(path)
     ov: dict = {}
     items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
     for k, v in items:

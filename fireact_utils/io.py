@@ -41,10 +41,37 @@ def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Pat
     return atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False, default=str) + "\n")
 
 
+def repair_torn_tail(path: str | Path) -> None:
+    """Make `path` end with a newline, so an append never glues onto a line torn by a kill.
+
+    A torn tail that does not parse is cut off (its episode never finished and is re-run);
+    a complete record that only lacks its newline gets one. Costs one seek when the file is fine.
+    """
+    with open(path, "rb+") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        data = f.read()
+        start = data.rfind(b"\n") + 1
+        try:
+            complete = isinstance(json.loads(data[start:]), dict)
+        except ValueError:  # includes a multi-byte character cut in half
+            complete = False
+        if complete:
+            f.write(b"\n")
+        else:
+            f.truncate(start)
+
+
 def append_jsonl(path: str | Path, record: dict) -> None:
     """Append one record as one line, flushed and fsynced: a kill loses at most this line."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file():
+        repair_torn_tail(path)
     line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
     with open(path, "a", encoding="utf-8") as f:
         f.write(line)

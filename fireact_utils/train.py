@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
+from io import StringIO
 from pathlib import Path
 
 from .config import ModelParams, TrainParams
-from .io import atomic_write_json
+from .io import atomic_write_json, atomic_write_text
 from .trajectories import ALPACA_HEADER, step_text
 
 IGNORE = -100
@@ -192,13 +192,11 @@ def finetune(records: list[dict], out_dir: str | Path, p: TrainParams, model_par
 
 def _write_log(out_dir: Path, log: list[dict]) -> None:
     atomic_write_json(out_dir / "train_log.json", log)
-    keys = sorted({k for h in log for k in h})
-    tmp = out_dir / ".train_log.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(log)
-    os.replace(tmp, out_dir / "train_log.csv")
+    buf = StringIO()
+    w = csv.DictWriter(buf, fieldnames=sorted({k for h in log for k in h}))
+    w.writeheader()
+    w.writerows(log)
+    atomic_write_text(out_dir / "train_log.csv", buf.getvalue())
 
 
 def adapter_model_params(base: ModelParams, trained: str | Path) -> ModelParams:

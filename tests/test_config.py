@@ -52,6 +52,22 @@ def test_every_params_file_loads():
         assert load_params(f).name == f.stem
 
 
+def test_base_file_holds_the_shared_part(tmp_path):
+    (tmp_path / "a.yaml").write_text("train:\n  epochs: 3\n  method: full\nagent:\n  max_turns: 5\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\ntrain:\n  epochs: 1\n")
+    p = load_params(tmp_path / "b.yaml", ["agent.max_turns=4"])
+    assert p.name == "b"  # a variant is its own run
+    assert (p.train.epochs, p.train.method, p.agent.max_turns) == (1, "full", 4)
+    (tmp_path / "c.yaml").write_text("base: c.yaml\n")
+    with pytest.raises(ParamsError, match="circular"):
+        load_params(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ParamsError, match="missing.yaml"):
+        load_params(tmp_path / "d.yaml")
+    full, demo = load_params("params/cpu_full.yaml"), load_params("params/cpu.yaml")
+    assert full.train == demo.train and full.evaluate == demo.evaluate and full.study.data_sizes
+
+
 def test_data_dir_errors_name_the_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("FIREACT_DATA_DIR", str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="FIREACT_DATA_DIR"):

@@ -38,11 +38,13 @@ def test_builtin_model_loads_generates_trains_and_saves(tmp_path):
 
 
 def test_spec_errors(tmp_path):
-    with pytest.raises(ModelSpecError, match="unknown model"):
+    with pytest.raises(ModelSpecError, match="unknown model 'smollm3-tiny'"):
         resolve_model("smollm3-tiny")
     with pytest.raises(ModelSpecError, match="not found"):
         resolve_model("./no/such/model")
+    with pytest.raises(ModelSpecError, match="not found"):
+        resolve_model(str(tmp_path / "nowhere" / "model"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelSpecError, match="config.json"):
+    with pytest.raises(ModelSpecError, match="no config.json"):
         resolve_model(str(tmp_path / "empty"))
     assert resolve_model("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"  # hub ids pass through

@@ -70,12 +70,6 @@ def test_papermill_sees_parameters(name):
     assert all(found[k]["help"] for k in PARAM_NAMES)
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "params").glob("*.yaml")), ids=lambda p: p.name)
-def test_params_files_load(path):
-    p = load_params(path)
-    assert p.name == path.stem
-
-
 # ---------------------------------------------------------------- the chain
 
 

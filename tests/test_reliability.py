@@ -19,7 +19,6 @@ from fireact_utils.agent import run_episodes
 from fireact_utils.config import AgentParams, LLMParams, ParamsError, load_params
 from fireact_utils.io import DataFileError, iter_jsonl, read_jsonl
 from fireact_utils.llm import OpenAIBackend
-from fireact_utils.models import ModelSpecError, resolve_model
 
 TESTS_DIR = Path(__file__).resolve().parent
 FAKE_KEY = "sk-test-fake-0123456789abcdef"
@@ -223,16 +222,6 @@ def test_invalid_params_file_names_file_and_key(tmp_path):
     path.write_text("agent:\n  max_turns: 4\n  temprature: 0.7\n")
     with pytest.raises(ParamsError, match=r"bad\.yaml[\s\S]*agent\.temprature"):
         load_params(path)
-
-
-def test_unresolvable_model_specs(tmp_path):
-    with pytest.raises(ModelSpecError, match="unknown model 'no-such-model'"):
-        resolve_model("no-such-model")
-    with pytest.raises(ModelSpecError, match="not found"):
-        resolve_model(str(tmp_path / "nowhere" / "model"))
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelSpecError, match="no config.json"):
-        resolve_model(str(tmp_path / "empty"))
 
 
 # ---------------------------------------------------------------- (d) secrets
