@@ -1,13 +1,18 @@
 """Batched vs one-at-a-time rollouts: episodes/s and whether the predictions agree.
 
 The same HotpotQA dev questions (FireAct's seeded shuffle), the built-in model, ReAct few-shot,
-greedy, recorded search. "batched" runs all episodes together (`batch_size` rows per generate
-call); "one-at-a-time" runs each episode alone with batch size 1. Greedy decoding should give the
-same predictions both ways; a difference points at padding (or float noise on near-ties).
+greedy, recorded search, three ways:
 
-    python benchmarks/rollouts.py                        # 32 questions, max_turns 8: long on a CPU
-    python benchmarks/rollouts.py --n 4 --max-turns 2    # check that it runs (~10 min on 2 busy cores)
-    python benchmarks/rollouts.py --n 4 --max-turns 2 --threads 1   # the same, on a CPU other jobs share
+  batched            all episodes together (`--batch-size` rows per step), KV of earlier prompts
+                     reused (few-shot exemplars, each episode's previous turns): our configuration
+  one-at-a-time+kv   each episode alone (batch 1), same KV reuse: isolates what batching adds
+  one-at-a-time      each episode alone, every prompt prefilled in full: the naive baseline
+
+Greedy decoding should give the same predictions every way; a difference points at float noise
+on near-ties (padding and batch shape change the order of float sums).
+
+    python benchmarks/rollouts.py                        # 32 questions, max_turns 8 (~10 min on 2 cores)
+    python benchmarks/rollouts.py --n 4 --max-turns 2    # check that it runs
 
 Needs FIREACT_DATA_DIR (the FireAct data); the model is converted into $FIREACT_CACHE on first use.
 """
@@ -47,35 +52,48 @@ def main(argv: list[str] | None = None) -> dict:
     task = load_task("hotpotqa", "dev")
     indices = eval_indices(task, args.n)
     search = RecordedSearch()
-    llm = LocalBackend(ModelParams(name=args.model, device=args.device), batch_size=args.batch_size)
+    mp = ModelParams(name=args.model, device=args.device)
+    llm = LocalBackend(mp, batch_size=args.batch_size)
     extra = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
     params = AgentParams(method="react", mode="fewshot", temperature=0.0, max_turns=args.max_turns,
                          batch_size=args.batch_size, **extra)
     llm.generate(["Warm-up:"], [], max_new_tokens=2)  # first-call costs (kernels, allocator) off the clock
 
-    t0 = time.perf_counter()
-    batched = run_episodes(task, indices, llm, search, params, progress=False)
-    t_batched = time.perf_counter() - t0
+    def timed(backend: LocalBackend, one_at_a_time: bool) -> tuple[float, list[dict]]:
+        t0 = time.perf_counter()
+        if one_at_a_time:
+            recs = [r for i in indices for r in run_episodes(task, [i], backend, search, params, progress=False)]
+        else:
+            recs = run_episodes(task, indices, backend, search, params, progress=False)
+        return time.perf_counter() - t0, recs
 
-    llm.batch_size = 1
-    t0 = time.perf_counter()
-    single = [rec for i in indices for rec in run_episodes(task, [i], llm, search, params, progress=False)]
-    t_single = time.perf_counter() - t0
+    def share(**kw) -> LocalBackend:  # another backend on the same weights
+        return LocalBackend(mp, model=llm.model, tokenizer=llm.tok, **kw)
+
+    runs = [("batched", args.batch_size, llm, False), ("one-at-a-time+kv", 1, share(batch_size=1), True),
+            ("one-at-a-time", 1, share(batch_size=1, prefix_cache=False), True)]
+    results = [(name, bs, backend, *timed(backend, single)) for name, bs, backend, single in runs]
 
     n = len(indices)
-    agree = sum(a["pred"] == b["pred"] for a, b in zip(batched, single, strict=True))
-    rows = [("batched", args.batch_size, t_batched, batched), ("one-at-a-time", 1, t_single, single)]
     print(f"\nReAct few-shot, {args.model}, HotpotQA dev n={n}, max_turns={args.max_turns}, "
           f"max_new_tokens={params.max_new_tokens}, device={llm.model.device}, threads={_threads()}")
-    print(f"{'mode':<14} {'batch':>5} {'seconds':>9} {'episodes/s':>11} {'EM':>5} {'finished':>9}")
-    for name, bs, secs, recs in rows:
+    print(f"{'mode':<17} {'batch':>5} {'seconds':>8} {'episodes/s':>10} {'EM':>3} {'finished':>8} "
+          f"{'prompt tok':>10} {'from cache':>10} {'same pred':>9}")
+    base = results[0][4]
+    for name, bs, backend, secs, recs in results:
         em = sum(r["em"] for r in recs)
         fin = sum(r["status"] == "finished" for r in recs)
-        print(f"{name:<14} {bs:>5} {secs:>9.1f} {n / secs:>11.3f} {em:>5} {fin:>9}")
-    speedup = t_single / t_batched
-    print(f"speed-up (batched / one-at-a-time episodes/s): {speedup:.2f}x")
-    print(f"identical predictions: {agree}/{n}")
-    return {"n": n, "batched_s": t_batched, "single_s": t_single, "speedup": speedup, "agree": agree}
+        same = sum(a["pred"] == b["pred"] for a, b in zip(base, recs, strict=True))
+        hit = backend.cached_prompt_tokens / max(backend.prompt_tokens, 1)
+        print(f"{name:<17} {bs:>5} {secs:>8.1f} {n / secs:>10.3f} {em:>3} {fin:>8} "
+              f"{backend.prompt_tokens:>10} {hit:>10.0%} {same:>6}/{n}")
+    t = {name: secs for name, _, _, secs, _ in results}
+    speedup = t["one-at-a-time"] / t["batched"]
+    print(f"speed-up, batched vs one-at-a-time: {speedup:.2f}x "
+          f"(vs one-at-a-time+kv: {t['one-at-a-time+kv'] / t['batched']:.2f}x)")
+    agree = sum(a["pred"] == b["pred"] for a, b in zip(results[0][4], results[2][4], strict=True))
+    print(f"identical predictions, batched vs one-at-a-time: {agree}/{n}")
+    return {"n": n, "seconds": t, "speedup": speedup, "agree": agree}
 
 
 def _threads() -> int:

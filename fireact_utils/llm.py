@@ -4,7 +4,7 @@
       -> list[Generation]   # same order as prompts
 
 A prompt is a string (text completion) or a list of chat messages. `LocalBackend` runs
-transformers (optionally with a PEFT adapter) with left-padded batched `generate`;
+transformers (optionally with a PEFT adapter), batched, reusing keys/values of prompt prefixes;
 `OpenAIBackend` talks to any OpenAI-compatible endpoint (OpenAI, vLLM, `transformers serve`)
 with concurrent requests and bounded retries. Both cut the text at the first stop string,
 because some servers (transformers serve) leave the stop text in.
@@ -19,6 +19,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
+
+import numpy as np
 
 from .config import LLMParams, ModelParams
 
@@ -47,9 +49,19 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
 
 
 class LocalBackend:
-    """transformers model on CPU/GPU; batches of `batch_size` sorted by length to limit padding."""
+    """transformers model on CPU/GPU; batches of `batch_size` sorted by length to limit padding.
 
-    def __init__(self, model_params: ModelParams | None = None, batch_size: int = 32, model=None, tokenizer=None):
+    Decoding is our own short loop rather than `model.generate`, for two reasons that make
+    batched rollouts several times faster on a CPU: a row leaves the batch as soon as it hits a
+    stop string (generate keeps computing finished rows until the longest one ends), and
+    keys/values of tokens seen before (the few-shot exemplars; an episode's earlier turns) come
+    from a `PrefixStore` instead of being prefilled again (see `kvcache`). Greedy outputs match
+    `model.generate`'s (tests/test_llm.py checks it).
+    """
+
+    def __init__(self, model_params: ModelParams | None = None, batch_size: int = 32, model=None, tokenizer=None,
+                 prefix_cache: bool = True, cache_gib: float = 4.0, min_prefix_tokens: int = 32):
+        from .kvcache import PrefixStore, supports_buffers
         from .models import load_model
 
         mp = model_params or ModelParams()
@@ -57,9 +69,13 @@ class LocalBackend:
             model, tokenizer = load_model(mp.name, adapter=mp.adapter, cache=mp.cache_dir, device=mp.device,
                                           dtype=mp.dtype, merge=True)
         self.model, self.tok = model, tokenizer
-        self.tok.padding_side = "left"  # decoder-only batching: new tokens must line up at the right
         self.batch_size = batch_size
         self.name = mp.name + (f"+{mp.adapter}" if mp.adapter else "")
+        self.buffers = supports_buffers(model.config)
+        # Stored KV of past prompts; None = prefill every prompt in full (the naive way).
+        self.store = PrefixStore(int(cache_gib * 2**30)) if prefix_cache and self.buffers else None
+        self.min_prefix_tokens = min_prefix_tokens  # a shorter common prefix is not worth a batch-1 prefill
+        self.prompt_tokens = self.cached_prompt_tokens = 0  # prompt tokens seen / found in the store
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -67,38 +83,102 @@ class LocalBackend:
         enc = self.tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
         return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
 
+    def _lookup(self, rows: list[np.ndarray]) -> list:
+        """Per row: (stored entry, how many of its leading tokens it covers). The batch's common
+        prefix (the few-shot exemplars) is computed once and stored when no entry covers it."""
+        from .kvcache import Entry, common_prefix, prefill_kv
+
+        hits = [self.store.longest(r) for r in rows]
+        self.cached_prompt_tokens += sum(n for _, n in hits)
+        shared = min(min(common_prefix(rows[0], r) for r in rows), min(len(r) for r in rows) - 1)
+        if len(rows) > 1 and shared >= self.min_prefix_tokens and any(n < shared for _, n in hits):
+            ids = rows[0][:shared]
+            entry = Entry(ids, prefill_kv(self.model, ids.tolist()))
+            self.store.add(ids, entry.kv)
+            hits = [(entry, shared) if n < shared else (e, n) for e, n in hits]
+        return hits
+
     def generate(self, prompts: list[Prompt], stop: list[str], max_new_tokens: int = 128,
                  temperature: float = 0.0) -> list[Generation]:
         import torch
 
-        encoded = [self._encode(p) for p in prompts]
+        from .kvcache import batch_cache
+
+        encoded = [np.asarray(self._encode(p), dtype=np.int64) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
         out: list[Generation | None] = [None] * len(prompts)
-        pad = self.tok.pad_token_id
-        device = self.model.device
+        n_layers = self.model.config.get_text_config(decoder=True).num_hidden_layers
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                n = len(encoded[i])
-                ids[row, width - n:] = torch.tensor(encoded[i])
-                mask[row, width - n:] = 1
-            kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, tokenizer=self.tok,
-                          stop_strings=stop or None)
-            if temperature > 0:
-                kwargs.update(do_sample=True, temperature=temperature, top_p=1.0)
+            rows = [encoded[i] for i in idx]
+            hits = self._lookup(rows) if self.store is not None else [(None, 0)] * len(rows)
+            cached = max(n for _, n in hits)
+            width = cached + max(len(r) - n for r, (_, n) in zip(rows, hits, strict=True))
+            ids = torch.full((len(rows), width), self.tok.pad_token_id or 0, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for j, (r, (_, n)) in enumerate(zip(rows, hits, strict=True)):
+                ids[j, cached - n:cached], mask[j, cached - n:cached] = torch.from_numpy(r[:n]), 1  # from the store
+                ids[j, width - len(r) + n:], mask[j, width - len(r) + n:] = torch.from_numpy(r[n:]), 1  # to prefill
+            if self.buffers:
+                cache = batch_cache(hits, cached, width + max_new_tokens, n_layers)
             else:
-                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            with torch.inference_mode():
-                gen = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-            new = gen[:, width:].cpu()
-            for row, i in enumerate(idx):
-                toks = [t for t in new[row].tolist() if t != pad]
+                from transformers import DynamicCache
+
+                cache = DynamicCache(config=self.model.config)
+            self.prompt_tokens += sum(len(r) for r in rows)
+            new = self._decode(ids, mask, cached, cache, stop, max_new_tokens, temperature, rows)
+            for toks, i in zip(new, idx, strict=True):
                 text = self.tok.decode(toks, skip_special_tokens=True)
                 out[i] = Generation(cut_at_stop(text, stop), len(encoded[i]), len(toks))
         return out  # type: ignore[return-value]
+
+    def _decode(self, ids, mask, cached: int, cache, stop: list[str], max_new_tokens: int, temperature: float,
+                rows: list[np.ndarray]) -> list[list[int]]:
+        """New tokens of each row, greedy or sampled. A row leaves the batch (its cache rows are
+        dropped) once it emits EOS or a stop string; its keys/values then go to the store."""
+        import torch
+
+        from .kvcache import row_kv
+
+        device = self.model.device
+        ids, mask = ids.to(device), mask.to(device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # pads do not advance positions
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos]) | {self.tok.eos_token_id} - {None}
+        new: list[list[int]] = [[] for _ in rows]
+        live = list(range(len(rows)))  # batch row -> index in `rows`
+        step_ids, step_pos = ids[:, cached:], pos[:, cached:]
+        with torch.inference_mode():
+            for step in range(max_new_tokens):
+                logits = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, cache=cache,
+                                    use_cache=True, logits_to_keep=1).logits[:, -1].float()
+                if temperature > 0:
+                    nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1)[:, 0]
+                else:
+                    nxt = logits.argmax(-1)
+                last = step == max_new_tokens - 1
+                keep = []
+                for j, t in enumerate(nxt.tolist()):
+                    toks = new[live[j]]
+                    if t not in eos:
+                        toks.append(t)
+                        if not last and not (stop and any(s in self.tok.decode(toks[-16:]) for s in stop)):
+                            keep.append(j)
+                            continue
+                    if self.store is not None:  # the row is done: keep what it computed for its next turn
+                        cols = mask[j].nonzero()[:, 0]
+                        seq = np.concatenate([rows[live[j]], np.asarray(toks, dtype=np.int64)])[:len(cols)]
+                        self.store.add(seq, row_kv(cache, j, cols))
+                if not keep:
+                    break
+                if len(keep) < len(live):
+                    sel = torch.tensor(keep, device=device)
+                    cache.batch_select_indices(sel)
+                    mask, nxt, step_pos = mask[sel], nxt[sel], step_pos[sel]
+                    live = [live[j] for j in keep]
+                mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+                step_ids, step_pos = nxt[:, None], step_pos[:, -1:] + 1
+        return new
 
 
 class OpenAIBackend:

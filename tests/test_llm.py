@@ -8,7 +8,7 @@ import pytest
 from fireact_utils.config import LLMParams
 from fireact_utils.llm import OpenAIBackend, cut_at_stop
 
-# Different lengths on purpose: batching them needs left padding of all but the longest.
+# Different lengths on purpose: batching them pads all but the longest.
 PROMPTS = [
     "The capital of France is",
     "1, 2, 3, 4,",
@@ -32,7 +32,7 @@ def test_local_greedy_deterministic_and_batch_invariant(local_llm):
     single = [local_llm.generate([p], stop=[], max_new_tokens=6)[0] for p in PROMPTS]
     assert all(g.text.strip() for g in batched)
     assert [g.text for g in batched] == [g.text for g in again]  # greedy: no randomness
-    # One-at-a-time has no padding; equal texts mean the left padding and its mask are right.
+    # One-at-a-time has no padding; equal texts mean the padding, its mask and positions are right.
     assert [g.text for g in batched] == [g.text for g in single]
     assert [g.completion_tokens for g in batched] == [g.completion_tokens for g in single]
 
@@ -61,6 +61,69 @@ def test_local_chat_messages(local_llm):
     assert chat.text.strip() and chat.completion_tokens > 0
     # The chat template wraps the message in role markers, so the prompt is longer than the bare text.
     assert chat.prompt_tokens > plain.prompt_tokens
+
+
+def test_local_matches_model_generate(local_llm):
+    """Our decoding loop (rows leave the batch at their stop, stored KV reused) gives the texts
+    of transformers' own left-padded `generate`, greedy, with stop strings."""
+    import torch
+
+    tok, model = local_llm.tok, local_llm.model
+    stop = [" the", "\n"]
+    ours = [g.text for g in local_llm.generate(PROMPTS, stop=stop, max_new_tokens=16)]
+    tok.padding_side = "left"
+    enc = tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=16, do_sample=False, stop_strings=stop, tokenizer=tok,
+                             pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None)
+    ref = [cut_at_stop(tok.decode([t for t in row if t != tok.pad_token_id], skip_special_tokens=True), stop)
+           for row in out[:, enc.input_ids.shape[1]:].tolist()]
+    assert ours == ref
+
+
+def test_local_reuses_stored_prefixes(local_llm):
+    """Turn 2 prompts extend turn 1 prompts + generations: their keys/values come from the store
+    (the shared exemplars on turn 1, each row's own history on turn 2), and the texts equal those
+    of prefilling everything from scratch."""
+    from fireact_utils.llm import LocalBackend
+
+    shots = "Question: What is 2 + 2?\nAnswer: 4\n" * 12  # a shared "few-shot" block of ~150 tokens
+    turn1 = [f"{shots}Question: {q}\nAnswer:" for q in ("What is 3 + 5?", "Name a red fruit.", "Capital of Italy?")]
+    fresh = LocalBackend(model=local_llm.model, tokenizer=local_llm.tok, batch_size=8, prefix_cache=False)
+    local_llm.store.clear()
+    before = local_llm.cached_prompt_tokens
+    g1 = local_llm.generate(turn1, stop=["\n"], max_new_tokens=8)
+    assert local_llm.cached_prompt_tokens == before  # nothing stored yet: the shared block is computed now
+    turn2 = [p + g.text + "\nQuestion: And 1 + 1?\nAnswer:" for p, g in zip(turn1, g1, strict=True)]
+    before = local_llm.cached_prompt_tokens
+    g2 = local_llm.generate(turn2, stop=["\n"], max_new_tokens=8)
+    turn1_tokens = sum(g.prompt_tokens for g in g1)
+    assert local_llm.cached_prompt_tokens - before >= turn1_tokens  # each row's turn 1 was reused
+    assert [g.text for g in g1] == [g.text for g in fresh.generate(turn1, stop=["\n"], max_new_tokens=8)]
+    assert [g.text for g in g2] == [g.text for g in fresh.generate(turn2, stop=["\n"], max_new_tokens=8)]
+    assert fresh.cached_prompt_tokens == 0
+
+
+def test_local_without_buffers_uses_plain_cache(local_llm):
+    """The path for models whose layers need transformers' own cache (sliding windows...)."""
+    from fireact_utils.llm import LocalBackend
+
+    plain = LocalBackend(model=local_llm.model, tokenizer=local_llm.tok, batch_size=8)
+    plain.buffers, plain.store = False, None
+    assert [g.text for g in plain.generate(PROMPTS, stop=[], max_new_tokens=6)] == \
+        [g.text for g in local_llm.generate(PROMPTS, stop=[], max_new_tokens=6)]
+
+
+def test_local_sampling_is_seeded(local_llm):
+    import torch
+
+    texts = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        texts.append([g.text for g in local_llm.generate(PROMPTS, stop=[], max_new_tokens=8, temperature=1.0)])
+    assert texts[0] == texts[1]
+    greedy = [g.text for g in local_llm.generate(PROMPTS, stop=[], max_new_tokens=8)]
+    assert texts[0] != greedy  # temperature 1 over 3 x 8 tokens: some token differs from greedy
 
 
 # ---------------------------------------------------------------- OpenAI backend on transformers serve

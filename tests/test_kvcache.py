@@ -1,0 +1,71 @@
+"""PrefixStore bookkeeping on real tensors: longest match, superseded entries, byte budget."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fireact_utils.kvcache import BufferLayer, PrefixStore, common_prefix
+
+
+def _kv(n: int, layers: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(torch.randn(3, n, 4), torch.randn(3, n, 4)) for _ in range(layers)]
+
+
+def _ids(*xs: int) -> np.ndarray:
+    return np.asarray(xs, dtype=np.int64)
+
+
+def test_common_prefix():
+    assert common_prefix(_ids(1, 2, 3), _ids(1, 2, 4)) == 2
+    assert common_prefix(_ids(1, 2), _ids(1, 2, 3)) == 2
+    assert common_prefix(_ids(5), _ids(1)) == 0
+
+
+def test_longest_match_leaves_one_token_to_prefill():
+    store = PrefixStore(max_bytes=10**9)
+    store.add(_ids(1, 2, 3, 4), _kv(4))
+    store.add(_ids(9, 9), _kv(2))
+    entry, n = store.longest(_ids(1, 2, 3, 4))
+    assert n == 3 and list(entry.ids) == [1, 2, 3, 4]  # the whole prompt would leave nothing to run
+    assert store.longest(_ids(1, 2, 7, 8, 9))[1] == 2
+    assert store.longest(_ids(5, 6)) == (None, 0)
+
+
+def test_entry_superseded_by_its_extension():
+    store = PrefixStore(max_bytes=10**9)
+    store.add(_ids(1, 2, 3), _kv(3))
+    store.add(_ids(1, 2, 3, 4, 5), _kv(5))  # the next turn of the same episode
+    assert [list(e.ids) for e in store.entries.values()] == [[1, 2, 3, 4, 5]]
+    store.add(_ids(1, 2), _kv(2))  # covered by the longer entry: not stored
+    assert len(store.entries) == 1
+    assert store.nbytes == sum(e.nbytes for e in store.entries.values())
+
+
+def test_byte_budget_evicts_least_recently_used():
+    one = sum(k.nbytes + v.nbytes for k, v in _kv(10))
+    store = PrefixStore(max_bytes=2 * one)
+    store.add(_ids(*range(0, 10)), _kv(10))
+    store.add(_ids(*range(100, 110)), _kv(10))
+    store.longest(_ids(*range(0, 10)))  # touch the first: the second is now the oldest
+    store.add(_ids(*range(200, 210)), _kv(10))
+    assert sorted(int(e.ids[0]) for e in store.entries.values()) == [0, 200]
+    assert store.nbytes <= store.max_bytes
+
+
+def test_buffer_layer_appends_in_place_and_selects_rows():
+    layer = BufferLayer(capacity=5)
+    k, v = torch.randn(2, 3, 2, 4), torch.randn(2, 3, 2, 4)
+    keys, _ = layer.update(k, v)
+    buf = layer.kb
+    keys, values = layer.update(k[:, :, :1] + 1, v[:, :, :1] + 1)
+    assert layer.kb is buf and keys.shape == (2, 3, 3, 4)  # no reallocation
+    assert torch.equal(keys[:, :, :2], k) and torch.equal(values[:, :, 2:], v[:, :, :1] + 1)
+    layer.batch_select_indices(torch.tensor([1]))
+    assert torch.equal(layer.keys[0, :, :2], k[1]) and layer.get_seq_length() == 3
+    try:
+        layer.update(torch.randn(1, 3, 3, 4), torch.randn(1, 3, 3, 4))
+    except RuntimeError as e:
+        assert "capacity" in str(e)
+    else:
+        raise AssertionError("overflowing the buffer must raise")
