@@ -84,9 +84,10 @@ def main(argv: list[str] | None = None) -> dict:
         em = sum(r["em"] for r in recs)
         fin = sum(r["status"] == "finished" for r in recs)
         same = sum(a["pred"] == b["pred"] for a, b in zip(base, recs, strict=True))
-        hit = backend.cached_prompt_tokens / max(backend.prompt_tokens, 1)
+        d = backend.decoder
+        hit = d.cached_prompt_tokens / max(d.prompt_tokens, 1)
         print(f"{name:<17} {bs:>5} {secs:>8.1f} {n / secs:>10.3f} {em:>3} {fin:>8} "
-              f"{backend.prompt_tokens:>10} {hit:>10.0%} {same:>6}/{n}")
+              f"{d.prompt_tokens:>10} {hit:>10.0%} {same:>6}/{n}")
     t = {name: secs for name, _, _, secs, _ in results}
     speedup = t["one-at-a-time"] / t["batched"]
     print(f"speed-up, batched vs one-at-a-time: {speedup:.2f}x "

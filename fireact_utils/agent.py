@@ -213,20 +213,30 @@ def run_episodes(task: Task, indices: Iterable[int], llm: LLM, search: Callable[
             for i in indices if episode_id(task, i) not in done]
     bar = tqdm(total=len(todo), desc=f"{task.name} {params.method}/{params.mode}", disable=not progress)
     finished: dict[str, dict] = {}
-    active = todo
-    while active:
-        gens = llm.generate([agent.prompt(e, chat_llm) for e in active], STOP, params.max_new_tokens, params.temperature)
-        for ep, gen in zip(active, gens, strict=True):
-            agent.step(ep, gen)
-            if ep.done and params.method == "reflexion" and _should_retry(agent, ep, params):
-                _reflect(agent, ep, llm, params)
-            if ep.done:
-                rec = agent.record(ep, llm.name)
-                if out_path:
-                    append_jsonl(out_path, rec)
-                finished[ep.id] = rec
-                bar.update(1)
-        active = [e for e in active if not e.done]
+
+    def after(ep: Episode, gen: Generation) -> bool:
+        """Apply a generation to its episode; True while the episode goes on."""
+        agent.step(ep, gen)
+        if ep.done and params.method == "reflexion" and _should_retry(agent, ep, params):
+            _reflect(agent, ep, llm, params)
+        if ep.done:
+            rec = agent.record(ep, llm.name)
+            if out_path:
+                append_jsonl(out_path, rec)
+            finished[ep.id] = rec
+            bar.update(1)
+        return not ep.done
+
+    stream = getattr(llm, "stream", None)
+    if stream is not None:  # continuous batching: an episode's next turn starts as soon as its last one ends
+        stream([(ep, agent.prompt(ep, chat_llm)) for ep in todo], STOP, params.max_new_tokens, params.temperature,
+               lambda ep, gen: [(ep, agent.prompt(ep, chat_llm))] if after(ep, gen) else [])
+    else:  # turn by turn: all unfinished episodes generate together (concurrently, over HTTP)
+        active = todo
+        while active:
+            gens = llm.generate([agent.prompt(e, chat_llm) for e in active], STOP, params.max_new_tokens,
+                                params.temperature)
+            active = [ep for ep, gen in zip(active, gens, strict=True) if after(ep, gen)]
     bar.close()
     by_id = {**done, **finished}
     return [by_id[episode_id(task, i)] for i in indices if episode_id(task, i) in by_id]

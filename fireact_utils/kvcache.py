@@ -43,8 +43,10 @@ class BufferLayer(DynamicLayer):
         self.capacity = capacity
 
     def allocate(self, batch: int, heads: int, head_dim: int, dtype, device) -> None:
-        self.kb = torch.zeros(batch, heads, self.capacity, head_dim, dtype=dtype, device=device)
-        self.vb = torch.zeros_like(self.kb)
+        """Uninitialised buffers: attention reads only the first `length` columns, which callers
+        fill (or zero, for pads) before they are read."""
+        self.kb = torch.empty(batch, heads, self.capacity, head_dim, dtype=dtype, device=device)
+        self.vb = torch.empty_like(self.kb)
         self.device, self.is_initialized = device, True
         self.set_length(0)
 
@@ -65,7 +67,9 @@ class BufferLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         n = self.keys.shape[-2]
-        self.kb, self.vb = self.kb[indices], self.vb[indices]
+        kb, vb = self.kb, self.vb
+        self.allocate(len(indices), kb.shape[1], kb.shape[-1], kb.dtype, kb.device)
+        self.kb[:, :, :n], self.vb[:, :, :n] = kb[indices, :, :n], vb[indices, :, :n]
         self.set_length(n)
 
 
@@ -147,6 +151,7 @@ def batch_cache(hits: list[tuple[Entry | None, int]], width: int, capacity: int,
         k0 = first.kv[li][0]
         layer.allocate(len(hits), k0.shape[0], k0.shape[-1], k0.dtype, k0.device)
         for r, (e, n) in enumerate(hits):
+            layer.kb[r, :, :width - n], layer.vb[r, :, :width - n] = 0, 0  # pads: masked, but must be finite
             if n:
                 layer.kb[r, :, width - n:width] = e.kv[li][0][:, :n]
                 layer.vb[r, :, width - n:width] = e.kv[li][1][:, :n]

@@ -16,6 +16,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -49,19 +50,18 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
 
 
 class LocalBackend:
-    """transformers model on CPU/GPU; batches of `batch_size` sorted by length to limit padding.
+    """A transformers model (optionally with a merged PEFT adapter) on CPU or GPU.
 
-    Decoding is our own short loop rather than `model.generate`, for two reasons that make
-    batched rollouts several times faster on a CPU: a row leaves the batch as soon as it hits a
-    stop string (generate keeps computing finished rows until the longest one ends), and
-    keys/values of tokens seen before (the few-shot exemplars; an episode's earlier turns) come
-    from a `PrefixStore` instead of being prefilled again (see `kvcache`). Greedy outputs match
-    `model.generate`'s (tests/test_llm.py checks it).
+    Decoding is `decoding.Decoder`, a short loop of our own rather than `model.generate`:
+    continuous batching (a row leaves at its stop string; an episode's next turn joins the
+    running batch) and keys/values of prompt prefixes reused across rows and turns. Greedy
+    outputs equal `model.generate`'s (tests/test_llm.py checks it).
     """
 
     def __init__(self, model_params: ModelParams | None = None, batch_size: int = 32, model=None, tokenizer=None,
-                 prefix_cache: bool = True, cache_gib: float = 4.0, min_prefix_tokens: int = 32):
-        from .kvcache import PrefixStore, supports_buffers
+                 prefix_cache: bool = True, cache_gib: float = 4.0):
+        from .decoding import Decoder
+        from .kvcache import PrefixStore
         from .models import load_model
 
         mp = model_params or ModelParams()
@@ -69,116 +69,38 @@ class LocalBackend:
             model, tokenizer = load_model(mp.name, adapter=mp.adapter, cache=mp.cache_dir, device=mp.device,
                                           dtype=mp.dtype, merge=True)
         self.model, self.tok = model, tokenizer
-        self.batch_size = batch_size
         self.name = mp.name + (f"+{mp.adapter}" if mp.adapter else "")
-        self.buffers = supports_buffers(model.config)
-        # Stored KV of past prompts; None = prefill every prompt in full (the naive way).
-        self.store = PrefixStore(int(cache_gib * 2**30)) if prefix_cache and self.buffers else None
-        self.min_prefix_tokens = min_prefix_tokens  # a shorter common prefix is not worth a batch-1 prefill
-        self.prompt_tokens = self.cached_prompt_tokens = 0  # prompt tokens seen / found in the store
+        # Stored keys/values of past prompts; without it every prompt is prefilled in full.
+        store = PrefixStore(int(cache_gib * 2**30)) if prefix_cache else None
+        self.decoder = Decoder(model, tokenizer, batch_size, store)
 
-    def _encode(self, prompt: Prompt) -> list[int]:
+    def _encode(self, prompt: Prompt) -> np.ndarray:
         if isinstance(prompt, str):
-            return self.tok(prompt, add_special_tokens=False)["input_ids"]
-        enc = self.tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-        return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+            ids = self.tok(prompt, add_special_tokens=False)["input_ids"]
+        else:
+            enc = self.tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+            ids = enc["input_ids"] if hasattr(enc, "keys") else enc
+        return np.asarray(ids, dtype=np.int64)
 
-    def _lookup(self, rows: list[np.ndarray]) -> list:
-        """Per row: (stored entry, how many of its leading tokens it covers). The batch's common
-        prefix (the few-shot exemplars) is computed once and stored when no entry covers it."""
-        from .kvcache import Entry, common_prefix, prefill_kv
+    def stream(self, requests: list[tuple[object, Prompt]], stop: list[str], max_new_tokens: int,
+               temperature: float, on_done: Callable[[object, Generation], list[tuple[object, Prompt]]]) -> None:
+        """Generate for each (key, prompt); `on_done(key, generation)` runs as each one ends and
+        returns follow-up (key, prompt) requests, which join the running batch."""
+        def done(key, text: str, n_prompt: int, n_new: int):
+            return [(k, self._encode(p)) for k, p in on_done(key, Generation(text, n_prompt, n_new))]
 
-        hits = [self.store.longest(r) for r in rows]
-        self.cached_prompt_tokens += sum(n for _, n in hits)
-        shared = min(min(common_prefix(rows[0], r) for r in rows), min(len(r) for r in rows) - 1)
-        if len(rows) > 1 and shared >= self.min_prefix_tokens and any(n < shared for _, n in hits):
-            ids = rows[0][:shared]
-            entry = Entry(ids, prefill_kv(self.model, ids.tolist()))
-            self.store.add(ids, entry.kv)
-            hits = [(entry, shared) if n < shared else (e, n) for e, n in hits]
-        return hits
+        self.decoder.run([(k, self._encode(p)) for k, p in requests], stop, max_new_tokens, temperature, done)
 
     def generate(self, prompts: list[Prompt], stop: list[str], max_new_tokens: int = 128,
                  temperature: float = 0.0) -> list[Generation]:
-        import torch
-
-        from .kvcache import batch_cache
-
-        encoded = [np.asarray(self._encode(p), dtype=np.int64) for p in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
         out: list[Generation | None] = [None] * len(prompts)
-        n_layers = self.model.config.get_text_config(decoder=True).num_hidden_layers
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            rows = [encoded[i] for i in idx]
-            hits = self._lookup(rows) if self.store is not None else [(None, 0)] * len(rows)
-            cached = max(n for _, n in hits)
-            width = cached + max(len(r) - n for r, (_, n) in zip(rows, hits, strict=True))
-            ids = torch.full((len(rows), width), self.tok.pad_token_id or 0, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for j, (r, (_, n)) in enumerate(zip(rows, hits, strict=True)):
-                ids[j, cached - n:cached], mask[j, cached - n:cached] = torch.from_numpy(r[:n]), 1  # from the store
-                ids[j, width - len(r) + n:], mask[j, width - len(r) + n:] = torch.from_numpy(r[n:]), 1  # to prefill
-            if self.buffers:
-                cache = batch_cache(hits, cached, width + max_new_tokens, n_layers)
-            else:
-                from transformers import DynamicCache
 
-                cache = DynamicCache(config=self.model.config)
-            self.prompt_tokens += sum(len(r) for r in rows)
-            new = self._decode(ids, mask, cached, cache, stop, max_new_tokens, temperature, rows)
-            for toks, i in zip(new, idx, strict=True):
-                text = self.tok.decode(toks, skip_special_tokens=True)
-                out[i] = Generation(cut_at_stop(text, stop), len(encoded[i]), len(toks))
+        def keep(i: int, gen: Generation) -> list:
+            out[i] = gen
+            return []
+
+        self.stream(list(enumerate(prompts)), stop, max_new_tokens, temperature, keep)
         return out  # type: ignore[return-value]
-
-    def _decode(self, ids, mask, cached: int, cache, stop: list[str], max_new_tokens: int, temperature: float,
-                rows: list[np.ndarray]) -> list[list[int]]:
-        """New tokens of each row, greedy or sampled. A row leaves the batch (its cache rows are
-        dropped) once it emits EOS or a stop string; its keys/values then go to the store."""
-        import torch
-
-        from .kvcache import row_kv
-
-        device = self.model.device
-        ids, mask = ids.to(device), mask.to(device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # pads do not advance positions
-        eos = self.model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos]) | {self.tok.eos_token_id} - {None}
-        new: list[list[int]] = [[] for _ in rows]
-        live = list(range(len(rows)))  # batch row -> index in `rows`
-        step_ids, step_pos = ids[:, cached:], pos[:, cached:]
-        with torch.inference_mode():
-            for step in range(max_new_tokens):
-                logits = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, cache=cache,
-                                    use_cache=True, logits_to_keep=1).logits[:, -1].float()
-                if temperature > 0:
-                    nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1)[:, 0]
-                else:
-                    nxt = logits.argmax(-1)
-                last = step == max_new_tokens - 1
-                keep = []
-                for j, t in enumerate(nxt.tolist()):
-                    toks = new[live[j]]
-                    if t not in eos:
-                        toks.append(t)
-                        if not last and not (stop and any(s in self.tok.decode(toks[-16:]) for s in stop)):
-                            keep.append(j)
-                            continue
-                    if self.store is not None:  # the row is done: keep what it computed for its next turn
-                        cols = mask[j].nonzero()[:, 0]
-                        seq = np.concatenate([rows[live[j]], np.asarray(toks, dtype=np.int64)])[:len(cols)]
-                        self.store.add(seq, row_kv(cache, j, cols))
-                if not keep:
-                    break
-                if len(keep) < len(live):
-                    sel = torch.tensor(keep, device=device)
-                    cache.batch_select_indices(sel)
-                    mask, nxt, step_pos = mask[sel], nxt[sel], step_pos[sel]
-                    live = [live[j] for j in keep]
-                mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
-                step_ids, step_pos = nxt[:, None], step_pos[:, -1:] + 1
-        return new
 
 
 class OpenAIBackend:

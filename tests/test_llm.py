@@ -90,18 +90,37 @@ def test_local_reuses_stored_prefixes(local_llm):
     shots = "Question: What is 2 + 2?\nAnswer: 4\n" * 12  # a shared "few-shot" block of ~150 tokens
     turn1 = [f"{shots}Question: {q}\nAnswer:" for q in ("What is 3 + 5?", "Name a red fruit.", "Capital of Italy?")]
     fresh = LocalBackend(model=local_llm.model, tokenizer=local_llm.tok, batch_size=8, prefix_cache=False)
-    local_llm.store.clear()
-    before = local_llm.cached_prompt_tokens
+    local_llm.decoder.store.clear()
+    before = local_llm.decoder.cached_prompt_tokens
     g1 = local_llm.generate(turn1, stop=["\n"], max_new_tokens=8)
-    assert local_llm.cached_prompt_tokens == before  # nothing stored yet: the shared block is computed now
+    assert local_llm.decoder.cached_prompt_tokens == before  # nothing stored yet: the shared block is computed now
     turn2 = [p + g.text + "\nQuestion: And 1 + 1?\nAnswer:" for p, g in zip(turn1, g1, strict=True)]
-    before = local_llm.cached_prompt_tokens
+    before = local_llm.decoder.cached_prompt_tokens
     g2 = local_llm.generate(turn2, stop=["\n"], max_new_tokens=8)
     turn1_tokens = sum(g.prompt_tokens for g in g1)
-    assert local_llm.cached_prompt_tokens - before >= turn1_tokens  # each row's turn 1 was reused
+    assert local_llm.decoder.cached_prompt_tokens - before >= turn1_tokens  # each row's turn 1 was reused
     assert [g.text for g in g1] == [g.text for g in fresh.generate(turn1, stop=["\n"], max_new_tokens=8)]
     assert [g.text for g in g2] == [g.text for g in fresh.generate(turn2, stop=["\n"], max_new_tokens=8)]
-    assert fresh.cached_prompt_tokens == 0
+    assert fresh.decoder.cached_prompt_tokens == 0
+
+
+def test_local_stream_follow_ups_join_the_running_batch(local_llm):
+    """A follow-up request (an episode's next turn) starts while other rows still generate: the
+    short row's follow-up ends before the long row, and every text equals the one generated alone."""
+    stop = [" 6", " 9"]
+    prompts = {"count": "1, 2, 3, 4,", "story": PROMPTS[2], "count2": "1, 2, 3, 4, 5, 6, 7,"}
+    order, texts = [], {}
+
+    def on_done(key, gen):
+        order.append(key)
+        texts[key] = gen.text
+        return [("count2", prompts["count2"])] if key == "count" else []
+
+    local_llm.stream([("count", prompts["count"]), ("story", prompts["story"])], stop, 16, 0.0, on_done)
+    assert texts["count"] == " 5," and texts["count2"] == " 8,"
+    assert order == ["count", "count2", "story"]
+    alone = {k: local_llm.generate([p], stop, max_new_tokens=16)[0].text for k, p in prompts.items()}
+    assert texts == alone
 
 
 def test_local_without_buffers_uses_plain_cache(local_llm):
@@ -109,7 +128,7 @@ def test_local_without_buffers_uses_plain_cache(local_llm):
     from fireact_utils.llm import LocalBackend
 
     plain = LocalBackend(model=local_llm.model, tokenizer=local_llm.tok, batch_size=8)
-    plain.buffers, plain.store = False, None
+    plain.decoder.buffers, plain.decoder.store = False, None
     assert [g.text for g in plain.generate(PROMPTS, stop=[], max_new_tokens=6)] == \
         [g.text for g in local_llm.generate(PROMPTS, stop=[], max_new_tokens=6)]
 
