@@ -11,7 +11,7 @@ greedy, recorded search, three ways:
 Greedy decoding should give the same predictions every way; a difference points at float noise
 on near-ties (padding and batch shape change the order of float sums).
 
-    python benchmarks/rollouts.py                        # 32 questions, max_turns 8 (~10 min on 2 cores)
+    python benchmarks/rollouts.py                        # 32 questions, max_turns 8 (~5 min on 2 idle cores)
     python benchmarks/rollouts.py --n 4 --max-turns 2    # check that it runs
 
 Needs FIREACT_DATA_DIR (the FireAct data); the model is converted into $FIREACT_CACHE on first use.

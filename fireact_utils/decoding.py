@@ -71,7 +71,8 @@ class Decoder:
         self.n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
         eos = model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id} - {None}
-        self.prompt_tokens = self.cached_prompt_tokens = 0  # prompt tokens seen / found in the store
+        # Prompt tokens seen, and those a row did not prefill itself (stored, or a shared prefix run once).
+        self.prompt_tokens = self.cached_prompt_tokens = 0
 
     def run(self, requests: list[Request], stop: list[str], max_new_tokens: int, temperature: float,
             on_done: Callable[[object, str, int, int], list[Request]]) -> None:
@@ -105,12 +106,14 @@ class Decoder:
         if self.store is None:
             return [(None, 0)] * len(ids)
         hits = [self.store.longest(r) for r in ids]
-        self.cached_prompt_tokens += sum(n for _, n in hits)
         shared = min(min(common_prefix(ids[0], r) for r in ids), min(len(r) for r in ids) - 1)
+        computed = 0
         if len(ids) > 1 and shared >= self.min_prefix_tokens and any(n < shared for _, n in hits):
             entry = Entry(ids[0][:shared], prefill_kv(self.model, ids[0][:shared].tolist()))
             self.store.add(entry.ids, entry.kv)
             hits = [(entry, shared) if n < shared else (e, n) for e, n in hits]
+            computed = shared
+        self.cached_prompt_tokens += sum(n for _, n in hits) - computed
         return hits
 
     def _prefill(self, group: list[Request], max_new_tokens: int) -> list[tuple[Batch, torch.Tensor]]:
