@@ -175,7 +175,9 @@ def finetune(records: list[dict], out_dir: str | Path, p: TrainParams, model_par
                          processing_class=tok, peft_config=lora_config(p) if p.method == "lora" else None)
     ckpt = last_checkpoint(out_dir) if resume else None
     result = trainer.train(resume_from_checkpoint=ckpt)
-    trainer.save_model(str(final))
+    trainer.save_model(str(final))  # gathers FSDP shards; writes on the main process only
+    if not trainer.is_world_process_zero():
+        return final  # under `accelerate launch`, one process writes the logs and the done marker
     tok.save_pretrained(str(final))
     log = [h for h in trainer.state.log_history if "loss" in h]
     _write_log(out_dir, log)
