@@ -336,30 +336,39 @@ class CorpusSearch:
 
 class NoisyTool:
     """With probability `rate`, replace the observation by "None" (kind="none") or by another
-    observation (kind="random": seen so far, plus the wrapped tool's recorded snippets)."""
+    observation (kind="random": the wrapped tool's recorded snippets, else those seen so far).
+
+    Each decision is drawn from (seed, query, how many times this query came before), not from
+    one stream in call order: batched, continuous or one-at-a-time rollouts call the tool in
+    different orders, and must still see the same noise."""
 
     def __init__(self, tool: SearchTool, rate: float, kind: str = "none", seed: int = 0):
         if not 0 <= rate <= 1:
             raise ValueError(f"noise rate must be in [0, 1], got {rate}")
         if kind not in ("none", "random"):
             raise ValueError(f"noise kind must be 'none' or 'random', got {kind!r}")
-        self.tool, self.rate, self.kind = tool, rate, kind
-        self.rng = random.Random(seed)
-        self.pool = dict.fromkeys(getattr(tool, "pairs", {}).values())  # ordered set: deterministic choice
+        self.tool, self.rate, self.kind, self.seed = tool, rate, kind, seed
+        self.pool = list(dict.fromkeys(getattr(tool, "pairs", {}).values()))  # ordered: deterministic choice
+        self.fixed_pool = bool(self.pool)
+        self.seen: dict[str, int] = {}
         self.calls = self.corrupted = 0
 
     def __call__(self, query: str) -> str:
         obs = self.tool(query)  # always call: the wrapped tool's counters stay true
         self.calls += 1
-        self.pool.setdefault(obs)
-        # Exactly one draw per call, so the corruption pattern depends only on the seed and call index.
-        if self.rng.random() >= self.rate:
+        k = self.seen[query] = self.seen.get(query, -1) + 1
+        if not self.fixed_pool and obs not in self.pool:
+            self.pool.append(obs)
+        rng = random.Random(f"{self.seed}\x00{query}\x00{k}")
+        if rng.random() >= self.rate:
             return obs
         self.corrupted += 1
-        if self.kind == "none":
+        if self.kind == "none" or len(self.pool) < 2:
             return "None"
-        others = [o for o in self.pool if o != obs]
-        return self.rng.choice(others)[: getattr(self.tool, "max_chars", None)] if others else "None"
+        other = obs
+        while other == obs:
+            other = self.pool[rng.randrange(len(self.pool))]
+        return other[: getattr(self.tool, "max_chars", None)]
 
     def stats(self) -> dict[str, Any]:
         return {**self.tool.stats(), "noise_kind": self.kind, "noise_rate": self.rate, "noise_calls": self.calls,

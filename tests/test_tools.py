@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -173,6 +174,19 @@ def test_noise_rate_and_determinism(recorded):
         runs.append([noisy(queries[i % 50]) for i in range(2000)])
         assert abs(noisy.corrupted / noisy.calls - 0.3) <= 0.04
     assert runs[0] == runs[1] and runs[0] != runs[2]
+    # The calls in another order (another rollout schedule) get the same noise: each query's n-th
+    # call is treated the same, whatever came between.
+    noisy = NoisyTool(recorded, rate=0.3, kind="random", seed=0)
+    calls = [queries[i % 50] for i in range(2000)]
+    shuffled = random.Random(1).sample(calls, len(calls))
+    def per_query(qs, outs):
+        d: dict[str, list[str]] = {}
+        for q, o in zip(qs, outs, strict=True):
+            d.setdefault(q, []).append(o)
+        return d
+    in_order = per_query(calls, [noisy(q) for q in calls])
+    noisy = NoisyTool(recorded, rate=0.3, kind="random", seed=0)
+    assert per_query(shuffled, [noisy(q) for q in shuffled]) == in_order
     stats = noisy.stats()
     assert stats["noise_corrupted"] == noisy.corrupted and "exact_hits" in stats
 
