@@ -207,23 +207,13 @@ class Decoder:
         for part in (a, b):
             part.compact(force=True)  # ended rows are not copied
         width = max(a.mask.shape[1], b.mask.shape[1])
-        masks, caches = [], []
-        for part in (a, b):
-            pad = width - part.mask.shape[1]
-            masks.append(torch.nn.functional.pad(part.mask, (pad, 0)))
-            caches.append((part.cache, pad))
         for li, layer in enumerate(a.cache.layers):
             merged = BufferLayer(width + max_new_tokens)
             merged.allocate(len(a.rows) + len(b.rows), layer.kb.shape[1], layer.kb.shape[-1], layer.kb.dtype,
                             layer.kb.device)
-            r = 0
-            for cache, pad in caches:
-                src = cache.layers[li]
-                n = src.keys.shape[0]
-                merged.kb[r:r + n, :, :pad], merged.vb[r:r + n, :, :pad] = 0, 0  # pads: masked, but must be finite
-                merged.kb[r:r + n, :, pad:width] = src.keys
-                merged.vb[r:r + n, :, pad:width] = src.values
-                r += n
+            merged.place(0, layer.keys, layer.values, width)
+            merged.place(len(a.rows), b.cache.layers[li].keys, b.cache.layers[li].values, width)
             merged.set_length(width)
             a.cache.layers[li] = merged
+        masks = [torch.nn.functional.pad(m, (width - m.shape[1], 0)) for m in (a.mask, b.mask)]
         return Batch(a.rows + b.rows, a.cache, torch.cat(masks), torch.cat([a.nxt, b.nxt]))

@@ -65,6 +65,13 @@ class BufferLayer(DynamicLayer):
         self.set_length(n + m)
         return self.keys, self.values
 
+    def place(self, row: int, keys: torch.Tensor, values: torch.Tensor, end: int) -> None:
+        """Write `keys`/`values` ([rows, heads, n, head_dim]) into rows from `row` on, ending at
+        column `end`, zeroing the columns before them (pads: masked, but they must be finite)."""
+        rows, n = keys.shape[0], keys.shape[-2]
+        self.kb[row:row + rows, :, :end - n], self.vb[row:row + rows, :, :end - n] = 0, 0
+        self.kb[row:row + rows, :, end - n:end], self.vb[row:row + rows, :, end - n:end] = keys, values
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         n = self.keys.shape[-2]
         kb, vb = self.kb, self.vb
@@ -115,10 +122,11 @@ class PrefixStore:
 
     def add(self, ids: np.ndarray, kv: KV) -> None:
         for key, e in list(self.entries.items()):
-            if len(e.ids) <= len(ids) and common_prefix(e.ids, ids) == len(e.ids):
+            shared = common_prefix(e.ids, ids)
+            if shared == len(e.ids):  # e is a prefix of ids (or equal): superseded
                 self.nbytes -= e.nbytes
                 del self.entries[key]
-            elif common_prefix(e.ids, ids) == len(ids):
+            elif shared == len(ids):
                 return  # already covered by a longer entry
         entry = Entry(ids, kv)
         self.entries[self._next] = entry
@@ -151,10 +159,8 @@ def batch_cache(hits: list[tuple[Entry | None, int]], width: int, capacity: int,
         k0 = first.kv[li][0]
         layer.allocate(len(hits), k0.shape[0], k0.shape[-1], k0.dtype, k0.device)
         for r, (e, n) in enumerate(hits):
-            layer.kb[r, :, :width - n], layer.vb[r, :, :width - n] = 0, 0  # pads: masked, but must be finite
-            if n:
-                layer.kb[r, :, width - n:width] = e.kv[li][0][:, :n]
-                layer.vb[r, :, width - n:width] = e.kv[li][1][:, :n]
+            k, v = e.kv[li] if n else (k0[:, :0], k0[:, :0])
+            layer.place(r, k[None, :, :n], v[None, :, :n], width)
         layer.set_length(width)
     return cache
 

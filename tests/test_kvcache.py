@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from fireact_utils.kvcache import BufferLayer, PrefixStore, common_prefix
@@ -63,9 +64,5 @@ def test_buffer_layer_appends_in_place_and_selects_rows():
     assert torch.equal(keys[:, :, :2], k) and torch.equal(values[:, :, 2:], v[:, :, :1] + 1)
     layer.batch_select_indices(torch.tensor([1]))
     assert torch.equal(layer.keys[0, :, :2], k[1]) and layer.get_seq_length() == 3
-    try:
+    with pytest.raises(RuntimeError, match="capacity"):  # overflowing the buffer must raise
         layer.update(torch.randn(1, 3, 3, 4), torch.randn(1, 3, 3, 4))
-    except RuntimeError as e:
-        assert "capacity" in str(e)
-    else:
-        raise AssertionError("overflowing the buffer must raise")
