@@ -6,7 +6,8 @@ tokens. Here a row leaves the batch the moment it ends; its episode acts (the to
 its next prompt joins the running batch. Joining is cheap because keys/values of everything an
 episode has seen come from the `PrefixStore` (see `kvcache`): only the new observation is
 prefilled. New rows are prefilled as a group and merged into the running batch once at least
-as many join as run, so the cache copy a merge costs stays small.
+as many join as run, so the cache copy a merge costs stays small. The prefix all of a run's
+first prompts share (the few-shot exemplars) is kept once for all rows (`prefix_attention`).
 
 `Decoder.run` is the loop; `LocalBackend.generate` is `run` with no follow-up prompts.
 """
@@ -20,7 +21,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .kvcache import BufferLayer, Entry, PrefixStore, batch_cache, common_prefix, prefill_kv, row_kv, supports_buffers
+from .kvcache import (
+    KV,
+    PREFIX_ATTENTION,
+    BufferLayer,
+    Entry,
+    PrefixStore,
+    batch_cache,
+    common_prefix,
+    prefill_kv,
+    row_kv,
+    supports_buffers,
+    use_prefix_attention,
+)
 from .llm import cut_at_stop
 
 Request = tuple[object, np.ndarray]  # (caller's key, prompt token ids)
@@ -30,18 +43,20 @@ Request = tuple[object, np.ndarray]  # (caller's key, prompt token ids)
 class Row:
     key: object
     ids: np.ndarray  # the prompt
+    start: int = 0  # leading prompt tokens held by the run's shared prefix (0: not using it)
     new: list[int] = field(default_factory=list)  # generated so far
     done: bool = False  # ended, but still in the batch until the next compaction
 
 
 @dataclass
 class Batch:
-    """Rows being decoded. `mask` covers the cache's columns (0 = pad); `nxt` holds each row's
-    latest token, sampled but not yet fed to the model."""
+    """Rows being decoded. `mask` covers the cache's columns (0 = pad), which hold each row's
+    tokens after its `start`; `nxt` holds each row's latest token, sampled but not yet fed."""
 
     rows: list[Row]
     cache: object
     mask: torch.Tensor
+    starts: torch.Tensor
     nxt: torch.Tensor | None = None
 
     @property
@@ -57,7 +72,7 @@ class Batch:
         elif len(keep) < len(self.rows) and (force or 4 * (len(self.rows) - len(keep)) >= len(self.rows)):
             sel = torch.tensor(keep, device=self.mask.device)
             self.cache.batch_select_indices(sel)
-            self.mask, self.nxt = self.mask[sel], self.nxt[sel]
+            self.mask, self.starts, self.nxt = self.mask[sel], self.starts[sel], self.nxt[sel]
             self.rows = [self.rows[j] for j in keep]
 
 
@@ -67,18 +82,29 @@ class Decoder:
         # Preallocated buffers (and so merging and the store) only for plain full-attention models.
         self.buffers = supports_buffers(model.config)
         self.store = store if self.buffers else None
+        if self.share:
+            use_prefix_attention(model)
         self.min_prefix_tokens = min_prefix_tokens  # a shorter common prefix is not worth a batch-1 prefill
+        self.prefix: Entry | None = None  # the current run's shared prefix, kv as [1, heads, P, head_dim]
         self.n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
         eos = model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id} - {None}
         # Prompt tokens seen, and those a row did not prefill itself (stored, or a shared prefix run once).
         self.prompt_tokens = self.cached_prompt_tokens = 0
 
+    @property
+    def share(self) -> bool:
+        """Keep one copy of the rows' shared prefix? Merging its attention needs the CPU flash
+        kernel's log-sum-exp, stored entries to start from, and a model on SDPA attention."""
+        return (self.store is not None and self.model.device.type == "cpu"
+                and self.model.config._attn_implementation in ("sdpa", PREFIX_ATTENTION))
+
     def run(self, requests: list[Request], stop: list[str], max_new_tokens: int, temperature: float,
             on_done: Callable[[object, str, int, int], list[Request]]) -> None:
         """Generate for every request; `on_done(key, text, prompt_tokens, completion_tokens)` is
         called as each ends and returns follow-up requests (an episode's next turn), served first."""
         pending = deque(sorted(requests, key=lambda r: len(r[1])))  # similar lengths pad less
+        self.prefix = self._shared_prefix([r for _, r in requests])
         batch: Batch | None = None
         with torch.inference_mode():
             while pending or batch is not None:
@@ -100,33 +126,51 @@ class Decoder:
                     text = cut_at_stop(self.tok.decode(row.new, skip_special_tokens=True), stop)
                     pending.extendleft(reversed(on_done(row.key, text, len(row.ids), len(row.new))))
 
-    def _lookup(self, ids: list[np.ndarray]) -> list[tuple[Entry | None, int]]:
-        """Per row: (stored entry, how many of its leading tokens it covers). The group's common
-        prefix (the few-shot exemplars) is computed once and stored when no entry covers it."""
+    def _shared_prefix(self, ids: list[np.ndarray]) -> Entry | None:
+        """The leading tokens all of `ids` share, with their keys/values: from the store, else
+        computed once."""
+        if not self.share or len(ids) < 2:
+            return None
+        n = min(min(common_prefix(ids[0], r) for r in ids), min(len(r) for r in ids) - 1)
+        if n < self.min_prefix_tokens:
+            return None
+        entry, covered = self.store.longest(ids[0][:n + 1])
+        if entry is not None and covered >= n:
+            kv = [(k[:, :n], v[:, :n]) for k, v in entry.kv]
+        else:
+            kv = prefill_kv(self.model, ids[0][:n].tolist())
+            self.store.add(Entry(ids[0][:n], kv))
+            self.cached_prompt_tokens -= n  # counted as cached for every row below, but run once here
+        return Entry(ids[0][:n], [(k[None], v[None]) for k, v in kv])
+
+    def _start(self, ids: np.ndarray) -> int:
+        p = self.prefix
+        return len(p.ids) if p is not None and len(ids) > len(p.ids) and common_prefix(ids, p.ids) == len(p.ids) else 0
+
+    def _stored(self, row: Row) -> KV | None:
+        """Keys/values of the row's tokens after its `start` that the store holds."""
         if self.store is None:
-            return [(None, 0)] * len(ids)
-        hits = [self.store.longest(r) for r in ids]
-        shared = min(min(common_prefix(ids[0], r) for r in ids), min(len(r) for r in ids) - 1)
-        computed = 0
-        if len(ids) > 1 and shared >= self.min_prefix_tokens and any(n < shared for _, n in hits):
-            entry = Entry(ids[0][:shared], prefill_kv(self.model, ids[0][:shared].tolist()))
-            self.store.add(entry.ids, entry.kv)
-            hits = [(entry, shared) if n < shared else (e, n) for e, n in hits]
-            computed = shared
-        self.cached_prompt_tokens += sum(n for _, n in hits) - computed
-        return hits
+            return None
+        entry, n = self.store.longest(row.ids, max_start=row.start)
+        if entry is None or n <= row.start:
+            return None
+        a, b = row.start - entry.start, n - entry.start
+        return [(k[:, a:b], v[:, a:b]) for k, v in entry.kv]
 
     def _prefill(self, group: list[Request], max_new_tokens: int) -> list[tuple[Batch, torch.Tensor]]:
-        """Run the group's new tokens (those not in the store), in chunks of similar length."""
-        ids = [r for _, r in group]
-        hits = self._lookup(ids)
-        self.prompt_tokens += sum(len(r) for r in ids)
-        rows = sorted(zip(group, hits, strict=True), key=lambda gh: len(gh[0][1]) - gh[1][1])
-        chunks = self._chunks([len(r) - n for (_, r), (_, n) in rows]) if self.buffers else [len(rows)]
+        """Run the group's new tokens (those neither shared nor stored), in chunks of similar length."""
+        rows = [Row(k, r, self._start(r)) for k, r in group]
+        stored = [self._stored(r) for r in rows]
+        lens = [0 if kv is None else kv[0][0].shape[1] for kv in stored]
+        self.prompt_tokens += sum(len(r.ids) for r in rows)
+        self.cached_prompt_tokens += sum(r.start + n for r, n in zip(rows, lens, strict=True))
+        order = sorted(range(len(rows)), key=lambda j: len(rows[j].ids) - rows[j].start - lens[j])
+        new = [len(rows[j].ids) - rows[j].start - lens[j] for j in order]
+        chunks = self._chunks(new) if self.buffers else [len(rows)]
         out, start = [], 0
         for end in chunks:
-            part = rows[start:end]
-            out.append(self._prefill_chunk([g for g, _ in part], [h for _, h in part], max_new_tokens))
+            part = order[start:end]
+            out.append(self._prefill_chunk([rows[j] for j in part], [stored[j] for j in part], max_new_tokens))
             start = end
         return out
 
@@ -143,35 +187,41 @@ class Decoder:
             j = cut[j]
         return ends[::-1]
 
-    def _prefill_chunk(self, group: list[Request], hits: list[tuple[Entry | None, int]],
+    def _prefill_chunk(self, rows: list[Row], stored: list[KV | None],
                        max_new_tokens: int) -> tuple[Batch, torch.Tensor]:
         """Lay rows out as [pads | stored tokens | pads | new tokens] and run the new ones."""
         from transformers import DynamicCache
 
-        ids = [r for _, r in group]
-        cached = max(n for _, n in hits)
-        width = cached + max(len(r) - n for r, (_, n) in zip(ids, hits, strict=True))
-        x = torch.full((len(ids), width), self.tok.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for j, (r, (_, n)) in enumerate(zip(ids, hits, strict=True)):
-            x[j, cached - n:cached], mask[j, cached - n:cached] = torch.from_numpy(r[:n]), 1
-            x[j, width - len(r) + n:], mask[j, width - len(r) + n:] = torch.from_numpy(r[n:]), 1
+        own = [r.ids[r.start:] for r in rows]
+        lens = [0 if kv is None else kv[0][0].shape[1] for kv in stored]
+        cached = max(lens)
+        width = cached + max(len(o) - n for o, n in zip(own, lens, strict=True))
+        x = torch.full((len(rows), width), self.tok.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, (o, n) in enumerate(zip(own, lens, strict=True)):
+            x[j, cached - n:cached], mask[j, cached - n:cached] = torch.from_numpy(o[:n]), 1
+            x[j, width - len(o) + n:], mask[j, width - len(o) + n:] = torch.from_numpy(o[n:]), 1
         device = self.model.device
         x, mask = x.to(device), mask.to(device)
-        cache = (batch_cache(hits, cached, width + max_new_tokens, self.n_layers) if self.buffers
+        starts = torch.tensor([r.start for r in rows], device=device)
+        cache = (batch_cache(stored, cached, width + max_new_tokens, self.n_layers) if self.buffers
                  else DynamicCache(config=self.model.config))
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # pads do not advance positions
-        logits = self.model(input_ids=x[:, cached:], attention_mask=mask, position_ids=pos[:, cached:], cache=cache,
-                            use_cache=True, logits_to_keep=1).logits[:, -1]
-        return Batch([Row(k, r) for k, r in group], cache, mask), logits
+        pos = (mask.cumsum(-1) - 1).clamp(min=0) + starts[:, None]  # pads do not advance positions
+        batch = Batch(rows, cache, mask, starts)
+        return batch, self._forward(batch, x[:, cached:], pos[:, cached:], mask)
 
     def _step(self, b: Batch) -> torch.Tensor:
         mask = torch.cat([b.mask, b.mask.new_ones(len(b.rows), 1)], dim=1)
-        pos = b.mask.sum(-1, keepdim=True)  # each row's next position: its count of real tokens
-        logits = self.model(input_ids=b.nxt[:, None], attention_mask=mask, position_ids=pos, cache=b.cache,
-                            use_cache=True, logits_to_keep=1).logits[:, -1]
+        pos = b.starts[:, None] + b.mask.sum(-1, keepdim=True)  # each row's next position
+        logits = self._forward(b, b.nxt[:, None], pos, mask)
         b.mask = mask
         return logits
+
+    def _forward(self, b: Batch, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Last-position logits of `x` fed to the batch's cache (and the shared prefix)."""
+        shared = {} if self.prefix is None else {"prefix": self.prefix.kv, "prefix_rows": b.starts > 0}
+        return self.model(input_ids=x, attention_mask=mask, position_ids=pos, cache=b.cache, use_cache=True,
+                          logits_to_keep=1, **shared).logits[:, -1]
 
     def _advance(self, b: Batch, logits: torch.Tensor, stop: list[str], max_new_tokens: int,
                  temperature: float) -> list[Row]:
@@ -196,8 +246,8 @@ class Decoder:
             ended.append(row)
             if self.store is not None:
                 cols = b.mask[j].nonzero()[:, 0]
-                seq = np.concatenate([row.ids, np.asarray(row.new, dtype=np.int64)])[:len(cols)]
-                self.store.add(seq, row_kv(b.cache, j, cols))
+                seq = np.concatenate([row.ids, np.asarray(row.new, dtype=np.int64)])[:row.start + len(cols)]
+                self.store.add(Entry(seq, row_kv(b.cache, j, cols), row.start))
         b.nxt = nxt
         b.compact()
         return ended
@@ -216,4 +266,5 @@ class Decoder:
             merged.set_length(width)
             a.cache.layers[li] = merged
         masks = [torch.nn.functional.pad(m, (width - m.shape[1], 0)) for m in (a.mask, b.mask)]
-        return Batch(a.rows + b.rows, a.cache, torch.cat(masks), torch.cat([a.nxt, b.nxt]))
+        return Batch(a.rows + b.rows, a.cache, torch.cat(masks), torch.cat([a.starts, b.starts]),
+                     torch.cat([a.nxt, b.nxt]))

@@ -54,8 +54,9 @@ class LocalBackend:
 
     Decoding is `decoding.Decoder`, a short loop of our own rather than `model.generate`:
     continuous batching (a row leaves at its stop string; an episode's next turn joins the
-    running batch) and keys/values of prompt prefixes reused across rows and turns. Greedy
-    outputs equal `model.generate`'s (tests/test_llm.py checks it).
+    running batch), keys/values of prompt prefixes reused across rows and turns, and on CPU the
+    exemplars all rows share attended once (`kvcache.prefix_attention`). Greedy outputs equal
+    `model.generate`'s (tests/test_llm.py checks it).
     """
 
     def __init__(self, model_params: ModelParams | None = None, batch_size: int = 32, model=None, tokenizer=None,

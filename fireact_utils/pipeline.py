@@ -229,16 +229,33 @@ def noise_conditions(p: Params, trained: str | Path, progress: bool = True) -> d
     return conds
 
 
-def data_scaling(p: Params, progress: bool = True) -> dict[int, list[dict]]:
-    """Fine-tune on the first N trajectories for each N in study.data_sizes; evaluate each."""
+def scaling_runs(p: Params) -> dict[int, tuple[Params, list[dict], Path]]:
+    """Per N in study.data_sizes: params, the first N trajectories and the dir to fine-tune into.
+    An N whose trajectories are the main dataset's uses the main fine-tune (`finetune/`): same
+    data, same recipe, so it is trained once."""
+    import json
+
     from .data import load_dataset_source, mix
 
-    out = {}
+    def as_set(recs: list[dict]) -> list[str]:
+        return sorted(json.dumps(r, sort_keys=True) for r in recs)
+
+    main = p.run_dir / "dataset" / "trajectories.jsonl"
+    main_set = as_set(load_dataset_source(str(main))) if main.is_file() else None
+    runs = {}
     for n in p.study.data_sizes:
         q = p.model_copy(update={"dataset": p.dataset.model_copy(update={"n_trajectories": n})})
         recs = mix(load_dataset_source(q.dataset.source, q.data_dir, q.train.format), q.dataset.mixture or None, n,
                    q.dataset.seed)
-        trained = finetune(q, recs, p.run_dir / "scaling" / f"n{n}")
+        runs[n] = (q, recs, p.run_dir / "finetune" if as_set(recs) == main_set else p.run_dir / "scaling" / f"n{n}")
+    return runs
+
+
+def data_scaling(p: Params, progress: bool = True) -> dict[int, list[dict]]:
+    """Fine-tune on the first N trajectories for each N in study.data_sizes; evaluate each."""
+    out = {}
+    for n, (q, recs, out_dir) in scaling_runs(p).items():
+        trained = finetune(q, recs, out_dir)
         out[n] = run_condition(p, f"scaling_n{n}", local_llm(p, trained), finetuned_agent(p), progress=progress)
     return out
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fireact_utils.kvcache import BufferLayer, PrefixStore, common_prefix
+from fireact_utils.kvcache import BufferLayer, Entry, PrefixStore, common_prefix
 
 
 def _kv(n: int, layers: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -25,8 +25,8 @@ def test_common_prefix():
 
 def test_longest_match_leaves_one_token_to_prefill():
     store = PrefixStore(max_bytes=10**9)
-    store.add(_ids(1, 2, 3, 4), _kv(4))
-    store.add(_ids(9, 9), _kv(2))
+    store.add(Entry(_ids(1, 2, 3, 4), _kv(4)))
+    store.add(Entry(_ids(9, 9), _kv(2)))
     entry, n = store.longest(_ids(1, 2, 3, 4))
     assert n == 3 and list(entry.ids) == [1, 2, 3, 4]  # the whole prompt would leave nothing to run
     assert store.longest(_ids(1, 2, 7, 8, 9))[1] == 2
@@ -35,21 +35,37 @@ def test_longest_match_leaves_one_token_to_prefill():
 
 def test_entry_superseded_by_its_extension():
     store = PrefixStore(max_bytes=10**9)
-    store.add(_ids(1, 2, 3), _kv(3))
-    store.add(_ids(1, 2, 3, 4, 5), _kv(5))  # the next turn of the same episode
+    store.add(Entry(_ids(1, 2, 3), _kv(3)))
+    store.add(Entry(_ids(1, 2, 3, 4, 5), _kv(5)))  # the next turn of the same episode
     assert [list(e.ids) for e in store.entries.values()] == [[1, 2, 3, 4, 5]]
-    store.add(_ids(1, 2), _kv(2))  # covered by the longer entry: not stored
+    store.add(Entry(_ids(1, 2), _kv(2)))  # covered by the longer entry: not stored
     assert len(store.entries) == 1
     assert store.nbytes == sum(e.nbytes for e in store.entries.values())
+
+
+def test_entries_after_a_shared_prefix():
+    """An entry holding only the tokens after a shared prefix (start > 0) serves rows that use that
+    prefix, never rows that need the prefix's keys/values from the entry; and it does not push
+    out the prefix's own entry, which it extends."""
+    store = PrefixStore(max_bytes=10**9)
+    store.add(Entry(_ids(1, 2, 3), _kv(3)))  # the shared prefix, from token 0
+    store.add(Entry(_ids(1, 2, 3, 4, 5, 6), _kv(3), start=3))  # a row's own tokens after it
+    assert len(store.entries) == 2
+    entry, n = store.longest(_ids(1, 2, 3, 4, 5, 6, 7), max_start=3)
+    assert n == 6 and entry.start == 3
+    entry, n = store.longest(_ids(1, 2, 3, 4, 5, 6, 7))  # a row without the shared prefix
+    assert n == 3 and entry.start == 0
+    store.add(Entry(_ids(1, 2, 3, 4, 5, 6, 7, 8), _kv(5), start=3))  # the row's next turn
+    assert sorted(e.start for e in store.entries.values()) == [0, 3] and len(store.entries) == 2
 
 
 def test_byte_budget_evicts_least_recently_used():
     one = sum(k.nbytes + v.nbytes for k, v in _kv(10))
     store = PrefixStore(max_bytes=2 * one)
-    store.add(_ids(*range(0, 10)), _kv(10))
-    store.add(_ids(*range(100, 110)), _kv(10))
+    store.add(Entry(_ids(*range(0, 10)), _kv(10)))
+    store.add(Entry(_ids(*range(100, 110)), _kv(10)))
     store.longest(_ids(*range(0, 10)))  # touch the first: the second is now the oldest
-    store.add(_ids(*range(200, 210)), _kv(10))
+    store.add(Entry(_ids(*range(200, 210)), _kv(10)))
     assert sorted(int(e.ids[0]) for e in store.entries.values()) == [0, 200]
     assert store.nbytes <= store.max_bytes
 
@@ -66,3 +82,31 @@ def test_buffer_layer_appends_in_place_and_selects_rows():
     assert torch.equal(layer.keys[0, :, :2], k[1]) and layer.get_seq_length() == 3
     with pytest.raises(RuntimeError, match="capacity"):  # overflowing the buffer must raise
         layer.update(torch.randn(1, 3, 3, 4), torch.randn(1, 3, 3, 4))
+
+
+def test_prefix_attention_matches_full_attention(local_llm):
+    """The real model's logits with the shared prefix attended separately equal those of one full
+    forward pass, for a left-padded row using the prefix and for a row that does not use it."""
+    from fireact_utils.kvcache import prefill_kv, use_prefix_attention
+
+    model, tok = local_llm.model, local_llm.tok
+    ids = tok("Question: Which magazine was started first, Arthur's Magazine or First for Women?\n"
+              "Thought: I need to search Arthur's Magazine.\nAction: search[Arthur's Magazine]")["input_ids"]
+    other = tok("The capital of France is")["input_ids"]
+    n = 20  # the shared prefix
+    use_prefix_attention(model)
+    with torch.inference_mode():
+        full = [model(torch.tensor([x])).logits[0, -1] for x in (ids, other)]
+        prefix = [(k[None], v[None]) for k, v in prefill_kv(model, ids[:n])]
+        own = ids[n:]
+        width = max(len(own), len(other))
+        x, mask = torch.zeros(2, width, dtype=torch.long), torch.zeros(2, width, dtype=torch.long)
+        for j, row in enumerate((own, other)):
+            x[j, width - len(row):], mask[j, width - len(row):] = torch.tensor(row), 1
+        starts = torch.tensor([n, 0])
+        pos = (mask.cumsum(-1) - 1).clamp(min=0) + starts[:, None]
+        split = model(input_ids=x, attention_mask=mask, position_ids=pos, prefix=prefix,
+                      prefix_rows=starts > 0).logits[:, -1]
+    for got, want in zip(split, full, strict=True):
+        assert torch.allclose(got, want, atol=1e-3) and got.argmax() == want.argmax()
+    assert not torch.allclose(split[0], split[1])  # the two rows really differ

@@ -101,6 +101,12 @@ def test_local_reuses_stored_prefixes(local_llm):
     g2 = local_llm.generate(turn2, stop=["\n"], max_new_tokens=8)
     turn1_tokens = sum(g.prompt_tokens for g in g1)
     assert local_llm.decoder.cached_prompt_tokens - before >= turn1_tokens  # each row's turn 1 was reused
+    # The exemplars are held once: stored rows keep only their own tokens after them.
+    prefix = local_llm.decoder.prefix
+    assert prefix is not None and len(prefix.ids) >= shots_tokens - 2
+    rows = [e for e in local_llm.decoder.store.entries.values() if e.start]
+    assert len(rows) == 3  # each row's turn 2 superseded its turn 1
+    assert all(e.start == len(prefix.ids) and e.kv[0][0].shape[1] == len(e.ids) - e.start for e in rows)
     assert [g.text for g in g1] == [g.text for g in fresh.generate(turn1, stop=["\n"], max_new_tokens=8)]
     assert [g.text for g in g2] == [g.text for g in fresh.generate(turn2, stop=["\n"], max_new_tokens=8)]
     assert fresh.decoder.cached_prompt_tokens == 0
