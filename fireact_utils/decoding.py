@@ -127,9 +127,10 @@ class Decoder:
                     pending.extendleft(reversed(on_done(row.key, text, len(row.ids), len(row.new))))
 
     def _shared_prefix(self, ids: list[np.ndarray]) -> Entry | None:
-        """The leading tokens all of `ids` share, with their keys/values: from the store, else
-        computed once."""
-        if not self.share or len(ids) < 2:
+        """The leading tokens all of `ids` share (the few-shot exemplars), computed once into the
+        store unless it holds them. With `share` they are the run's prefix, held once for all
+        rows; otherwise each row copies their keys/values from the store."""
+        if self.store is None or len(ids) < 2:
             return None
         n = min(min(common_prefix(ids[0], r) for r in ids), min(len(r) for r in ids) - 1)
         if n < self.min_prefix_tokens:
@@ -140,8 +141,8 @@ class Decoder:
         else:
             kv = prefill_kv(self.model, ids[0][:n].tolist())
             self.store.add(Entry(ids[0][:n], kv))
-            self.cached_prompt_tokens -= n  # counted as cached for every row below, but run once here
-        return Entry(ids[0][:n], [(k[None], v[None]) for k, v in kv])
+            self.cached_prompt_tokens -= n  # counted below as cached for every row, but run once here
+        return Entry(ids[0][:n], [(k[None], v[None]) for k, v in kv]) if self.share else None
 
     def _start(self, ids: np.ndarray) -> int:
         p = self.prefix

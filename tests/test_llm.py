@@ -81,11 +81,17 @@ def test_local_matches_model_generate(local_llm):
     assert ours == ref
 
 
-def test_local_reuses_stored_prefixes(local_llm):
+@pytest.mark.parametrize("share", [True, False], ids=["shared-prefix", "copied-prefix"])
+def test_local_reuses_stored_prefixes(local_llm, monkeypatch, share):
     """Turn 2 prompts extend turn 1 prompts + generations: their keys/values come from the store
     (the shared exemplars on turn 1, each row's own history on turn 2), and the texts equal those
-    of prefilling everything from scratch."""
+    of prefilling everything from scratch. Exemplars are held once for all rows (CPU), or copied
+    into each row (`share` off: the path of GPUs and non-SDPA models)."""
+    from fireact_utils.decoding import Decoder
     from fireact_utils.llm import LocalBackend
+
+    if not share:
+        monkeypatch.setattr(Decoder, "share", property(lambda self: False))
 
     shots = "Question: What is 2 + 2?\nAnswer: 4\n" * 12  # a shared "few-shot" block of ~150 tokens
     turn1 = [f"{shots}Question: {q}\nAnswer:" for q in ("What is 3 + 5?", "Name a red fruit.", "Capital of Italy?")]
@@ -101,12 +107,16 @@ def test_local_reuses_stored_prefixes(local_llm):
     g2 = local_llm.generate(turn2, stop=["\n"], max_new_tokens=8)
     turn1_tokens = sum(g.prompt_tokens for g in g1)
     assert local_llm.decoder.cached_prompt_tokens - before >= turn1_tokens  # each row's turn 1 was reused
-    # The exemplars are held once: stored rows keep only their own tokens after them.
+    entries = list(local_llm.decoder.store.entries.values())
     prefix = local_llm.decoder.prefix
-    assert prefix is not None and len(prefix.ids) >= shots_tokens - 2
-    rows = [e for e in local_llm.decoder.store.entries.values() if e.start]
-    assert len(rows) == 3  # each row's turn 2 superseded its turn 1
-    assert all(e.start == len(prefix.ids) and e.kv[0][0].shape[1] == len(e.ids) - e.start for e in rows)
+    if share:  # the exemplars are held once: stored rows keep only their own tokens after them
+        assert prefix is not None and len(prefix.ids) >= shots_tokens - 2
+        rows = [e for e in entries if e.start]
+        assert len(rows) == 3  # each row's turn 2 superseded its turn 1
+        assert all(e.start == len(prefix.ids) and e.kv[0][0].shape[1] == len(e.ids) - e.start for e in rows)
+    else:  # each row's entry holds its whole history, exemplars included
+        assert prefix is None and len(entries) == 3
+        assert all(e.start == 0 and e.kv[0][0].shape[1] == len(e.ids) for e in entries)
     assert [g.text for g in g1] == [g.text for g in fresh.generate(turn1, stop=["\n"], max_new_tokens=8)]
     assert [g.text for g in g2] == [g.text for g in fresh.generate(turn2, stop=["\n"], max_new_tokens=8)]
     assert fresh.decoder.cached_prompt_tokens == 0
