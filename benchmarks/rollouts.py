@@ -3,15 +3,17 @@
 The same HotpotQA dev questions (FireAct's seeded shuffle), the built-in model, ReAct few-shot,
 greedy, recorded search, three ways:
 
-  batched            all episodes together (`--batch-size` rows per step), KV of earlier prompts
-                     reused (few-shot exemplars, each episode's previous turns): our configuration
-  one-at-a-time+kv   each episode alone (batch 1), same KV reuse: isolates what batching adds
+  batched            all episodes together (`--batch-size` rows per step), continuous batching,
+                     each episode's previous turns reused from the KV store, the few-shot
+                     exemplars held and attended once for all rows: our configuration
+  one-at-a-time+kv   each episode alone (batch 1), same KV store (a lone row copies the exemplars
+                     from it): isolates what batching adds
   one-at-a-time      each episode alone, every prompt prefilled in full: the naive baseline
 
 Greedy decoding should give the same predictions every way; a difference points at float noise
 on near-ties (padding and batch shape change the order of float sums).
 
-    python benchmarks/rollouts.py                        # 32 questions, max_turns 8 (~5 min on 2 idle cores)
+    python benchmarks/rollouts.py                        # 32 questions, max_turns 8 (~4.5 min on 2 idle cores)
     python benchmarks/rollouts.py --n 4 --max-turns 2    # check that it runs
 
 Needs FIREACT_DATA_DIR (the FireAct data); the model is converted into $FIREACT_CACHE on first use.

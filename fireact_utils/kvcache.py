@@ -214,7 +214,7 @@ def prefix_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     shared_lse = shared_lse.view(groups, b, rep * q).transpose(0, 1)
     if prefix_rows is not None:  # rows that do not start with the prefix give it no weight
         shared_lse = shared_lse.masked_fill(~prefix_rows[:, None, None], float("-inf"))
-    w = torch.sigmoid(own_lse - shared_lse)[..., None]  # softmax weight of the row's own tokens
+    w = torch.sigmoid(own_lse - shared_lse)[..., None].to(own.dtype)  # softmax weight of the row's own tokens
     out = shared + w * (own - shared)
     return out.reshape(b, heads, q, d).transpose(1, 2).contiguous(), None
 

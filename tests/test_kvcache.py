@@ -84,6 +84,33 @@ def test_buffer_layer_appends_in_place_and_selects_rows():
         layer.update(torch.randn(1, 3, 3, 4), torch.randn(1, 3, 3, 4))
 
 
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2)])
+def test_prefix_attention_equals_attention_over_the_concatenation(dtype, atol):
+    """Grouped-query heads, causal queries over a row's own tokens, one row not using the
+    prefix: equal to plain SDPA over [prefix | own tokens] with the keys/values repeated."""
+    import types
+
+    import torch.nn.functional as F
+
+    from fireact_utils.kvcache import prefix_attention
+
+    torch.manual_seed(0)
+    b, heads, groups, q, d, p, n = 2, 9, 3, 4, 16, 10, 6
+    query = torch.randn(b, heads, q, d, dtype=dtype)
+    keys, values = torch.randn(b, groups, n, d, dtype=dtype), torch.randn(b, groups, n, d, dtype=dtype)
+    pk, pv = torch.randn(1, groups, p, d, dtype=dtype), torch.randn(1, groups, p, d, dtype=dtype)
+    causal = torch.ones(b, 1, q, n, dtype=torch.bool).tril(n - q)
+    out, _ = prefix_attention(types.SimpleNamespace(layer_idx=0), query, keys, values, causal,
+                              prefix=[(pk, pv)], prefix_rows=torch.tensor([True, False]))
+    assert out.dtype == dtype and out.shape == (b, q, heads, d)
+    full_k = torch.cat([pk.expand(b, -1, -1, -1), keys], 2).repeat_interleave(heads // groups, 1)
+    full_v = torch.cat([pv.expand(b, -1, -1, -1), values], 2).repeat_interleave(heads // groups, 1)
+    mask = torch.cat([torch.ones(b, 1, q, p, dtype=torch.bool), causal], -1)
+    mask[1, :, :, :p] = False  # row 1 does not start with the prefix
+    ref = F.scaled_dot_product_attention(query.float(), full_k.float(), full_v.float(), attn_mask=mask)
+    assert torch.allclose(out.float(), ref.transpose(1, 2), atol=atol)
+
+
 def test_prefix_attention_matches_full_attention(local_llm):
     """The real model's logits with the shared prefix attended separately equal those of one full
     forward pass, for a left-padded row using the prefix and for a row that does not use it."""
