@@ -196,8 +196,8 @@ def prefix_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     b, heads, q, d = query.shape
-    groups = key.shape[1]  # key/value heads: a group of heads/groups query heads shares one
-    rep = heads // groups
+    groups = key.shape[1]  # key/value heads
+    rep = heads // groups  # query heads per key/value head
     # The heads of a group side by side along the query axis: no repeated keys/values (GQA).
     qg = query.reshape(b, groups, rep * q, d)
     if attention_mask is None and q > 1:  # transformers skips the mask when it is purely causal
