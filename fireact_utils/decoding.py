@@ -46,6 +46,7 @@ class Row:
     start: int = 0  # leading prompt tokens held by the run's shared prefix (0: not using it)
     new: list[int] = field(default_factory=list)  # generated so far
     done: bool = False  # ended, but still in the batch until the next compaction
+    entry: Entry | None = None  # its keys/values once ended, for the store
 
 
 @dataclass
@@ -124,7 +125,11 @@ class Decoder:
                     batch = None
                 for row in ended:
                     text = cut_at_stop(self.tok.decode(row.new, skip_special_tokens=True), stop)
-                    pending.extendleft(reversed(on_done(row.key, text, len(row.ids), len(row.new))))
+                    follow = on_done(row.key, text, len(row.ids), len(row.new))
+                    if row.entry is not None:  # without a follow-up, the first to go
+                        self.store.add(row.entry, finished=not follow)
+                        row.entry = None
+                    pending.extendleft(reversed(follow))
 
     def _shared_prefix(self, ids: list[np.ndarray]) -> Entry | None:
         """The leading tokens all of `ids` share (the few-shot exemplars), computed once into the
@@ -227,7 +232,7 @@ class Decoder:
     def _advance(self, b: Batch, logits: torch.Tensor, stop: list[str], max_new_tokens: int,
                  temperature: float) -> list[Row]:
         """Sample each row's next token; rows that end (EOS, stop string, length) leave the
-        batch, their keys/values going to the store for their next turn."""
+        batch, their keys/values kept for the store (`run` adds them)."""
         logits = logits.float()
         if temperature > 0:
             nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1)[:, 0]
@@ -248,7 +253,7 @@ class Decoder:
             if self.store is not None:
                 cols = b.mask[j].nonzero()[:, 0]
                 seq = np.concatenate([row.ids, np.asarray(row.new, dtype=np.int64)])[:row.start + len(cols)]
-                self.store.add(Entry(seq, row_kv(b.cache, j, cols), row.start))
+                row.entry = Entry(seq, row_kv(b.cache, j, cols), row.start)
         b.nxt = nxt
         b.compact()
         return ended

@@ -109,7 +109,9 @@ class PrefixStore:
     """Token sequences → their keys/values, least recently used first out past `max_bytes`.
 
     An entry that a newly added one extends is dropped: the new one serves every prompt the old
-    one did (an episode's last turn supersedes its earlier ones)."""
+    one did (an episode's last turn supersedes its earlier ones). An entry added as `finished`
+    (an episode's last turn) goes first: after a 100-episode evaluation they would fill the
+    budget, while only the running episodes' entries are still to be extended."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
@@ -129,7 +131,7 @@ class PrefixStore:
             self.entries.move_to_end(best_key)
         return best, n
 
-    def add(self, entry: Entry) -> None:
+    def add(self, entry: Entry, finished: bool = False) -> None:
         for key, e in list(self.entries.items()):
             shared = common_prefix(e.ids, entry.ids)
             if shared == len(e.ids) and entry.start <= e.start:  # e is a prefix of entry: superseded
@@ -138,6 +140,8 @@ class PrefixStore:
             elif shared == len(entry.ids) and e.start <= entry.start:
                 return  # already covered by a longer entry
         self.entries[self._next] = entry
+        if finished:
+            self.entries.move_to_end(self._next, last=False)
         self._next += 1
         self.nbytes += entry.nbytes
         while self.nbytes > self.max_bytes and len(self.entries) > 1:

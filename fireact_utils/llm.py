@@ -60,7 +60,7 @@ class LocalBackend:
     """
 
     def __init__(self, model_params: ModelParams | None = None, batch_size: int = 32, model=None, tokenizer=None,
-                 prefix_cache: bool = True, cache_gib: float = 4.0):
+                 prefix_cache: bool = True, cache_gib: float = 2.0):
         from .decoding import Decoder
         from .kvcache import PrefixStore
         from .models import load_model

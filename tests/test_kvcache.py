@@ -70,6 +70,18 @@ def test_byte_budget_evicts_least_recently_used():
     assert store.nbytes <= store.max_bytes
 
 
+def test_finished_entries_are_evicted_first():
+    """An episode's last turn goes before older entries that running episodes will extend."""
+    one = sum(k.nbytes + v.nbytes for k, v in _kv(10))
+    store = PrefixStore(max_bytes=2 * one)
+    store.add(Entry(_ids(*range(0, 10)), _kv(10)))  # a running episode, the oldest entry
+    store.add(Entry(_ids(*range(100, 110)), _kv(10)), finished=True)
+    store.add(Entry(_ids(*range(200, 210)), _kv(10)))
+    assert sorted(int(e.ids[0]) for e in store.entries.values()) == [0, 200]
+    store.add(Entry(_ids(*range(300, 310)), _kv(10)), finished=True)  # over budget: goes at once
+    assert sorted(int(e.ids[0]) for e in store.entries.values()) == [0, 200]
+
+
 def test_buffer_layer_appends_in_place_and_selects_rows():
     layer = BufferLayer(capacity=5)
     k, v = torch.randn(2, 3, 2, 4), torch.randn(2, 3, 2, 4)
