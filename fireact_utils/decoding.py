@@ -170,9 +170,9 @@ class Decoder:
         lens = [0 if kv is None else kv[0][0].shape[1] for kv in stored]
         self.prompt_tokens += sum(len(r.ids) for r in rows)
         self.cached_prompt_tokens += sum(r.start + n for r, n in zip(rows, lens, strict=True))
-        order = sorted(range(len(rows)), key=lambda j: len(rows[j].ids) - rows[j].start - lens[j])
-        new = [len(rows[j].ids) - rows[j].start - lens[j] for j in order]
-        chunks = self._chunks(new) if self.buffers else [len(rows)]
+        new = [len(r.ids) - r.start - n for r, n in zip(rows, lens, strict=True)]  # tokens to prefill
+        order = sorted(range(len(rows)), key=new.__getitem__)
+        chunks = self._chunks([new[j] for j in order]) if self.buffers else [len(rows)]
         out, start = [], 0
         for end in chunks:
             part = order[start:end]
