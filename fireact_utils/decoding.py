@@ -29,6 +29,7 @@ from .kvcache import (
     PrefixStore,
     batch_cache,
     common_prefix,
+    kv_tokens,
     prefill_kv,
     row_kv,
     supports_buffers,
@@ -86,7 +87,7 @@ class Decoder:
         if self.share:
             use_prefix_attention(model)
         self.min_prefix_tokens = min_prefix_tokens  # a shorter common prefix is not worth a batch-1 prefill
-        self.prefix: Entry | None = None  # the current run's shared prefix, kv as [1, heads, P, head_dim]
+        self.prefix: Entry | None = None  # the current run's shared prefix
         self.n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
         eos = model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id} - {None}
@@ -141,13 +142,11 @@ class Decoder:
         if n < self.min_prefix_tokens:
             return None
         entry, covered = self.store.longest(ids[0][:n + 1])
-        if entry is not None and covered >= n:
-            kv = [(k[:, :n], v[:, :n]) for k, v in entry.kv]
-        else:
-            kv = prefill_kv(self.model, ids[0][:n].tolist())
-            self.store.add(Entry(ids[0][:n], kv))
+        if entry is None or covered < n:
+            entry = Entry(ids[0][:n], prefill_kv(self.model, ids[0][:n].tolist()))
+            self.store.add(entry)
             self.cached_prompt_tokens -= n  # counted below as cached for every row, but run once here
-        return Entry(ids[0][:n], [(k[None], v[None]) for k, v in kv]) if self.share else None
+        return Entry(ids[0][:n], entry.span(0, n)) if self.share else None
 
     def _start(self, ids: np.ndarray) -> int:
         p = self.prefix
@@ -158,16 +157,13 @@ class Decoder:
         if self.store is None:
             return None
         entry, n = self.store.longest(row.ids, max_start=row.start)
-        if entry is None or n <= row.start:
-            return None
-        a, b = row.start - entry.start, n - entry.start
-        return [(k[:, a:b], v[:, a:b]) for k, v in entry.kv]
+        return entry.span(row.start, n) if entry is not None and n > row.start else None
 
     def _prefill(self, group: list[Request], max_new_tokens: int) -> list[tuple[Batch, torch.Tensor]]:
         """Run the group's new tokens (those neither shared nor stored), in chunks of similar length."""
         rows = [Row(k, r, self._start(r)) for k, r in group]
         stored = [self._stored(r) for r in rows]
-        lens = [0 if kv is None else kv[0][0].shape[1] for kv in stored]
+        lens = [kv_tokens(kv) for kv in stored]
         self.prompt_tokens += sum(len(r.ids) for r in rows)
         self.cached_prompt_tokens += sum(r.start + n for r, n in zip(rows, lens, strict=True))
         new = [len(r.ids) - r.start - n for r, n in zip(rows, lens, strict=True)]  # tokens to prefill
@@ -199,7 +195,7 @@ class Decoder:
         from transformers import DynamicCache
 
         own = [r.ids[r.start:] for r in rows]
-        lens = [0 if kv is None else kv[0][0].shape[1] for kv in stored]
+        lens = [kv_tokens(kv) for kv in stored]
         cached = max(lens)
         width = cached + max(len(o) - n for o, n in zip(own, lens, strict=True))
         x = torch.full((len(rows), width), self.tok.pad_token_id or 0, dtype=torch.long)

@@ -98,6 +98,15 @@ class Entry:
     def nbytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in self.kv)
 
+    def span(self, lo: int, hi: int) -> KV:
+        """Keys/values (views) of ids[lo:hi]; lo must not be before `start`."""
+        a, b = lo - self.start, hi - self.start
+        return [(k[:, a:b], v[:, a:b]) for k, v in self.kv]
+
+
+def kv_tokens(kv: KV | None) -> int:
+    return 0 if kv is None else kv[0][0].shape[1]
+
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     m = min(len(a), len(b))
@@ -189,10 +198,10 @@ PREFIX_ATTENTION = "fireact_prefix"
 
 def prefix_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, scaling: float | None = None,
-                     prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                     prefix_rows: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """SDPA over `prefix[layer]` (keys/values [1, kv_heads, P, head_dim] every row in
-    `prefix_rows` has before its own tokens) + over the row's own cached tokens (`key`/`value`).
+                     prefix: KV | None = None, prefix_rows: torch.Tensor | None = None,
+                     **kwargs) -> tuple[torch.Tensor, None]:
+    """SDPA over `prefix[layer]` (the keys/values every row in `prefix_rows` has before its own
+    tokens) + over the row's own cached tokens (`key`/`value`).
 
     Without `prefix` this is transformers' SDPA attention, unchanged. With it, CPU only: the
     flash kernel returns the log-sum-exp that merging the two parts needs."""
@@ -213,7 +222,8 @@ def prefix_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     own, own_lse = flash(qg, key, value, attn_mask=mask, scale=scaling)
     pk, pv = prefix[module.layer_idx]
     # Every row's queries against the one shared prefix: its keys/values are read once.
-    shared, shared_lse = flash(qg.transpose(0, 1).reshape(1, groups, b * rep * q, d), pk, pv, scale=scaling)
+    shared, shared_lse = flash(qg.transpose(0, 1).reshape(1, groups, b * rep * q, d), pk[None], pv[None],
+                               scale=scaling)
     shared = shared.view(groups, b, rep * q, d).transpose(0, 1)
     shared_lse = shared_lse.view(groups, b, rep * q).transpose(0, 1)
     if prefix_rows is not None:  # rows that do not start with the prefix give it no weight

@@ -237,17 +237,18 @@ def scaling_runs(p: Params) -> dict[int, tuple[Params, list[dict], Path]]:
 
     from .data import load_dataset_source, mix
 
-    def as_set(recs: list[dict]) -> list[str]:
+    def canonical(recs: list[dict]) -> list[str]:  # the same records in any order compare equal
         return sorted(json.dumps(r, sort_keys=True) for r in recs)
 
     main = p.run_dir / "dataset" / "trajectories.jsonl"
-    main_set = as_set(load_dataset_source(str(main))) if main.is_file() else None
+    main_recs = canonical(load_dataset_source(str(main))) if main.is_file() else None
+    source = load_dataset_source(p.dataset.source, p.data_dir, p.train.format)
     runs = {}
     for n in p.study.data_sizes:
         q = p.model_copy(update={"dataset": p.dataset.model_copy(update={"n_trajectories": n})})
-        recs = mix(load_dataset_source(q.dataset.source, q.data_dir, q.train.format), q.dataset.mixture or None, n,
-                   q.dataset.seed)
-        runs[n] = (q, recs, p.run_dir / "finetune" if as_set(recs) == main_set else p.run_dir / "scaling" / f"n{n}")
+        recs = mix(source, q.dataset.mixture or None, n, q.dataset.seed)
+        same = canonical(recs) == main_recs
+        runs[n] = (q, recs, p.run_dir / "finetune" if same else p.run_dir / "scaling" / f"n{n}")
     return runs
 
 

@@ -110,7 +110,7 @@ def test_prefix_attention_equals_attention_over_the_concatenation(dtype, atol):
     b, heads, groups, q, d, p, n = 2, 9, 3, 4, 16, 10, 6
     query = torch.randn(b, heads, q, d, dtype=dtype)
     keys, values = torch.randn(b, groups, n, d, dtype=dtype), torch.randn(b, groups, n, d, dtype=dtype)
-    pk, pv = torch.randn(1, groups, p, d, dtype=dtype), torch.randn(1, groups, p, d, dtype=dtype)
+    pk, pv = torch.randn(groups, p, d, dtype=dtype), torch.randn(groups, p, d, dtype=dtype)
     causal = torch.ones(b, 1, q, n, dtype=torch.bool).tril(n - q)
     out, _ = prefix_attention(types.SimpleNamespace(layer_idx=0), query, keys, values, causal,
                               prefix=[(pk, pv)], prefix_rows=torch.tensor([True, False]))
@@ -136,7 +136,7 @@ def test_prefix_attention_matches_full_attention(local_llm):
     use_prefix_attention(model)
     with torch.inference_mode():
         full = [model(torch.tensor([x])).logits[0, -1] for x in (ids, other)]
-        prefix = [(k[None], v[None]) for k, v in prefill_kv(model, ids[:n])]
+        prefix = prefill_kv(model, ids[:n])
         own = ids[n:]
         width = max(len(own), len(other))
         x, mask = torch.zeros(2, width, dtype=torch.long), torch.zeros(2, width, dtype=torch.long)
