@@ -1,8 +1,10 @@
 # FireAct study kit. The two commands: `make demo` (main job) and `make test`.
-# Both set up .venv on first use. FIREACT_DATA_DIR defaults to ../shared/fireact when present.
+# Both set up .venv on first use. FIREACT_DATA_DIR defaults to ../shared/fireact when present,
+# FIREACT_MULTIHOP_DIR (Wikipedia paragraphs for the wiki environment) to ../shared/multihop.
 PY     := .venv/bin/python
 PARAMS ?= params/cpu.yaml
 export FIREACT_DATA_DIR ?= $(if $(wildcard ../shared/fireact),$(abspath ../shared/fireact),$(CURDIR)/data)
+export FIREACT_MULTIHOP_DIR ?= $(if $(wildcard ../shared/multihop),$(abspath ../shared/multihop),$(CURDIR)/data/multihop)
 export PYTHONUNBUFFERED := 1
 
 .PHONY: setup demo test test-all lint lab data bench clean-outputs
@@ -30,7 +32,7 @@ lint: setup
 	$(PY) -m ruff check .
 
 lab: setup               ## JupyterLab on the notebooks
-	.venv/bin/jupyter lab notebooks/
+	.venv/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
 
 data: setup              ## download FireAct's public data into ./data (needs internet)
 	$(PY) -m fireact_utils download --dest data
@@ -38,6 +40,7 @@ data: setup              ## download FireAct's public data into ./data (needs in
 bench: setup             ## speed benchmarks, printed as side-by-side ratios
 	$(PY) benchmarks/rollouts.py
 	$(PY) benchmarks/sft.py
+	$(PY) benchmarks/search.py
 
 clean-outputs:
 	rm -rf outputs/runs

@@ -25,11 +25,16 @@ from tqdm.auto import tqdm
 
 from .config import AgentParams
 from .io import append_jsonl, iter_jsonl
-from .llm import LLM, Generation
+from .llm import LLM, Generation, StreamingLLM
 from .tasks import Task, fewshot_prompt
 from .trajectories import ACTION_RE, FINISH_OBS, alpaca_prompt, react_text, to_chat
 
-STOP = ["\nObservation", "\nQuestion:"]
+# A turn ends where its first Action line ends (the pattern), whatever follows: a model that never
+# learned to write "Observation" (fine-tuned with loss on its own tokens only) otherwise goes on
+# inventing Thought/Action pairs until max_new_tokens. A prompt ending in "Action:" (a pending
+# Thought) gets the bare "search[...]" line, which ends the turn too.
+ACTION_LINE_END = re.compile(r"^[ \t]*(?:Action[ \t\d]*:|(?:search|finish)\[)[^\n]*(?=\n)", re.M)
+STOP = ["\nObservation", "\nQuestion:", ACTION_LINE_END]
 MAX_TOOL_ERRORS = 3  # consecutive tool failures before an episode ends with `tool_error`
 EXIT_STATUSES = ("finished", "max_turns", "parse_error", "tool_error", "api_error")
 INVALID_ACTION = "Invalid action. Reply with one line 'Action: search[query]' or 'Action: finish[answer]'."
@@ -208,7 +213,7 @@ def run_episodes(task: Task, indices: Iterable[int], llm: LLM, search: Callable[
     if redo and out_path and Path(out_path).exists():
         Path(out_path).unlink()
     agent = Agent(task, params, search)
-    chat_llm = getattr(getattr(llm, "p", None), "chat", False)
+    chat_llm = llm.chat
     todo = [Episode(episode_id(task, i), i, task.questions[i], task.answers[i], params.method)
             for i in indices if episode_id(task, i) not in done]
     bar = tqdm(total=len(todo), desc=f"{task.name} {params.method}/{params.mode}", disable=not progress)
@@ -227,9 +232,8 @@ def run_episodes(task: Task, indices: Iterable[int], llm: LLM, search: Callable[
             bar.update(1)
         return not ep.done
 
-    stream = getattr(llm, "stream", None)
-    if stream is not None:  # continuous batching: an episode's next turn starts as soon as its last one ends
-        stream([(ep, agent.prompt(ep, chat_llm)) for ep in todo], STOP, params.max_new_tokens, params.temperature,
+    if isinstance(llm, StreamingLLM):  # continuous batching: an episode's next turn starts as soon as its last one ends
+        llm.stream([(ep, agent.prompt(ep, chat_llm)) for ep in todo], STOP, params.max_new_tokens, params.temperature,
                lambda ep, gen: [(ep, agent.prompt(ep, chat_llm))] if after(ep, gen) else [])
     else:  # turn by turn: all unfinished episodes generate together (concurrently, over HTTP)
         active = todo

@@ -3,12 +3,15 @@
     python -m fireact_utils run params/cpu.yaml                 # papermill chain (= make demo)
     python -m fireact_utils generate params/smoke.yaml
     python -m fireact_utils finetune params/cpu.yaml train.epochs=1
-    python -m fireact_utils evaluate params/cpu.yaml --adapter outputs/runs/cpu/finetune/final \\
-        --task bamboogle --method react --mode finetuned --search corpus --corpus wiki.jsonl
+    python -m fireact_utils evaluate params/cpu.yaml --trained outputs/runs/cpu/finetune/final \\
+        --task hotpotqa-wiki --mode finetuned              # a wiki task searches its own Wikipedia corpus
+    python -m fireact_utils evaluate params/cpu.yaml --task q.jsonl --search wiki --corpus paragraphs.jsonl
     python -m fireact_utils params params/cpu.yaml              # print resolved params
     python -m fireact_utils download --dest data                # FireAct public data (online)
 
-Overrides are `section.key=value` (YAML values). Unknown keys fail before any work starts.
+Overrides are `section.key=value` (YAML values), before or after the flags. Unknown keys fail
+before any work starts. A user's mistake (bad params, a missing data dir, a malformed question
+file) is one `error:` line and exit code 2.
 """
 
 from __future__ import annotations
@@ -30,12 +33,13 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--no-html", action="store_true")
         if name == "evaluate":
             s.add_argument("--model", help="model spec (HF id, path, alias); default params model.name")
-            s.add_argument("--adapter", help="fine-tuned adapter or model dir")
+            s.add_argument("--trained", "--adapter", dest="trained",
+                           help="what fine-tuning wrote (finetune/final): a LoRA adapter or a full model")
             s.add_argument("--task", help="task name or question file (.json/.jsonl)")
             s.add_argument("--method", choices=["io", "cot", "react", "reflexion"])
             s.add_argument("--mode", choices=["fewshot", "finetuned"])
-            s.add_argument("--search", choices=["recorded", "serpapi", "corpus"])
-            s.add_argument("--corpus", help="JSONL corpus of {title, text} for --search corpus")
+            s.add_argument("--search", choices=["recorded", "serpapi", "wiki"])
+            s.add_argument("--corpus", help="--search wiki: a multihop corpus name or a JSONL of {title, text}")
             s.add_argument("--name", default=None, help="condition name (output file stem)")
     d = sub.add_parser("download")
     d.add_argument("--dest", default="data")
@@ -43,25 +47,33 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    from .config import ParamsError, load_params
-
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if any(a.startswith("-") for a in extra) or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra  # overrides after the flags
     try:
-        if args.cmd == "download":
-            from .download import download_fireact
-
-            print(download_fireact(args.dest))
-            return 0
-        ov = list(args.overrides)
-        if args.cmd == "evaluate":
-            flags = {"model.name": args.model, "model.adapter": args.adapter, "evaluate.task": args.task,
-                     "agent.method": args.method, "agent.mode": args.mode, "search.kind": args.search,
-                     "search.corpus_path": args.corpus}
-            ov += [f"{k}={v}" for k, v in flags.items() if v is not None]
-        p = load_params(args.params_file, ov)
-    except ParamsError as e:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as e:  # ParamsError, DataFileError, ModelSpecError, bad task names
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .config import load_params
+
+    if args.cmd == "download":
+        from .download import download_fireact
+
+        print(download_fireact(args.dest))
+        return 0
+    ov = list(args.overrides)
+    if args.cmd == "evaluate":
+        flags = {"model.name": args.model, "evaluate.task": args.task, "agent.method": args.method,
+                 "agent.mode": args.mode, "search.kind": args.search, "search.corpus": args.corpus}
+        ov += [f"{k}={v}" for k, v in flags.items() if v is not None]
+    p = load_params(args.params_file, ov)
     from . import pipeline
 
     if args.cmd == "params":
@@ -76,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "evaluate":
         from .agent import summarize
         from .llm import make_llm
+        from .train import adapter_model_params
 
+        if args.trained:
+            p = p.model_copy(update={"model": adapter_model_params(p.model, args.trained)})
+        pipeline.check_task(p)  # a bad question file fails here, before a model is loaded
         llm = make_llm(p.llm, p.model, p.agent.batch_size)
         name = args.name or f"{p.agent.mode}_{p.agent.method}_{p.evaluate.task}".replace("/", "_").replace(":", "_")
         recs = pipeline.run_condition(p, name, llm, p.agent)

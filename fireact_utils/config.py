@@ -54,13 +54,16 @@ class LLMParams(Section):
 class SearchParams(Section):
     """The search tool the agent calls."""
 
-    kind: Literal["recorded", "serpapi", "corpus"] = Field("recorded", description="recorded Google replay, live SerpAPI, or BM25 corpus")
-    corpus_path: str | None = Field(None, description="JSONL of {title, text} paragraphs (kind=corpus)")
+    kind: Literal["recorded", "serpapi", "wiki"] = Field(
+        "recorded", description="recorded Google replay, live SerpAPI, or BM25 over Wikipedia paragraphs")
+    corpus: str | None = Field(None, description="kind=wiki: a multihop corpus name (hotpotqa, 2wikimultihopqa, "
+                               "strategyqa) or a JSONL of {title, text}; a wiki task brings its own")
+    top_k: int = Field(1, ge=1, description="kind=wiki: paragraphs per observation")
     cache_path: str | None = Field(None, description="SerpAPI cache file; default <cache>/serpapi.json")
     noise_rate: float = Field(0.0, ge=0, le=1, description="probability an observation is corrupted")
     noise_kind: Literal["none", "random"] = Field("none", description="replace with 'None' or a random other observation")
     seed: int = Field(0, description="seed of the noise")
-    max_obs_chars: int = Field(600, gt=0, description="observations are truncated to this many characters")
+    max_obs_chars: int = Field(600, gt=0, description="observations are cut to this many characters (wiki: on a word boundary)")
 
 
 class AgentParams(Section):
@@ -148,6 +151,8 @@ class StudyParams(Section):
     noisy_fewshot: bool = Field(False, description="also run the (slow) few-shot base under noise")
     mixtures: dict[str, str] = Field(default_factory=dict, description="label -> FireAct dataset for mix comparisons")
     generalization_tasks: list[str] = Field(default_factory=list, description="extra tasks for the fine-tuned agent")
+    generalization_n: int = Field(0, ge=0, description="questions per generalization task (0: the whole split)")
+    noise_tasks: list[str] = Field(default_factory=list, description="tasks of the noisy-tool study (empty: evaluate.task)")
 
 
 class Params(Section):
@@ -155,6 +160,8 @@ class Params(Section):
 
     name: str = Field("default", description="run name; artifacts go to outputs/runs/<name>")
     data_dir: str | None = Field(None, description="FireAct data dir; default $FIREACT_DATA_DIR or <repo>/data")
+    multihop_dir: str | None = Field(
+        None, description="Wikipedia multihop data dir; default $FIREACT_MULTIHOP_DIR or <repo>/data/multihop")
     output_root: str = Field("outputs/runs", description="parent of run folders (relative to the repo)")
     model: ModelParams = Field(default_factory=ModelParams)
     llm: LLMParams = Field(default_factory=LLMParams, description="backend of the evaluated agent")
@@ -181,6 +188,11 @@ class Params(Section):
 
     def dump(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def default(section: type[BaseModel], field: str) -> Any:
+    """The schema's default of `section.field`, for library signatures: each default lives once."""
+    return section.model_fields[field].default
 
 
 class ParamsError(ValueError):
@@ -257,21 +269,31 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FIREACT_CACHE") or Path.home() / ".cache" / "fireact")
 
 
-def data_dir(path: str | Path | None = None) -> Path:
-    """The FireAct data directory: argument > $FIREACT_DATA_DIR > <repo>/data.
-
-    Raises FileNotFoundError naming the variable to set when it does not exist.
-    """
+def _locate(path: str | Path | None, env: str, default: Path, what: str) -> Path:
+    """A data directory: argument > $env > default; FileNotFoundError naming `env` if missing."""
     src = "argument"
     if path is None:
-        env = os.environ.get("FIREACT_DATA_DIR")
-        path, src = (env, "FIREACT_DATA_DIR") if env else (REPO_ROOT / "data", "default")
+        value = os.environ.get(env)
+        path, src = (value, env) if value else (default, "default")
     p = Path(path).expanduser()
     if not p.is_absolute() and not p.exists() and (REPO_ROOT / p).exists():
         p = REPO_ROOT / p
     if not p.is_dir():
-        raise FileNotFoundError(
-            f"FireAct data dir not found: {p} (from {src}). Set FIREACT_DATA_DIR to a copy of the "
-            "FireAct data (e.g. ../shared/fireact) or run `make data` when online."
-        )
+        raise FileNotFoundError(f"{what} not found: {p} (from {src}). Set {env} to {_WHERE[env]}.")
     return p.resolve()
+
+
+_WHERE = {
+    "FIREACT_DATA_DIR": "a copy of the FireAct data (e.g. ../shared/fireact) or run `make data` when online",
+    "FIREACT_MULTIHOP_DIR": "the multihop Wikipedia data (e.g. ../shared/multihop)",
+}
+
+
+def data_dir(path: str | Path | None = None) -> Path:
+    """The FireAct data directory: argument > $FIREACT_DATA_DIR > <repo>/data."""
+    return _locate(path, "FIREACT_DATA_DIR", REPO_ROOT / "data", "FireAct data dir")
+
+
+def multihop_dir(path: str | Path | None = None) -> Path:
+    """The multihop Wikipedia data (questions + paragraphs): argument > $FIREACT_MULTIHOP_DIR > <repo>/data/multihop."""
+    return _locate(path, "FIREACT_MULTIHOP_DIR", REPO_ROOT / "data" / "multihop", "multihop data dir")

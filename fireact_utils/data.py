@@ -78,6 +78,12 @@ def load_fireact(name: str = "hotpotqa", fmt: str = "alpaca", data_dir: str | Pa
     return out
 
 
+# Where FireAct's released trajectories searched: GPT-4 with live Google through SerpAPI (2023).
+FIREACT_ENVIRONMENT = {"search": "serpapi", "corpus": "live Google (SerpAPI, 2023), as recorded by FireAct",
+                       "retriever": "Google answer box, else first snippet", "k": 1, "max_obs_chars": None,
+                       "noise": "none"}
+
+
 def load_dataset_source(source: str, data_dir: str | Path | None = None, fmt: str = "alpaca") -> list[dict]:
     """`fireact:<name>` or a JSONL of trajectory records (as written by generation)."""
     if source.startswith("fireact:"):
@@ -111,7 +117,9 @@ def mix(records: list[dict], mixture: dict[str, float] | None = None, n: int | N
             groups.setdefault(f"{r.get('task', '?')}:{r.get('method', '?')}", []).append(r)
         chosen = []
         for key, w in mixture.items():
-            g = groups.get(key, [])
+            if key not in groups:  # a misspelled key would otherwise select nothing (ratio) or fail late
+                raise ValueError(f"mixture key {key!r} matches no trajectories; have: {', '.join(sorted(groups))}")
+            g = groups[key]
             k = int(w) if w >= 1 else round(w * len(g))
             if k > len(g):
                 raise ValueError(f"mixture asks {k} of {key} but only {len(g)} exist (have: {sorted(groups)})")
@@ -126,8 +134,9 @@ def mix(records: list[dict], mixture: dict[str, float] | None = None, n: int | N
     return records
 
 
-def dataset_card(records: list[dict], tok=None) -> dict:
-    """Counts per task/method and token-length statistics (characters if no tokenizer)."""
+def dataset_card(records: list[dict], tok=None, environments: dict[str, dict] | None = None) -> dict:
+    """Counts per task/method, token-length statistics (characters if no tokenizer), and the
+    environment card (search kind, corpus, retriever, k, observation length, noise) of each source."""
     texts = [to_alpaca(r)["output"] for r in records]
     lens = [len(tok(t)["input_ids"]) for t in texts] if tok is not None else [len(t) for t in texts]
     unit = "tokens" if tok is not None else "chars"
@@ -137,14 +146,15 @@ def dataset_card(records: list[dict], tok=None) -> dict:
         "turns_mean": statistics.fmean(len(r["steps"]) for r in records) if records else 0,
         f"length_{unit}": {"mean": statistics.fmean(lens) if lens else 0, "max": max(lens, default=0),
                            "total": sum(lens)},
+        "environments": environments or {},
     }
 
 
-def save_dataset(records: list[dict], out_dir: str | Path, tok=None) -> Path:
+def save_dataset(records: list[dict], out_dir: str | Path, tok=None, environments: dict[str, dict] | None = None) -> Path:
     """Write records + both FireAct formats + the dataset card into `out_dir`."""
     out = Path(out_dir)
     write_jsonl(out / "trajectories.jsonl", records)
     atomic_write_json(out / "alpaca.json", [to_alpaca(r) for r in records])
     write_jsonl(out / "chat.jsonl", [to_chat(r) for r in records])
-    atomic_write_json(out / "card.json", dataset_card(records, tok))
+    atomic_write_json(out / "card.json", dataset_card(records, tok, environments))
     return out

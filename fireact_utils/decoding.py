@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,11 +32,11 @@ from .kvcache import (
     common_prefix,
     kv_tokens,
     prefill_kv,
+    prefix_attention_on,
     row_kv,
     supports_buffers,
-    use_prefix_attention,
 )
-from .llm import cut_at_stop
+from .stops import Stop, cut_at_stop, stop_index
 
 Request = tuple[object, np.ndarray]  # (caller's key, prompt token ids)
 
@@ -84,8 +85,6 @@ class Decoder:
         # Preallocated buffers (and so merging and the store) only for plain full-attention models.
         self.buffers = supports_buffers(model.config)
         self.store = store if self.buffers else None
-        if self.share:
-            use_prefix_attention(model)
         self.min_prefix_tokens = min_prefix_tokens  # a shorter common prefix is not worth a batch-1 prefill
         self.prefix: Entry | None = None  # the current run's shared prefix
         self.n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
@@ -101,14 +100,15 @@ class Decoder:
         return (self.store is not None and self.model.device.type == "cpu"
                 and self.model.config._attn_implementation in ("sdpa", PREFIX_ATTENTION))
 
-    def run(self, requests: list[Request], stop: list[str], max_new_tokens: int, temperature: float,
+    def run(self, requests: list[Request], stop: list[Stop], max_new_tokens: int, temperature: float,
             on_done: Callable[[object, str, int, int], list[Request]]) -> None:
         """Generate for every request; `on_done(key, text, prompt_tokens, completion_tokens)` is
         called as each ends and returns follow-up requests (an episode's next turn), served first."""
         pending = deque(sorted(requests, key=lambda r: len(r[1])))  # similar lengths pad less
         self.prefix = self._shared_prefix([r for _, r in requests])
         batch: Batch | None = None
-        with torch.inference_mode():
+        # The model's attention goes through `prefix_attention` only while this run decodes.
+        with prefix_attention_on(self.model) if self.share else nullcontext(), torch.inference_mode():
             while pending or batch is not None:
                 live = len(batch.live) if batch else 0
                 joining = min(len(pending), self.batch_size - live)
@@ -225,7 +225,7 @@ class Decoder:
         return self.model(input_ids=x, attention_mask=mask, position_ids=pos, cache=b.cache, use_cache=True,
                           logits_to_keep=1, **shared).logits[:, -1]
 
-    def _advance(self, b: Batch, logits: torch.Tensor, stop: list[str], max_new_tokens: int,
+    def _advance(self, b: Batch, logits: torch.Tensor, stop: list[Stop], max_new_tokens: int,
                  temperature: float) -> list[Row]:
         """Sample each row's next token; rows that end (EOS, stop string, length) leave the
         batch, their keys/values kept for the store (`run` adds them)."""
@@ -241,8 +241,7 @@ class Decoder:
                 continue
             if t not in self.eos:
                 row.new.append(t)
-                if len(row.new) < max_new_tokens and not (stop and any(
-                        s in self.tok.decode(row.new[-16:]) for s in stop)):
+                if len(row.new) < max_new_tokens and not (stop and stop_index(self.tok.decode(row.new), stop) is not None):
                     continue
             row.done = True
             ended.append(row)

@@ -15,12 +15,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .config import EvalParams, default
 from .io import atomic_write_text
 
+N_BOOT = default(EvalParams, "bootstrap")
 METRICS = ("em", "f1", "turns", "finish", "prompt_tokens", "completion_tokens")
 
 
-def bootstrap_ci(values, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float, float]:
+def bootstrap_ci(values, n_boot: int = N_BOOT, seed: int = 0, alpha: float = 0.05) -> tuple[float, float, float]:
     """(mean, low, high): percentile bootstrap over the items of `values`."""
     x = np.asarray(values, dtype=float)
     if x.size == 0:
@@ -31,7 +33,7 @@ def bootstrap_ci(values, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05)
     return float(x.mean()), float(lo), float(hi)
 
 
-def paired_bootstrap_diff(a, b, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+def paired_bootstrap_diff(a, b, n_boot: int = N_BOOT, seed: int = 0) -> tuple[float, float, float]:
     """Mean of b - a over the same questions, with a 95% CI (resampling question pairs)."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.shape != b.shape:
@@ -45,7 +47,7 @@ def episode_values(records: list[dict], metric: str) -> list[float]:
     return [float(r[metric]) for r in records]
 
 
-def condition_row(name: str, records: list[dict], n_boot: int = 1000, wall_s: float | None = None) -> dict:
+def condition_row(name: str, records: list[dict], n_boot: int = N_BOOT, wall_s: float | None = None) -> dict:
     row: dict = {"condition": name, "n": len(records)}
     for m in METRICS:
         mean, lo, hi = bootstrap_ci(episode_values(records, m), n_boot)
@@ -57,7 +59,7 @@ def condition_row(name: str, records: list[dict], n_boot: int = 1000, wall_s: fl
     return row
 
 
-def results_table(conditions: dict[str, list[dict]], n_boot: int = 1000, wall: dict[str, float] | None = None,
+def results_table(conditions: dict[str, list[dict]], n_boot: int = N_BOOT, wall: dict[str, float] | None = None,
                   extra: dict[str, dict] | None = None) -> pd.DataFrame:
     """One row per condition; `extra[name]` adds columns (e.g. search hit rates, noise rate)."""
     rows = []
@@ -72,17 +74,31 @@ def fmt_ci(mean: float, lo: float, hi: float, scale: float = 100.0, digits: int 
     return f"{mean * scale:.{digits}f} [{lo * scale:.{digits}f}, {hi * scale:.{digits}f}]"
 
 
+def _pct(x) -> str:
+    return "" if pd.isna(x) else f"{x * 100:.0f}"
+
+
 def markdown_table(df: pd.DataFrame) -> str:
-    """Human table: EM/F1/finish in % with CIs, turns and tokens as means."""
+    """Human table: EM/F1/finish in % with CIs, turns and tokens as means; the search fidelity
+    columns where the table has them (replay: exact-hit %; wiki: gold-top % and saw-all-gold %),
+    and the environment card of each condition as a numbered note below the table."""
     lead = [c for c in ("task",) if c in df]  # grouped tables (grouped_results_table) show their group first
-    cols = [*lead, "condition", "n", "EM % [95% CI]", "F1 %", "finish %", "turns", "prompt tok", "completion tok"]
+    fid = [(c, h) for c, h in (("search_exact_hit_rate", "exact hit %"), ("gold_top_rate", "gold top %"),
+                               ("saw_all_gold_rate", "saw all gold %")) if c in df]
+    envs = list(dict.fromkeys(e for e in df.get("environment", pd.Series(dtype=str)).dropna()))
+    cols = [*lead, "condition", "n", "EM % [95% CI]", "F1 %", "finish %", "turns", "prompt tok", "completion tok",
+            *(h for _, h in fid), *(["env"] if envs else [])]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in df.iterrows():
         cells = [*(str(r[c]) for c in lead), str(r["condition"]), str(r["n"]), fmt_ci(r["em"], r["em_lo"], r["em_hi"]),
                  f"{r['f1'] * 100:.1f}", f"{r['finish'] * 100:.0f}", f"{r['turns']:.2f}",
-                 f"{r['prompt_tokens']:.0f}", f"{r['completion_tokens']:.0f}"]
+                 f"{r['prompt_tokens']:.0f}", f"{r['completion_tokens']:.0f}", *(_pct(r[c]) for c, _ in fid)]
+        if envs:
+            env = r.get("environment")
+            cells.append(f"[{envs.index(env) + 1}]" if isinstance(env, str) else "")
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    notes = [f"\n[{i}] {e}" for i, e in enumerate(envs, 1)]
+    return "\n".join(lines) + "\n" + "".join(notes) + ("\n" if notes else "")
 
 
 def write_table(df: pd.DataFrame, stem: str | Path) -> tuple[Path, Path]:
@@ -117,10 +133,11 @@ PAPER_HOTPOTQA_EM = {  # FireAct paper, HotpotQA EM (%), Llama-2-7B, ReAct
 }
 
 
-def grouped_results_table(groups: dict[str, dict[str, list[dict]]], n_boot: int = 1000,
-                          group: str = "task") -> pd.DataFrame:
-    """`results_table` per group (e.g. task -> condition -> records), stacked with a `group` column."""
-    parts = [results_table(conds, n_boot).assign(**{group: g}) for g, conds in groups.items()]
+def grouped_results_table(groups: dict[str, dict[str, list[dict]]], n_boot: int = N_BOOT, group: str = "task",
+                          extra: dict[str, dict[str, dict]] | None = None) -> pd.DataFrame:
+    """`results_table` per group (e.g. task -> condition -> records), stacked with a `group` column;
+    `extra[group][condition]` adds columns as in `results_table`."""
+    parts = [results_table(conds, n_boot, extra=(extra or {}).get(g)).assign(**{group: g}) for g, conds in groups.items()]
     if not parts:
         return pd.DataFrame()
     df = pd.concat(parts, ignore_index=True)

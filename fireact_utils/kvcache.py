@@ -24,6 +24,8 @@ this CPU), and rows join, leave and get stored without copying them.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -233,10 +235,15 @@ def prefix_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     return out.reshape(b, heads, q, d).transpose(1, 2).contiguous(), None
 
 
-def use_prefix_attention(model) -> None:
+@contextmanager
+def prefix_attention_on(model) -> Iterator[None]:
     """Route `model`'s attention through `prefix_attention` (plain SDPA unless a call passes
-    `prefix=`), with SDPA's boolean masks."""
+    `prefix=`, with SDPA's boolean masks) while the block runs; the model's own comes back after."""
     AttentionInterface.register(PREFIX_ATTENTION, prefix_attention)
     AttentionMaskInterface.register(PREFIX_ATTENTION, sdpa_mask)
-    if model.config._attn_implementation != PREFIX_ATTENTION:
-        model.set_attn_implementation(PREFIX_ATTENTION)
+    before = model.config._attn_implementation
+    model.set_attn_implementation(PREFIX_ATTENTION)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)

@@ -6,8 +6,9 @@
 A prompt is a string (text completion) or a list of chat messages. `LocalBackend` runs
 transformers (optionally with a PEFT adapter), batched, reusing keys/values of prompt prefixes;
 `OpenAIBackend` talks to any OpenAI-compatible endpoint (OpenAI, vLLM, `transformers serve`)
-with concurrent requests and bounded retries. Both cut the text at the first stop string,
-because some servers (transformers serve) leave the stop text in.
+with concurrent requests and bounded retries. Both cut the text at the first stop (a string, or a
+pattern such as the end of an Action line), because some servers (transformers serve) leave the
+stop text in and no server takes patterns.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from .config import LLMParams, ModelParams
+from .stops import Stop, cut_at_stop
 
 Prompt = str | list[dict]
 
@@ -36,17 +38,25 @@ class Generation:
     error: str | None = None  # set when the request failed for good (text is then "")
 
 
+@runtime_checkable
 class LLM(Protocol):
-    name: str
+    """What the agent needs of a backend: a name, whether it takes chat messages (else text
+    prompts), and a batch of prompts in, texts and token counts out (same order)."""
 
-    def generate(self, prompts: list[Prompt], stop: list[str], max_new_tokens: int = 128,
+    name: str
+    chat: bool
+
+    def generate(self, prompts: list[Prompt], stop: list[Stop], max_new_tokens: int = 128,
                  temperature: float = 0.0) -> list[Generation]: ...
 
 
-def cut_at_stop(text: str, stop: list[str]) -> str:
-    """Text up to the earliest stop string (which is dropped)."""
-    cut = min((i for s in stop if (i := text.find(s)) >= 0), default=len(text))
-    return text[:cut]
+@runtime_checkable
+class StreamingLLM(LLM, Protocol):
+    """A backend that serves follow-up prompts as earlier ones end (continuous batching):
+    `on_done(key, generation)` returns the next (key, prompt) requests, which join the batch."""
+
+    def stream(self, requests: list[tuple[object, Prompt]], stop: list[Stop], max_new_tokens: int,
+               temperature: float, on_done: Callable[[object, Generation], list[tuple[object, Prompt]]]) -> None: ...
 
 
 class LocalBackend:
@@ -71,6 +81,7 @@ class LocalBackend:
                                           dtype=mp.dtype, merge=True)
         self.model, self.tok = model, tokenizer
         self.name = mp.name + (f"+{mp.adapter}" if mp.adapter else "")
+        self.chat = False  # prompts are text; a chat prompt (list of messages) is templated per call
         # Stored keys/values of past prompts; without it every prompt is prefilled in full.
         store = PrefixStore(int(cache_gib * 2**30)) if prefix_cache else None
         self.decoder = Decoder(model, tokenizer, batch_size, store)
@@ -83,7 +94,7 @@ class LocalBackend:
             ids = enc["input_ids"] if hasattr(enc, "keys") else enc
         return np.asarray(ids, dtype=np.int64)
 
-    def stream(self, requests: list[tuple[object, Prompt]], stop: list[str], max_new_tokens: int,
+    def stream(self, requests: list[tuple[object, Prompt]], stop: list[Stop], max_new_tokens: int,
                temperature: float, on_done: Callable[[object, Generation], list[tuple[object, Prompt]]]) -> None:
         """Generate for each (key, prompt); `on_done(key, generation)` runs as each one ends and
         returns follow-up (key, prompt) requests, which join the running batch."""
@@ -92,7 +103,7 @@ class LocalBackend:
 
         self.decoder.run([(k, self._encode(p)) for k, p in requests], stop, max_new_tokens, temperature, done)
 
-    def generate(self, prompts: list[Prompt], stop: list[str], max_new_tokens: int = 128,
+    def generate(self, prompts: list[Prompt], stop: list[Stop], max_new_tokens: int = 128,
                  temperature: float = 0.0) -> list[Generation]:
         out: list[Generation | None] = [None] * len(prompts)
 
@@ -102,6 +113,11 @@ class LocalBackend:
 
         self.stream(list(enumerate(prompts)), stop, max_new_tokens, temperature, keep)
         return out  # type: ignore[return-value]
+
+
+def _server_stops(stop: list[Stop]) -> list[str] | None:
+    """The stop strings a server takes (patterns are applied to the text it returns)."""
+    return [s for s in stop if isinstance(s, str)] or None
 
 
 class OpenAIBackend:
@@ -121,21 +137,21 @@ class OpenAIBackend:
             key = "EMPTY"  # local servers (vLLM, transformers serve) accept any key
         # We retry ourselves (bounded budget, Retry-After, jitter) so that failures are counted.
         self.client = openai.OpenAI(api_key=key, base_url=self.p.base_url, max_retries=0, timeout=self.p.timeout_s)
-        self.name = self.p.model
+        self.name, self.chat = self.p.model, self.p.chat
         self.failures: list[str] = []
         self.retries = 0
         self._lock = threading.Lock()  # retries/failures are updated from `concurrency` threads
 
-    def _once(self, prompt: Prompt, stop: list[str], max_new_tokens: int, temperature: float) -> Generation:
+    def _once(self, prompt: Prompt, stop: list[Stop], max_new_tokens: int, temperature: float) -> Generation:
         if self.p.chat:
             msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            r = self.client.chat.completions.create(model=self.p.model, messages=msgs, stop=stop or None,
+            r = self.client.chat.completions.create(model=self.p.model, messages=msgs, stop=_server_stops(stop),
                                                     max_tokens=max_new_tokens, temperature=temperature)
             text = r.choices[0].message.content or ""
         else:
             if not isinstance(prompt, str):
                 raise ValueError("text-completion backend (chat=False) needs string prompts")
-            r = self.client.completions.create(model=self.p.model, prompt=prompt, stop=stop or None,
+            r = self.client.completions.create(model=self.p.model, prompt=prompt, stop=_server_stops(stop),
                                                max_tokens=max_new_tokens, temperature=temperature)
             text = r.choices[0].text or ""
         u = getattr(r, "usage", None)
@@ -166,7 +182,7 @@ class OpenAIBackend:
             return None
         return min(2.0 ** attempt, 30.0) * (0.5 + random.random())  # exponential backoff, full jitter
 
-    def _with_retries(self, prompt: Prompt, stop: list[str], max_new_tokens: int, temperature: float) -> Generation:
+    def _with_retries(self, prompt: Prompt, stop: list[Stop], max_new_tokens: int, temperature: float) -> Generation:
         slept, attempt = 0.0, 0
         while True:
             try:
@@ -184,7 +200,7 @@ class OpenAIBackend:
                 slept += delay
                 time.sleep(delay)
 
-    def generate(self, prompts: list[Prompt], stop: list[str], max_new_tokens: int = 128,
+    def generate(self, prompts: list[Prompt], stop: list[Stop], max_new_tokens: int = 128,
                  temperature: float = 0.0) -> list[Generation]:
         with ThreadPoolExecutor(self.p.concurrency) as pool:
             return list(pool.map(lambda p: self._with_retries(p, stop, max_new_tokens, temperature), prompts))

@@ -18,11 +18,15 @@ import platform
 import random
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .agent import run_episodes, summarize
 from .config import AgentParams, Params, SearchParams, load_params
 from .io import atomic_write_json, read_json
 from .tasks import eval_indices, load_task
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 NOTEBOOKS = ("00_walkthrough", "01_generate_trajectories", "02_finetune", "03_evaluate", "04_scaling_and_robustness")
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
@@ -45,15 +49,23 @@ def save_provenance(p: Params, stage: str) -> None:
 
 # ---------------------------------------------------------------- generation + dataset
 
-def generation_indices(task, n: int, seed: int, eval_split: str, eval_n: int) -> list[int]:
-    """Training questions: a seeded sample that never overlaps the evaluation subset."""
-    held_out = set(eval_indices(task, eval_n)) if task.split == eval_split else set()
+def generation_indices(task, n: int, seed: int, held_out: set[int] = frozenset()) -> list[int]:
+    """Training questions: a seeded sample of the task's indices outside `held_out`."""
     pool = [i for i in range(len(task)) if i not in held_out]
     return sorted(random.Random(seed).sample(pool, min(n, len(pool))))
 
 
+def evaluation_held_out(p: Params, task) -> set[int]:
+    """Indices of `task` that the evaluation uses (same task and split): never training questions."""
+    if task.name != p.evaluate.task or task.split != p.evaluate.split:
+        return set()
+    return set(eval_indices(task, p.evaluate.n_questions, p.evaluate.seed))
+
+
 def generate(p: Params, progress: bool = True) -> dict:
-    """Run the teacher on training questions; return per task/method yield, turns and cost."""
+    """Run the teacher on training questions; return per task/method yield, turns and cost.
+
+    A wiki task's teacher searches its Wikipedia corpus, so any question can get trajectories."""
     from .llm import make_llm
     from .tools import make_search
 
@@ -62,10 +74,10 @@ def generate(p: Params, progress: bool = True) -> dict:
     if g.n_questions == 0:
         return out
     teacher = make_llm(g.teacher, p.model, p.agent.batch_size)
-    search = make_search(p.search, p.data_dir)
     for task_name in g.tasks:
-        task = load_task(task_name, g.split, p.data_dir)
-        idx = generation_indices(task, g.n_questions, g.seed, p.evaluate.split, 500)
+        task = load_task(task_name, g.split, p.data_dir, p.multihop_dir)
+        search = make_search(p.search, p.data_dir, task.corpus, p.multihop_dir)
+        idx = generation_indices(task, g.n_questions, g.seed, evaluation_held_out(p, task))
         for method in g.methods:
             ap = p.agent.model_copy(update={"method": method, "mode": "fewshot"})
             recs = run_episodes(task, idx, teacher, search, ap, p.run_dir / "generate" / f"{task_name}_{method}.jsonl",
@@ -75,22 +87,36 @@ def generate(p: Params, progress: bool = True) -> dict:
                     + s["completion_tokens"] * g.teacher.price_per_1k_completion) / 1000 * s["n"]
             out[f"{task_name}:{method}"] = {"n": s["n"], "successes": sum(r["reward"] for r in recs),
                                             "yield": s["em"], "turns": s["turns"], "cost_usd": cost,
-                                            "prompt_tokens": s["prompt_tokens"], "completion_tokens": s["completion_tokens"]}
+                                            "prompt_tokens": s["prompt_tokens"], "completion_tokens": s["completion_tokens"],
+                                            "environment": search.card()}
     atomic_write_json(p.run_dir / "generate" / "summary.json", out)
     return out
 
 
-def build_dataset(p: Params, tok=None) -> list[dict]:
-    """Released and/or generated successes, mixed per `p.dataset`, saved with its card."""
-    from .data import load_dataset_source, mix, save_dataset
+def dataset_pool(p: Params) -> tuple[list[dict], dict[str, dict]]:
+    """Every training trajectory available before mixing: the released source's and the run's
+    generated successes; with the environment card of each source."""
+    from .data import FIREACT_ENVIRONMENT, load_dataset_source
 
     recs = load_dataset_source(p.dataset.source, p.data_dir, fmt=p.train.format) if p.dataset.source else []
+    envs = {p.dataset.source: FIREACT_ENVIRONMENT} if p.dataset.source.startswith("fireact:") else {}
+    summary = p.run_dir / "generate" / "summary.json"
+    generated = read_json(summary) if summary.is_file() else {}
     for f in sorted((p.run_dir / "generate").glob("*.jsonl")):
         recs += load_dataset_source(str(f))
+        envs[f.name] = generated.get(":".join(f.stem.rsplit("_", 1)), {}).get("environment", {})
     if not recs:
         raise ValueError("no training trajectories: set dataset.source or generate.n_questions > 0")
+    return recs, envs
+
+
+def build_dataset(p: Params, tok=None) -> list[dict]:
+    """Released and/or generated successes, mixed per `p.dataset`, saved with its card."""
+    from .data import mix, save_dataset
+
+    recs, envs = dataset_pool(p)
     recs = mix(recs, p.dataset.mixture or None, p.dataset.n_trajectories, p.dataset.seed)
-    save_dataset(recs, p.run_dir / "dataset", tok)
+    save_dataset(recs, p.run_dir / "dataset", tok, envs)
     save_provenance(p, "dataset")
     return recs
 
@@ -110,17 +136,26 @@ def finetune(p: Params, records: list[dict] | None = None, out: str | Path | Non
 
 # ---------------------------------------------------------------- evaluation
 
+def check_task(p: Params):
+    """Load the evaluation task (and so validate its file) before any model is loaded."""
+    return load_task(p.evaluate.task, p.evaluate.split, p.data_dir, p.multihop_dir)
+
+
 def run_condition(p: Params, name: str, llm, agent: AgentParams, search: SearchParams | None = None,
                   task: str | None = None, n: int | None = None, progress: bool = True) -> list[dict]:
     """Evaluate one condition on the first n questions of the seeded shuffle; resumable by name.
 
-    Wall time and tool statistics accumulate in `<name>.meta.json` over resumed runs.
+    `<name>.meta.json` holds wall time and tool counts summed over resumed runs, the environment
+    card, and for wiki tasks the fidelity of all episodes (`wiki.fidelity`). A wiki task is always
+    searched in its own corpus; `search` (default p.search) sets k, observation length and noise.
     """
-    from .tools import make_search
+    from .tools import NoisyTool, make_search
+    from .wiki import WikiSearch, fidelity
 
-    t = load_task(task or p.evaluate.task, None if task else p.evaluate.split, p.data_dir)
+    t = load_task(task or p.evaluate.task, None if task else p.evaluate.split, p.data_dir, p.multihop_dir)
     idx = eval_indices(t, n or p.evaluate.n_questions, p.evaluate.seed)
-    tool = make_search(search or p.search, p.data_dir) if agent.method in ("react", "reflexion") else None
+    sp = search or p.search
+    tool = make_search(sp, p.data_dir, t.corpus, p.multihop_dir) if agent.method in ("react", "reflexion") else None
     path = p.run_dir / "eval" / f"{name}.jsonl"
     meta_path = path.with_suffix(".meta.json")
     meta = read_json(meta_path) if meta_path.is_file() else {"wall_s": 0.0, "episodes_run": 0}
@@ -128,14 +163,38 @@ def run_condition(p: Params, name: str, llm, agent: AgentParams, search: SearchP
     t0 = time.time()
     recs = run_episodes(t, idx, llm, tool, agent, path, progress=progress)
     ran = _count_lines(path) - before
-    if ran:
+    if ran or "environment" not in meta:
         meta["wall_s"] += time.time() - t0
         meta["episodes_run"] += ran
         if tool is not None:
-            meta["tool"] = tool.stats()
+            meta["tool"] = merge_tool_stats(meta.get("tool"), tool.stats())
+            meta["environment"] = tool.card()
+            wiki = tool.tool if isinstance(tool, NoisyTool) else tool
+            if t.gold_titles is not None and isinstance(wiki, WikiSearch):
+                meta["fidelity"] = fidelity(recs, t.gold_titles, wiki)
+        else:
+            meta["environment"] = {"search": "none"}
         meta.update(condition=name, model=llm.name, agent=agent.model_dump(), task=t.name, split=t.split)
         atomic_write_json(meta_path, meta)
     return recs
+
+
+def merge_tool_stats(old: dict | None, new: dict) -> dict:
+    """Tool statistics of a resumed condition: counts summed; rates (fractions of calls) averaged
+    with the calls as weights, so they cover every run, not only the last."""
+    if not old:
+        return dict(new)
+    out = dict(new)
+    calls_old, calls_new = old.get("calls", 0), new.get("calls", 0)
+    for k, v in new.items():
+        if k not in old or isinstance(v, bool) or not isinstance(v, int | float):
+            continue
+        if k.endswith("_rate") and k != "noise_rate":
+            total = calls_old + calls_new
+            out[k] = (old[k] * calls_old + v * calls_new) / total if total else 0.0
+        elif isinstance(v, int) and k not in ("recorded_pairs", "paragraphs"):
+            out[k] = old[k] + v
+    return out
 
 
 def _count_lines(path: Path) -> int:
@@ -160,6 +219,10 @@ def finetuned_agent(p: Params) -> AgentParams:
     return p.agent.model_copy(update={"method": "react", "mode": "finetuned", "format": p.train.format})
 
 
+def fewshot_react(p: Params) -> AgentParams:
+    return p.agent.model_copy(update={"method": "react", "mode": "fewshot"})
+
+
 def evaluate(p: Params, trained: str | Path, progress: bool = True) -> dict[str, list[dict]]:
     """Few-shot baselines of the base model and the fine-tuned agent, on the same questions."""
     conds: dict[str, list[dict]] = {}
@@ -174,9 +237,27 @@ def evaluate(p: Params, trained: str | Path, progress: bool = True) -> dict[str,
     return conds
 
 
+def paired_gain(p: Params, conds: dict[str, list[dict]], base: str = "base_fewshot_react",
+                ft: str = "finetuned_react") -> dict:
+    """EM of `ft` minus `base` on the same questions with a paired bootstrap 95% CI, saved to
+    tables/paired_gain.json."""
+    from .evaluate import episode_values, paired_bootstrap_diff
+
+    mean, lo, hi = paired_bootstrap_diff(episode_values(conds[base], "em"), episode_values(conds[ft], "em"),
+                                         p.evaluate.bootstrap)
+    out = {"metric": "em", "baseline": base, "treatment": ft, "n": len(conds[ft]), "gain": mean, "lo": lo, "hi": hi,
+           "bootstrap": p.evaluate.bootstrap}
+    atomic_write_json(p.run_dir / "tables" / "paired_gain.json", out)
+    return out
+
+
 def condition_label(name: str) -> str:
+    """'gen_hotpotqa-wiki_ft' -> 'hotpotqa-wiki: FireAct fine-tuned ReAct'; other names spelled out."""
     labels = {"base_fewshot_io": "base few-shot IO", "base_fewshot_cot": "base few-shot CoT",
               "base_fewshot_react": "base few-shot ReAct", "finetuned_react": "FireAct fine-tuned ReAct"}
+    if name.startswith("gen_") and name.endswith(("_base", "_ft")):
+        task, _, who = name[4:].rpartition("_")
+        return f"{task}: " + labels["base_fewshot_react" if who == "base" else "finetuned_react"]
     return labels.get(name, name.replace("_", " "))
 
 
@@ -195,11 +276,42 @@ def table_extras(p: Params, names) -> dict[str, dict]:
         if "noise_rate" in tool:
             row["noise_rate"] = tool["noise_rate"]
             row["noise_kind"] = tool.get("noise_kind")
+        fid = m.get("fidelity") or {}
+        if fid:
+            row["gold_top_rate"] = fid["gold_top_rate"]
+            row["saw_all_gold_rate"] = fid["saw_all_gold_rate"]
+        if m.get("environment"):
+            row["environment"] = environment_label(m["environment"])
         agent = m.get("agent") or {}
         if agent:  # lets plots tell prompted from fine-tuned agents without parsing names
             row["mode"], row["method"] = agent.get("mode"), agent.get("method")
         out[condition_label(n)] = row
     return out
+
+
+def environment_label(card: dict) -> str:
+    """One line of an environment card, for table columns: 'wiki hotpotqa (10,708 paragraphs), BM25 ...'."""
+    if card.get("search") in (None, "none"):
+        return "no search"
+    return (f"{card['search']}: {card['corpus']}; {card['retriever']}; k={card['k']}; "
+            f"{card['max_obs_chars']} chars; noise {card['noise']}")
+
+
+def outcome_table(p: Params) -> pd.DataFrame:
+    """Every wiki condition of the run (those with fidelity in their meta): the environment's
+    fidelity (gold-top rate of searches, episodes that saw any / every gold paragraph) and the
+    episodes by outcome (correct / saw evidence, wrong answer / missed evidence / never finished)."""
+    import pandas as pd
+
+    rows = []
+    for f in sorted((p.run_dir / "eval").glob("*.meta.json")):
+        m = read_json(f)
+        if fid := m.get("fidelity"):
+            rows.append({"condition": condition_label(m["condition"]), "task": m["task"], "split": m["split"],
+                         "noise": (m.get("environment") or {}).get("noise"),
+                         **{k: fid[k] for k in ("gold_top_rate", "saw_any_gold_rate", "saw_all_gold_rate")},
+                         **fid["outcomes"]})
+    return pd.DataFrame(rows)
 
 
 def condition_table(p: Params, conds: dict[str, list[dict]]):
@@ -213,20 +325,46 @@ def condition_table(p: Params, conds: dict[str, list[dict]]):
 
 # ---------------------------------------------------------------- study (notebook 04)
 
-def noise_conditions(p: Params, trained: str | Path, progress: bool = True) -> dict[str, list[dict]]:
-    """The fine-tuned agent (and, if asked, the few-shot base) with a noisy search tool."""
+def noise_conditions(p: Params, trained: str | Path, task: str | None = None,
+                     progress: bool = True) -> dict[str, list[dict]]:
+    """The fine-tuned agent (and, if asked, the few-shot base) with a noisy search tool on `task`
+    (default evaluate.task; another task runs study.generalization_n of its questions)."""
     conds: dict[str, list[dict]] = {}
     runs = [("finetuned", trained, finetuned_agent(p))]
     if p.study.noisy_fewshot:
-        runs.append(("base_fewshot", None, p.agent.model_copy(update={"method": "react", "mode": "fewshot"})))
+        runs.append(("base_fewshot", None, fewshot_react(p)))
+    main = task in (None, p.evaluate.task)
+    # The main task keeps the names it always had; another task's conditions carry its name.
+    tag, n = ("", None) if main else (f"_{_slug(task)}", _n_questions(p, task))
     for label, model, ap in runs:
         llm = local_llm(p, model)
         for kind in p.study.noise_kinds:
             for rate in p.study.noise_rates:
                 sp = p.search.model_copy(update={"noise_rate": rate, "noise_kind": kind})
-                name = f"{label}_react_noise_{kind}_{rate:g}"
-                conds[name] = run_condition(p, name, llm, ap, sp, progress=progress)
+                name = f"{label}_react{tag}_noise_{kind}_{rate:g}"
+                conds[name] = run_condition(p, name, llm, ap, sp, None if main else task, n, progress=progress)
     return conds
+
+
+def robustness(p: Params, trained: str | Path, progress: bool = True) -> dict[str, pd.DataFrame]:
+    """Per task of study.noise_tasks (default: evaluate.task), e.g. the replay's HotpotQA and
+    HotpotQA-wiki: a condition table of the clean ReAct agents and each noisy condition."""
+    tables = {}
+    for task in p.study.noise_tasks or [p.evaluate.task]:
+        if task == p.evaluate.task:
+            clean = {k: v for k, v in evaluate(p, trained, progress).items() if k in ("base_fewshot_react", "finetuned_react")}
+        else:
+            clean = transfer_pair(p, trained, task, progress)
+        tables[task] = condition_table(p, clean | noise_conditions(p, trained, task, progress))
+    return tables
+
+
+def _slug(task: str) -> str:
+    return task.replace(":", "_").replace("/", "_")
+
+
+def _task(p: Params, name: str):
+    return load_task(name, None, p.data_dir, p.multihop_dir)
 
 
 def scaling_runs(p: Params) -> dict[int, tuple[Params, list[dict], Path]]:
@@ -242,7 +380,7 @@ def scaling_runs(p: Params) -> dict[int, tuple[Params, list[dict], Path]]:
 
     main = p.run_dir / "dataset" / "trajectories.jsonl"
     main_recs = canonical(load_dataset_source(str(main))) if main.is_file() else None
-    source = load_dataset_source(p.dataset.source, p.data_dir, p.train.format)
+    source, _ = dataset_pool(p)  # released and generated: a size above the released 500 can work
     runs = {}
     for n in p.study.data_sizes:
         q = p.model_copy(update={"dataset": p.dataset.model_copy(update={"n_trajectories": n})})
@@ -273,18 +411,42 @@ def mixtures(p: Params, progress: bool = True) -> dict[str, list[dict]]:
     return out
 
 
+def _n_questions(p: Params, task: str) -> int:
+    return p.study.generalization_n or len(_task(p, task))
+
+
+def transfer_pair(p: Params, trained: str | Path, task: str, progress: bool = True) -> dict[str, list[dict]]:
+    """Base few-shot ReAct and the fine-tuned agent on `task` (its default split, study.generalization_n
+    questions; a wiki task in its own Wikipedia corpus), named gen_<task>_base / gen_<task>_ft."""
+    slug, n = _slug(task), _n_questions(p, task)
+    return {f"gen_{slug}_base": run_condition(p, f"gen_{slug}_base", local_llm(p), fewshot_react(p), task=task, n=n,
+                                              progress=progress),
+            f"gen_{slug}_ft": run_condition(p, f"gen_{slug}_ft", local_llm(p, trained), finetuned_agent(p), task=task,
+                                            n=n, progress=progress)}
+
+
+GENERALIZATION_LABELS = {"base": "base few-shot ReAct", "ft": "FireAct fine-tuned"}
+
+
 def generalization(p: Params, trained: str | Path, progress: bool = True) -> dict[str, dict[str, list[dict]]]:
-    """Base few-shot ReAct vs fine-tuned on other tasks (study.generalization_tasks)."""
+    """Base few-shot ReAct vs fine-tuned on each of study.generalization_tasks (`transfer_pair`)."""
     out: dict[str, dict[str, list[dict]]] = {}
-    ap = p.agent.model_copy(update={"method": "react", "mode": "fewshot"})
     for task in p.study.generalization_tasks:
-        slug = task.replace(":", "_").replace("/", "_")
-        out[task] = {
-            "base few-shot ReAct": run_condition(p, f"gen_{slug}_base", local_llm(p), ap, task=task, progress=progress),
-            "FireAct fine-tuned": run_condition(p, f"gen_{slug}_ft", local_llm(p, trained), finetuned_agent(p),
-                                                task=task, progress=progress),
-        }
+        base, ft = transfer_pair(p, trained, task, progress).values()
+        out[task] = {GENERALIZATION_LABELS["base"]: base, GENERALIZATION_LABELS["ft"]: ft}
     return out
+
+
+def generalization_table(p: Params, gen: dict[str, dict[str, list[dict]]]) -> pd.DataFrame:
+    """`generalization`'s results per task, with each condition's environment and fidelity columns."""
+    from .evaluate import grouped_results_table
+
+    extra = {}
+    for task in gen:
+        names = {label: f"gen_{_slug(task)}_{who}" for who, label in GENERALIZATION_LABELS.items()}
+        cols = table_extras(p, names.values())
+        extra[task] = {label: cols[condition_label(n)] for label, n in names.items()}
+    return grouped_results_table(gen, p.evaluate.bootstrap, "task", extra)
 
 
 # ---------------------------------------------------------------- papermill chain

@@ -194,6 +194,29 @@ def plot_robustness(table: pd.DataFrame, stem: str | Path | None = None):
     return _done(fig, stem)
 
 
+OUTCOME_COLORS = {"correct": "#4c9a5b", "saw evidence, wrong answer": "#e3a33b", "missed evidence": "#c44e52",
+                  "never finished": "#8c8c8c"}
+
+
+def plot_outcomes(outcomes: pd.DataFrame, stem: str | Path | None = None):
+    """Where episodes go wrong in the wiki environment: per condition, the share that was correct,
+    saw every gold paragraph but answered wrong, finished without the evidence, or never finished.
+    `outcomes` is `pipeline.outcome_table` (a count column per outcome)."""
+    if _empty(outcomes, "outcome breakdown"):
+        return None
+    cols = list(OUTCOME_COLORS)
+    shares = outcomes[cols].div(outcomes[cols].sum(axis=1), axis=0) * 100
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(outcomes) + 2))
+    left = np.zeros(len(outcomes))
+    for c in cols:
+        ax.barh(outcomes["condition"], shares[c], left=left, color=OUTCOME_COLORS[c], label=c)
+        left += shares[c].to_numpy()
+    ax.invert_yaxis()
+    ax.set(xlabel="episodes (%)", xlim=(0, 100), title="Outcomes in the wiki environment: found the evidence?")
+    ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.18))
+    return _done(fig, stem)
+
+
 def _grouped_bars(ax, df: pd.DataFrame, group: str, hue: str) -> None:
     groups, hues = list(dict.fromkeys(df[group])), list(dict.fromkeys(df[hue]))
     width = 0.8 / len(hues)

@@ -2,6 +2,7 @@
 
     from fireact_utils.tasks import load_task, eval_indices, fewshot_prompt
     task = load_task("hotpotqa")                  # dev split, 7,405 questions
+    wiki = load_task("hotpotqa-wiki", "val")      # 200 questions, searched in real Wikipedia paragraphs
     idx = eval_indices(task, 500)                 # FireAct's dev-500 subset (seed 233)
     task.evaluate(idx[0], "Seth MacFarlane")      # {'em': True, 'f1': 1.0, 'pred': ..., 'gt': ...}
     prompt = fewshot_prompt(task.kind, "react") + f"Question: {task.questions[idx[0]]}\n"
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from fireact_utils.config import EvalParams, default
 from fireact_utils.config import data_dir as resolve_data_dir
 from fireact_utils.io import DataFileError, iter_jsonl, read_csv_rows, read_json
 
@@ -99,6 +101,8 @@ class Task:
     questions: list[str]  # as shown to the agent (mc: with "A. ..." option lines)
     answers: list[str]  # gold as strings: free text, "yes"/"no", or a letter; "" when unlabeled
     labeled: bool = True  # False for test splits published without answers
+    corpus: str | None = None  # a wiki task's own search corpus, by name (its environment comes with it)
+    gold_titles: list[list[str]] | None = None  # wiki tasks: titles of each question's gold paragraphs
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -155,7 +159,19 @@ TASKS = {
     ),
     "mmlu": _Spec("mc", "test", {"dev": "mmlu/dev", "val": "mmlu/val", "test": "mmlu/test"}),
 }
-CHOICES_HELP = ", ".join(TASKS) + ", mmlu:<subject>, or a path ending .json/.jsonl"
+# Wiki tasks: the multihop data's questions, searched in their own Wikipedia corpus (`wiki`).
+# name -> (folder of the multihop data, kind, default split)
+WIKI_TASKS = {
+    "hotpotqa-wiki": ("hotpotqa", "qa", "test"),
+    "2wikimultihopqa": ("2wikimultihopqa", "qa", "dev"),
+    "strategyqa-wiki": ("strategyqa", "yesno", "dev"),
+}
+# HotpotQA-wiki's 793 questions, split once with a fixed seed: `test` holds the 58 that are in
+# FireAct's dev-500 plus 242 others (300), `val` 200 of the rest, `train` the remaining 293.
+# Recipe choices are made on `val`, never on `test`.
+WIKI_SPLIT_SEED = 0
+WIKI_SPLIT_SIZES = {"val": 200, "test": 300}
+CHOICES_HELP = ", ".join([*TASKS, *WIKI_TASKS]) + ", mmlu:<subject>, or a path ending .json/.jsonl"
 
 
 def _gold(value: Any, kind: str, where: str) -> str:
@@ -227,14 +243,45 @@ def _load_custom(path: Path, split: str | None) -> Task:
     return Task(str(path), split or "custom", kind, questions, golds)
 
 
-def load_task(name: str, split: str | None = None, data_dir: str | Path | None = None) -> Task:
+def wiki_splits(records: list[dict]) -> dict[str, list[int]]:
+    """HotpotQA-wiki's fixed, disjoint splits (record indices, file order): see WIKI_SPLIT_SIZES."""
+    dev500 = [i for i, r in enumerate(records) if r.get("in_fireact_dev500")]
+    free = [i for i, r in enumerate(records) if not r.get("in_fireact_dev500")]
+    random.Random(WIKI_SPLIT_SEED).shuffle(free)
+    n_val, n_test = WIKI_SPLIT_SIZES["val"], WIKI_SPLIT_SIZES["test"] - len(dev500)
+    return {"train": sorted(free[n_val + n_test:]), "val": sorted(free[:n_val]),
+            "test": sorted(dev500 + free[n_val:n_val + n_test])}
+
+
+def _load_wiki(name: str, split: str | None, multihop_dir: str | Path | None) -> Task:
+    from .config import multihop_dir as resolve_multihop_dir
+
+    folder, kind, default = WIKI_TASKS[name]
+    root = resolve_multihop_dir(multihop_dir) / folder
+    path = root / "questions.jsonl"
+    records = list(iter_jsonl(path, tolerate_torn_tail=False))
+    splits = wiki_splits(records) if name == "hotpotqa-wiki" else {default: list(range(len(records)))}
+    split = split or default
+    if split not in splits:
+        raise ValueError(f"unknown split {split!r} for {name}; valid: {', '.join(splits)}")
+    chosen = [records[i] for i in splits[split]]
+    questions, answers = _qa_records(chosen, kind, True, [f"{path} record {i}" for i in splits[split]])
+    return Task(name, split, kind, questions, answers, corpus=folder,
+                gold_titles=[list(r.get("supporting_titles") or []) for r in chosen])
+
+
+def load_task(name: str, split: str | None = None, data_dir: str | Path | None = None,
+              multihop_dir: str | Path | None = None) -> Task:
     """Load a task by name (see CHOICES_HELP); `split` None takes the task's default split.
 
     A custom file needs no data dir; its split is only a label. `mmlu` joins all subjects, in
-    sorted order; `mmlu:<subject>` loads one.
+    sorted order; `mmlu:<subject>` loads one. Wiki tasks read the multihop data (`multihop_dir`)
+    and carry their corpus and gold paragraph titles.
     """
     if name.endswith((".json", ".jsonl")):
         return _load_custom(Path(name).expanduser(), split)
+    if name in WIKI_TASKS:
+        return _load_wiki(name, split, multihop_dir)
     base, sep, subject = name.partition(":")
     if base not in TASKS or (sep and (base != "mmlu" or not subject)):
         raise ValueError(f"unknown task {name!r}; valid: {CHOICES_HELP}")
@@ -265,7 +312,7 @@ def load_task(name: str, split: str | None = None, data_dir: str | Path | None =
     return Task(name, split, spec.kind, questions, answers, labeled)
 
 
-def eval_indices(task_or_len: Task | int, n: int, seed: int = 233) -> list[int]:
+def eval_indices(task_or_len: Task | int, n: int, seed: int = default(EvalParams, "seed")) -> list[int]:
     """The first `n` of indices 0..N-1 shuffled by random.Random(seed); seed 233 on HotpotQA dev
     gives FireAct's 500 evaluation questions (the keys of its trajs/*.json)."""
     total = task_or_len if isinstance(task_or_len, int) else len(task_or_len)

@@ -5,12 +5,14 @@
   a BM25 answer is the result of a *different* query, so always report `stats()` beside scores.
 - `SerpAPISearch` is live Google through SerpAPI, with a persistent cache seeded from the
   recorded results so that the paper's own queries cost nothing.
-- `CorpusSearch` is BM25 over any JSONL of `{"title", "text"}` paragraphs.
+- `wiki.WikiSearch` is BM25 over real Wikipedia paragraphs (the multihop data, or any JSONL of
+  `{"title", "text"}`), with gold paragraphs to check results against.
 - `NoisyTool` corrupts a fraction of observations (the paper's robustness study).
 
     tool = make_search(params.search)      # from fireact_utils.config.SearchParams
     obs = tool("director of Tetro")
     tool.stats()                            # {"calls": 1, "exact_hits": ..., "hit_rate": ...}
+    tool.card()                             # the environment card: search kind, corpus, retriever, k, noise
 
 Shortcuts: observations are cut at `max_chars` characters (no word-boundary care); BM25 uses
 bm25s' default tokenizer with English stopwords and no stemmer.
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote_plus
 
-from fireact_utils.config import SearchParams, cache_dir
+from fireact_utils.config import SearchParams, cache_dir, default
 from fireact_utils.config import data_dir as resolve_data_dir
 from fireact_utils.io import DataFileError, atomic_write_json, iter_jsonl, read_json
 
@@ -40,6 +42,7 @@ _EXTRACT_VERSION = 1  # bump when the extraction rules change, so old recorded c
 _ACTION_RE = re.compile(r"^Action(?:\s*\d+)?:\s*search\[(.*)$", re.I)
 _OBS_RE = re.compile(r"^Observation(?:\s*\d+)?:\s?(.*)$")
 _QUOTES = " \"'`\u201c\u201d\u2018\u2019"
+MAX_OBS_CHARS = default(SearchParams, "max_obs_chars")
 
 
 class ToolError(Exception):
@@ -50,6 +53,8 @@ class SearchTool(Protocol):
     def __call__(self, query: str) -> str: ...
 
     def stats(self) -> dict[str, Any]: ...
+
+    def card(self) -> dict[str, Any]: ...
 
 
 def normalize_query(query: str) -> str:
@@ -178,7 +183,7 @@ def load_recorded_pairs(data_dir: str | Path | None = None, cache: bool = True) 
 class RecordedSearch:
     """Offline replay of FireAct's recorded Google results; see the module docstring."""
 
-    def __init__(self, data_dir: str | Path | None = None, max_chars: int = 600, cache: bool = True):
+    def __init__(self, data_dir: str | Path | None = None, max_chars: int = MAX_OBS_CHARS, cache: bool = True):
         self.max_chars = max_chars
         self.pairs = load_recorded_pairs(data_dir, cache=cache)
         self._exact = _exact_index(self.pairs)
@@ -219,6 +224,11 @@ class RecordedSearch:
             "recorded_pairs": len(self.pairs),
         }
 
+    def card(self) -> dict[str, Any]:
+        return {"search": "recorded", "corpus": f"FireAct's recorded Google results ({len(self.pairs):,} queries)",
+                "retriever": "normalized exact match, else BM25 (bm25s) over recorded query + snippet", "k": 1,
+                "max_obs_chars": self.max_chars, "noise": "none"}
+
 
 def extract_serpapi_answer(response_json: dict) -> str:
     """The observation for one SerpAPI Google response.
@@ -244,7 +254,7 @@ def extract_serpapi_answer(response_json: dict) -> str:
 class SerpAPISearch:
     """Live Google through SerpAPI; the key comes from $SERPAPI_API_KEY at call time, never stored."""
 
-    def __init__(self, cache_path: str | Path | None = None, max_chars: int = 600, seed_from_recorded: bool = True,
+    def __init__(self, cache_path: str | Path | None = None, max_chars: int = MAX_OBS_CHARS, seed_from_recorded: bool = True,
                  data_dir: str | Path | None = None, endpoint: str = SERPAPI_URL, timeout_s: float = 20.0):
         self.cache_path = Path(cache_path) if cache_path else cache_dir() / "serpapi.json"
         self.max_chars, self.endpoint, self.timeout_s = max_chars, endpoint, timeout_s
@@ -300,55 +310,27 @@ class SerpAPISearch:
         return {"tool": "serpapi", "calls": self.calls, "cache_hits": self.cache_hits, "api_calls": self.api_calls,
                 "hit_rate": _rate(self.cache_hits, self.calls)}
 
-
-class CorpusSearch:
-    """BM25 over a JSONL corpus of `{"title", "text"}` paragraphs; answers 'title: text'."""
-
-    def __init__(self, path: str | Path, max_chars: int = 600):
-        self.path, self.max_chars = Path(path), max_chars
-        self.paragraphs: list[str] = []
-        # A torn last line is an error here: a corpus is input data, not an interrupted log.
-        for i, rec in enumerate(iter_jsonl(self.path, tolerate_torn_tail=False), 1):
-            if not isinstance(rec.get("title"), str) or not isinstance(rec.get("text"), str):
-                raise DataFileError(f"{self.path}: record {i} needs string 'title' and 'text' fields")
-            self.paragraphs.append(f"{rec['title']}: {rec['text']}")
-        if not self.paragraphs:
-            raise DataFileError(f"corpus {self.path} has no paragraphs")
-        self._bm25 = _BM25(self.paragraphs)
-        self.calls = self.hits = self.misses = 0
-
-    def __call__(self, query: str) -> str:
-        self.calls += 1
-        if not query.strip():
-            self.misses += 1
-            return EMPTY_QUERY
-        i = self._bm25.best(query)
-        if i is None:
-            self.misses += 1
-            return NO_RESULTS
-        self.hits += 1
-        return self.paragraphs[i][: self.max_chars]
-
-    def stats(self) -> dict[str, Any]:
-        return {"tool": "corpus", "calls": self.calls, "hits": self.hits, "misses": self.misses,
-                "hit_rate": _rate(self.hits, self.calls), "paragraphs": len(self.paragraphs)}
+    def card(self) -> dict[str, Any]:
+        return {"search": "serpapi", "corpus": "live Google (SerpAPI), cached", "retriever": "Google answer box, "
+                "else first snippet", "k": 1, "max_obs_chars": self.max_chars, "noise": "none"}
 
 
 class NoisyTool:
     """With probability `rate`, replace the observation by "None" (kind="none") or by another
-    observation (kind="random": the wrapped tool's recorded snippets, else those seen so far).
+    observation (kind="random": one of `pool`, e.g. every recorded snippet or every paragraph;
+    without a pool, one of the observations seen so far).
 
     Each decision is drawn from (seed, query, how many times this query came before), not from
     one stream in call order: batched, continuous or one-at-a-time rollouts call the tool in
     different orders, and must still see the same noise."""
 
-    def __init__(self, tool: SearchTool, rate: float, kind: str = "none", seed: int = 0):
+    def __init__(self, tool: SearchTool, rate: float, kind: str = "none", seed: int = 0, pool: list[str] | None = None):
         if not 0 <= rate <= 1:
             raise ValueError(f"noise rate must be in [0, 1], got {rate}")
         if kind not in ("none", "random"):
             raise ValueError(f"noise kind must be 'none' or 'random', got {kind!r}")
         self.tool, self.rate, self.kind, self.seed = tool, rate, kind, seed
-        self.pool = list(dict.fromkeys(getattr(tool, "pairs", {}).values()))  # ordered: deterministic choice
+        self.pool = list(dict.fromkeys(pool or []))  # ordered: deterministic choice
         self.fixed_pool = bool(self.pool)
         self.seen: dict[str, int] = {}
         self.calls = self.corrupted = 0
@@ -368,26 +350,45 @@ class NoisyTool:
         other = obs
         while other == obs:
             other = self.pool[rng.randrange(len(self.pool))]
-        return other[: getattr(self.tool, "max_chars", None)]
+        return other
 
     def stats(self) -> dict[str, Any]:
         return {**self.tool.stats(), "noise_kind": self.kind, "noise_rate": self.rate, "noise_calls": self.calls,
                 "noise_corrupted": self.corrupted, "noise_observed_rate": _rate(self.corrupted, self.calls)}
 
+    def card(self) -> dict[str, Any]:
+        return {**self.tool.card(), "noise": f"{self.rate:g} {self.kind}"}
 
-def make_search(params: SearchParams, data_dir: str | Path | None = None) -> SearchTool:
-    """The search tool described by `params` (wrapped in NoisyTool when noise_rate > 0)."""
+
+def noise_pool(tool: SearchTool) -> list[str] | None:
+    """Observations a random-noise tool draws from: every recorded snippet, or every paragraph."""
+    from .wiki import WikiSearch
+
+    if isinstance(tool, RecordedSearch):
+        return [obs[: tool.max_chars] for obs in tool.pairs.values()]
+    if isinstance(tool, WikiSearch):
+        return [tool.format([i]) for i in range(len(tool.titles))]
+    return None
+
+
+def make_search(params: SearchParams, data_dir: str | Path | None = None, corpus: str | None = None,
+                multihop_dir: str | Path | None = None) -> SearchTool:
+    """The search tool described by `params` (wrapped in NoisyTool when noise_rate > 0).
+
+    `corpus` (a wiki task's own) makes it Wikipedia search over that corpus, whatever params.kind says."""
     tool: SearchTool
-    if params.kind == "recorded":
+    if corpus or params.kind == "wiki":
+        from .wiki import WikiSearch
+
+        if not (corpus or params.corpus):
+            raise ValueError("search.kind=wiki needs search.corpus (a multihop corpus name or a JSONL path)")
+        tool = WikiSearch(corpus or params.corpus, params.top_k, params.max_obs_chars, multihop_dir)
+    elif params.kind == "recorded":
         tool = RecordedSearch(data_dir, max_chars=params.max_obs_chars)
     elif params.kind == "serpapi":
         tool = SerpAPISearch(params.cache_path, max_chars=params.max_obs_chars, data_dir=data_dir)
-    elif params.kind == "corpus":
-        if not params.corpus_path:
-            raise ValueError("search.kind=corpus needs search.corpus_path")
-        tool = CorpusSearch(params.corpus_path, max_chars=params.max_obs_chars)
     else:
         raise ValueError(f"unknown search kind {params.kind!r}")
     if params.noise_rate > 0:
-        tool = NoisyTool(tool, params.noise_rate, params.noise_kind, seed=params.seed)
+        tool = NoisyTool(tool, params.noise_rate, params.noise_kind, params.seed, noise_pool(tool))
     return tool

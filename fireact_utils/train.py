@@ -15,11 +15,12 @@ import json
 from io import StringIO
 from pathlib import Path
 
-from .config import ModelParams, TrainParams
+from .config import ModelParams, TrainParams, default
 from .io import atomic_write_json, atomic_write_text
 from .trajectories import ALPACA_HEADER, step_text
 
 IGNORE = -100
+MAX_LENGTH = default(TrainParams, "max_length")
 
 
 def _segments_alpaca(rec: dict) -> list[tuple[str, bool]]:
@@ -34,7 +35,7 @@ def _segments_alpaca(rec: dict) -> list[tuple[str, bool]]:
     return segs
 
 
-def tokenize_alpaca(rec: dict, tok, loss_on: str = "agent", max_length: int = 1024) -> dict:
+def tokenize_alpaca(rec: dict, tok, loss_on: str = "agent", max_length: int = MAX_LENGTH) -> dict:
     ids: list[int] = []
     labels: list[int] = []
     for text, agent in _segments_alpaca(rec):
@@ -46,7 +47,7 @@ def tokenize_alpaca(rec: dict, tok, loss_on: str = "agent", max_length: int = 10
     return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
 
 
-def tokenize_chat(rec: dict, tok, loss_on: str = "agent", max_length: int = 1024) -> dict:
+def tokenize_chat(rec: dict, tok, loss_on: str = "agent", max_length: int = MAX_LENGTH) -> dict:
     """Chat template rendering; each message's tokens are found by rendering growing prefixes
     (chat templates are prefix-stable), so assistant turns are masked exactly."""
     from .trajectories import to_chat
@@ -169,7 +170,9 @@ def finetune(records: list[dict], out_dir: str | Path, p: TrainParams, model_par
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     kw = {"attn_implementation": "flash_attention_2"} if use_padding_free(p, device) else {}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
+    # "auto" trains fp32 master weights (bf16 autocast where `use_bf16`); an explicit dtype is honoured.
+    dtype = torch.float32 if mp.dtype == "auto" else getattr(torch, mp.dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
     ds = build_dataset(records, tok, p)
     trainer = SFTTrainer(model=model, args=make_sft_config(p, out_dir, device), train_dataset=ds,
                          processing_class=tok, peft_config=lora_config(p) if p.method == "lora" else None)
@@ -189,7 +192,30 @@ def finetune(records: list[dict], out_dir: str | Path, p: TrainParams, model_par
             "tokens_per_s": (log[-1].get("num_tokens", 0) if log else 0) / max(result.metrics.get("train_runtime", 1), 1e-9),
             "final_loss": log[-1]["loss"] if log else None, **(extra_meta or {})}
     atomic_write_json(final / "train_done.json", meta)
+    atomic_write_text(final / "README.md", model_card(meta, records))  # TRL's card names no base model
     return final
+
+
+def model_card(meta: dict, records: list[dict]) -> str:
+    """What a fine-tune is: its base model, its data and its recipe (from `train_done.json`)."""
+    from collections import Counter
+
+    p, mp = meta["params"], meta["model"]
+    mix = ", ".join(f"{k} {v}" for k, v in Counter(f"{r.get('task', '?')}:{r.get('method', '?')}"
+                                                   for r in records).most_common())
+    recipe = (f"LoRA r={p['lora_r']}, alpha={p['lora_alpha']}, dropout={p['lora_dropout']}, "
+              f"modules={p['lora_target_modules']}" if p["method"] == "lora" else "full fine-tuning")
+    return (f"# FireAct agent: {mp['name']} fine-tuned on {meta['n_examples']} agent trajectories\n\n"
+            f"- Base model: `{mp['name']}` (loaded from `{meta['base_path']}`)\n"
+            f"- Data: {meta['n_examples']} trajectories ({mix}), {meta['n_tokens']:,} tokens, "
+            f"{meta['n_loss_tokens']:,} with loss\n"
+            f"- Recipe: {recipe}; loss on {p['loss_on']} tokens; {p['format']} format; lr {p['learning_rate']}, "
+            f"{p['epochs']} epochs (max_steps {p['max_steps']}), batch {p['batch_size']} x {p['grad_accum']}, "
+            f"max_length {p['max_length']}, seed {p['seed']}\n"
+            f"- Trained in {meta['train_runtime_s'] or 0:.0f} s; final loss {meta['final_loss']}\n\n"
+            "Made with the FireAct study kit (`fireact_utils.train`, TRL's SFTTrainer). Prompt it with the Alpaca "
+            "header and the question (`fireact_utils.trajectories.alpaca_prompt`), or load it with "
+            "`evaluate --trained <this dir>`.\n")
 
 
 def _write_log(out_dir: Path, log: list[dict]) -> None:

@@ -1,4 +1,4 @@
-"""Shared test setup: point FIREACT_DATA_DIR at the shared copy of the FireAct data when there is one."""
+"""Shared test setup: point FIREACT_DATA_DIR / FIREACT_MULTIHOP_DIR at the shared copies of the data."""
 
 import os
 from pathlib import Path
@@ -9,9 +9,12 @@ from fireact_utils import config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "fireact"
+SHARED_MULTIHOP = REPO_ROOT.parent / "shared" / "multihop"
 
 if SHARED_DATA.is_dir():
     os.environ.setdefault("FIREACT_DATA_DIR", str(SHARED_DATA))
+if SHARED_MULTIHOP.is_dir():
+    os.environ.setdefault("FIREACT_MULTIHOP_DIR", str(SHARED_MULTIHOP))
 # Converted model and search indexes are cached once per checkout (CI: the clone's .cache).
 os.environ.setdefault("FIREACT_CACHE", str(REPO_ROOT / ".cache"))
 
@@ -21,6 +24,15 @@ def data_dir() -> Path:
     """The FireAct data dir; tests that read real data are skipped (with the reason) without one."""
     try:
         return config.data_dir()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def multihop_dir() -> Path:
+    """The multihop Wikipedia data; tests that read it are skipped (with the reason) without it."""
+    try:
+        return config.multihop_dir()
     except FileNotFoundError as e:
         pytest.skip(str(e))
 

@@ -47,6 +47,7 @@ class ScriptedLLM:
 
     def __init__(self, reply: Callable[[str], Reply], name: str = "scripted", delay_s: float = 0.0):
         self.reply, self.name, self.delay_s = reply, name, delay_s
+        self.chat = False
         self.prompts: list[str] = []
         self.calls = 0  # generate() calls (one per agent turn for a whole batch)
 
@@ -68,9 +69,7 @@ class CountingLLM:
     """Wraps a real backend; counts generate() calls and prompts, passes everything through."""
 
     def __init__(self, inner: LLM):
-        self.inner, self.name = inner, inner.name
-        if hasattr(inner, "p"):
-            self.p = inner.p  # run_episodes reads p.chat to choose chat-message prompts
+        self.inner, self.name, self.chat = inner, inner.name, inner.chat
         self.calls = 0
         self.n_prompts = 0
 

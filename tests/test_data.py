@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fireact_utils.data import FIREACT_SETS, load_dataset_source, load_fireact, mix, save_dataset
-from fireact_utils.io import read_jsonl
+from fireact_utils.io import read_json, read_jsonl
 from fireact_utils.trajectories import parse_react_text, react_text, to_alpaca, to_chat
 
 
@@ -47,6 +47,8 @@ def test_labels_and_mixing(data_dir):
     assert big[:100] == small  # scaling subsets are nested
     with pytest.raises(ValueError, match="only"):
         mix(recs, {"strategyqa:cot": 10_000})
+    with pytest.raises(ValueError, match="'hotpotqa:rect' matches no trajectories; have: .*hotpotqa:react"):
+        mix(recs, {"hotpotqa:rect": 0.5})  # a misspelled key with a ratio weight used to select nothing
 
 
 def test_save_dataset_writes_both_formats_and_card(tmp_path, data_dir):
@@ -81,7 +83,8 @@ def test_generate_with_served_teacher_filters_and_converts(served_model, tmp_pat
     assert set(summary) == {"hotpotqa:react", "hotpotqa:cot"}
     for s in summary.values():
         assert s["n"] == 2 and s["prompt_tokens"] > 0 and s["cost_usd"] > 0
-    eval_q = set(pipeline.eval_indices(pipeline.load_task("hotpotqa", "dev", data_dir), 500))
+    eval_q = set(pipeline.eval_indices(pipeline.load_task("hotpotqa", "dev", data_dir), p.evaluate.n_questions,
+                                       p.evaluate.seed))
     for f in (p.run_dir / "generate").glob("*.jsonl"):
         recs = read_jsonl(f)
         assert len(recs) == 2 and not {r["idx"] for r in recs} & eval_q  # never trains on eval questions
@@ -91,3 +94,34 @@ def test_generate_with_served_teacher_filters_and_converts(served_model, tmp_pat
             assert parse_chat(to_chat(r)["messages"]) == (r["question"], r["steps"])
         kept = load_dataset_source(str(f))
         assert [r["id"] for r in kept] == [r["id"] for r in recs if r["reward"]]  # reward filter
+
+
+def test_generate_in_the_wiki_environment_with_served_teacher(served_model, tmp_path, multihop_dir):
+    """Teacher trajectories for questions no recorded search covers: HotpotQA-wiki `train`, the
+    teacher behind `transformers serve`, every search answered from the Wikipedia corpus."""
+    from fireact_utils import pipeline
+    from fireact_utils.config import load_params
+    from fireact_utils.tasks import load_task
+    from fireact_utils.wiki import WikiSearch
+
+    p = load_params("params/smoke.yaml", {
+        "output_root": str(tmp_path), "generate.n_questions": 2, "generate.tasks": ["hotpotqa-wiki"], "generate.split": "train",
+        "generate.teacher.backend": "openai", "generate.teacher.base_url": served_model.base_url,
+        "generate.teacher.model": served_model.model, "generate.teacher.chat": False,  # few-shot text: it searches
+        "agent.max_turns": 2, "agent.max_new_tokens": 48})
+    summary = pipeline.generate(p, progress=False)
+    assert summary["hotpotqa-wiki:react"]["n"] == 2
+    assert summary["hotpotqa-wiki:react"]["environment"]["corpus"] == "hotpotqa (10,708 paragraphs)"
+    recs = read_jsonl(p.run_dir / "generate" / "hotpotqa-wiki_react.jsonl")
+    train = load_task("hotpotqa-wiki", "train", multihop_dir=multihop_dir)
+    assert {r["question"] for r in recs} <= set(train.questions) and {r["split"] for r in recs} == {"train"}
+    tool = WikiSearch("hotpotqa", multihop_dir=multihop_dir)
+    searches = [s for r in recs for s in r["steps"] if s["action"] == "search"]
+    assert searches, "the served teacher made no search"
+    for s in searches:  # each observation is what the wiki tool answers for that query
+        assert s["observation"] == tool(s["arg"])
+    recs_kept = pipeline.build_dataset(p)
+    card = read_json(p.run_dir / "dataset" / "card.json")
+    assert card["environments"]["fireact:hotpotqa"]["search"] == "serpapi"
+    assert card["environments"]["hotpotqa-wiki_react.jsonl"]["search"] == "wiki"
+    assert card["n"] == len(recs_kept)

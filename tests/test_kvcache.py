@@ -126,15 +126,15 @@ def test_prefix_attention_equals_attention_over_the_concatenation(dtype, atol):
 def test_prefix_attention_matches_full_attention(local_llm):
     """The real model's logits with the shared prefix attended separately equal those of one full
     forward pass, for a left-padded row using the prefix and for a row that does not use it."""
-    from fireact_utils.kvcache import prefill_kv, use_prefix_attention
+    from fireact_utils.kvcache import prefill_kv, prefix_attention_on
 
     model, tok = local_llm.model, local_llm.tok
     ids = tok("Question: Which magazine was started first, Arthur's Magazine or First for Women?\n"
               "Thought: I need to search Arthur's Magazine.\nAction: search[Arthur's Magazine]")["input_ids"]
     other = tok("The capital of France is")["input_ids"]
     n = 20  # the shared prefix
-    use_prefix_attention(model)
-    with torch.inference_mode():
+    own_attention = model.config._attn_implementation
+    with prefix_attention_on(model), torch.inference_mode():
         full = [model(torch.tensor([x])).logits[0, -1] for x in (ids, other)]
         prefix = prefill_kv(model, ids[:n])
         own = ids[n:]
@@ -149,3 +149,4 @@ def test_prefix_attention_matches_full_attention(local_llm):
     for got, want in zip(split, full, strict=True):
         assert torch.allclose(got, want, atol=1e-3) and got.argmax() == want.argmax()
     assert not torch.allclose(split[0], split[1])  # the two rows really differ
+    assert model.config._attn_implementation == own_attention == "sdpa"  # the caller's model is left as it was

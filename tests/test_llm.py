@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from fireact_utils.agent import ACTION_LINE_END, STOP
 from fireact_utils.config import LLMParams
-from fireact_utils.llm import OpenAIBackend, cut_at_stop
+from fireact_utils.llm import OpenAIBackend
+from fireact_utils.stops import cut_at_stop
 
 # Different lengths on purpose: batching them pads all but the longest.
 PROMPTS = [
@@ -53,6 +55,31 @@ def test_local_stop_strings_cut(local_llm):
     assert stop not in cut.text
     assert cut.text == full[: full.index(stop)]
     assert cut.completion_tokens < 12  # generation stopped early, not just the text
+
+
+def test_local_stop_pattern_keeps_its_match(local_llm):
+    """A stop pattern (the agent's end of an Action line) ends generation where its match ends."""
+    import re
+
+    prompt = "Thought: I need to search for Paris.\nAction: search[Paris]\nObservation: Paris is the capital of " \
+             "France.\nThought: So the answer is France.\nAction: finish[France]\n\nThought: I need to find the " \
+             "capital of Italy.\n"
+    full = local_llm.generate([prompt], stop=[], max_new_tokens=40)[0]
+    assert re.search(r"^Action: .*\n", full.text, re.M), f"expected an Action line and more: {full.text!r}"
+    cut = local_llm.generate([prompt], stop=[ACTION_LINE_END], max_new_tokens=40)[0]
+    assert cut.text == cut_at_stop(full.text, [ACTION_LINE_END]) and cut.text.split("\n")[-1].startswith("Action: ")
+    assert cut.completion_tokens < full.completion_tokens
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("Thought: x\nAction: search[a b]\nThought: y\nAction: finish[z]\n", "Thought: x\nAction: search[a b]"),
+    (" search[q]\nThought: more", " search[q]"),  # the Action after a pending Thought
+    ("Thought: a\nAction: finish[b]", "Thought: a\nAction: finish[b]"),  # no newline yet: not ended
+    ("Thought: x\nAction: search[a]\nObservation: made up", "Thought: x\nAction: search[a]"),
+    ("Thought: I will search[x] later\nand more", "Thought: I will search[x] later\nand more"),
+])
+def test_agent_stops_end_a_turn_at_its_action_line(text, expected):
+    assert cut_at_stop(text, STOP) == expected
 
 
 def test_local_chat_messages(local_llm):

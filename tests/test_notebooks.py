@@ -118,14 +118,20 @@ def test_chain_eval_records(chain):
     p, run_dir = chain
     files = sorted((run_dir / "eval").glob("*.jsonl"))
     base = {f"base_fewshot_{m}" for m in p.evaluate.methods}
-    noisy = {f"finetuned_react_noise_{k}_{r:g}" for k in p.study.noise_kinds for r in p.study.noise_rates}
+    grid = [(k, r) for k in p.study.noise_kinds for r in p.study.noise_rates]
+    noisy = {f"finetuned_react_noise_{k}_{r:g}" for k, r in grid}  # the main task (replay)
+    wiki_noisy = {f"finetuned_react_{t}_noise_{k}_{r:g}" for t in p.study.noise_tasks if t != p.evaluate.task
+                  for k, r in grid}  # the Wikipedia environment
     gen = {f"gen_{t}_{s}" for t in p.study.generalization_tasks for s in ("base", "ft")}
     scaling = {f"scaling_n{n}" for n in p.study.data_sizes}
-    assert {f.stem for f in files} == base | {"finetuned_react"} | noisy | gen | scaling
+    assert wiki_noisy and {f.stem for f in files} == base | {"finetuned_react"} | noisy | wiki_noisy | gen | scaling
     for f in files:
         ids = [json.loads(line)["id"] for line in f.read_text().splitlines()]
-        assert len(ids) == len(set(ids)) == p.evaluate.n_questions, f.name
-        assert (f.with_suffix(".meta.json")).is_file()
+        wiki = f.stem in wiki_noisy | gen
+        assert len(ids) == len(set(ids)) == (p.study.generalization_n if wiki else p.evaluate.n_questions), f.name
+        meta = json.loads(f.with_suffix(".meta.json").read_text())
+        assert meta["environment"]["search"] in (("wiki",) if wiki else ("recorded", "none")), f.name
+        assert ("fidelity" in meta) == wiki, f.name
 
 
 def test_chain_tables(chain):
@@ -135,10 +141,23 @@ def test_chain_tables(chain):
     assert _conditions(tables / "main.csv") == main
     assert (tables / "main.md").read_text().startswith("| condition")
     noisy = {condition_label(f"finetuned_react_noise_{k}_{r:g}") for k in p.study.noise_kinds for r in p.study.noise_rates}
-    assert _conditions(tables / "robustness.csv") == main | noisy
+    react = {condition_label("base_fewshot_react"), condition_label("finetuned_react")}
+    assert _conditions(tables / "robustness.csv") == react | noisy
+    wiki_noisy = {condition_label(f"finetuned_react_hotpotqa-wiki_noise_{k}_{r:g}") for k in p.study.noise_kinds
+                  for r in p.study.noise_rates}
+    wiki_clean = {condition_label(f"gen_hotpotqa-wiki_{s}") for s in ("base", "ft")}
+    assert _conditions(tables / "robustness_hotpotqa-wiki.csv") == wiki_clean | wiki_noisy
+    outcomes = pd.read_csv(tables / "wiki_outcomes.csv")
+    assert set(outcomes["condition"]) == wiki_clean | wiki_noisy
+    assert (outcomes[["correct", "saw evidence, wrong answer", "missed evidence", "never finished"]].sum(axis=1)
+            == p.study.generalization_n).all()
+    gain = json.loads((tables / "paired_gain.json").read_text())
+    assert gain["n"] == p.evaluate.n_questions and gain["lo"] <= gain["gain"] <= gain["hi"]
     assert _conditions(tables / "data_scaling.csv", "n_trajectories") == set(p.study.data_sizes)
     gen = pd.read_csv(tables / "generalization.csv")
     assert set(gen["task"]) == set(p.study.generalization_tasks) and len(gen) == 2 * len(p.study.generalization_tasks)
+    assert gen["environment"].str.startswith("wiki: hotpotqa (10,708 paragraphs)").all()
+    assert gen["gold_top_rate"].between(0, 1).all() and "[1] wiki: hotpotqa" in (tables / "generalization.md").read_text()
     summary = pd.read_csv(tables / "summary_vs_paper.csv")
     assert {"this run", "FireAct released run", "FireAct paper"} <= set(summary["source"])
     assert not (tables / "mixtures.csv").exists()  # study.mixtures is empty in smoke: skipped
@@ -146,7 +165,8 @@ def test_chain_tables(chain):
 
 def test_chain_figures(chain):
     _, run_dir = chain
-    for stem in ("loss_curve", "prompting_vs_finetuned", "efficiency", "robustness", "data_scaling", "generalization"):
+    for stem in ("loss_curve", "prompting_vs_finetuned", "efficiency", "robustness", "robustness_hotpotqa-wiki",
+                 "data_scaling", "generalization", "outcomes"):
         for ext in ("png", "svg"):
             f = run_dir / "figures" / f"{stem}.{ext}"
             assert f.is_file() and f.stat().st_size > 1000, f

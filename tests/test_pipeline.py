@@ -19,3 +19,35 @@ def test_scaling_reuses_the_main_fine_tune(tmp_path, data_dir):
     assert runs[8][2] == p.run_dir / "finetune" and len(runs[8][1]) == len(main) == 8
     assert runs[4][2] == p.run_dir / "scaling" / "n4" and len(runs[4][1]) == 4
     assert runs[4][0].dataset.n_trajectories == 4
+
+
+def test_generation_holds_out_the_configured_evaluation_subset(data_dir):
+    """Training questions never include the evaluation's questions, as `evaluate` configures them
+    (its seed and size), and only for the same task and split."""
+    from fireact_utils.config import load_params
+    from fireact_utils.pipeline import evaluation_held_out, generation_indices
+    from fireact_utils.tasks import eval_indices, load_task
+
+    task = load_task("hotpotqa", "dev", data_dir)
+    p = load_params("params/smoke.yaml", {"evaluate.seed": 1, "evaluate.n_questions": 3000})
+    held = evaluation_held_out(p, task)
+    assert held == set(eval_indices(task, 3000, 1)) and held != set(eval_indices(task, 3000, 233))
+    picked = generation_indices(task, 4000, 0, held)
+    assert len(picked) == 4000 and not set(picked) & held
+    other = load_params("params/smoke.yaml", {"evaluate.task": "strategyqa"})
+    assert evaluation_held_out(other, task) == set()  # another task's evaluation holds nothing out here
+
+
+def test_scaling_draws_on_generated_trajectories(tmp_path, data_dir):
+    """A sweep size above the 500 released trajectories works once generation added more."""
+    from fireact_utils.data import load_fireact
+    from fireact_utils.io import write_jsonl
+
+    p = load_params(SMOKE, [f"output_root={tmp_path}", "study.data_sizes=[503]", "dataset.n_trajectories=null"])
+    released = load_fireact("hotpotqa", data_dir=data_dir)
+    assert len(released) == 500
+    new = [{**r, "question": f"A new question {i}?", "reward": True, "id": f"gen/{i}"} for i, r in enumerate(released[:3])]
+    write_jsonl(p.run_dir / "generate" / "hotpotqa_react.jsonl", new)
+    (_, recs, out), = pipeline.scaling_runs(p).values()
+    assert len(recs) == 503 and {r["question"] for r in new} <= {r["question"] for r in recs}
+    assert out == p.run_dir / "scaling" / "n503"

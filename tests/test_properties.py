@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fireact_utils.agent import parse_step
-from fireact_utils.llm import cut_at_stop
+from fireact_utils.stops import cut_at_stop
 from fireact_utils.tasks import normalize_answer
 from fireact_utils.trajectories import parse_react_text, react_text
 

@@ -1,4 +1,4 @@
-"""Search tools on FireAct's real data: recorded replay, SerpAPI cache (no network), corpus BM25, noise."""
+"""Search tools on FireAct's real data: recorded replay, SerpAPI cache (no network), noise, the factory."""
 
 from __future__ import annotations
 
@@ -9,11 +9,10 @@ import pytest
 
 from fireact_utils import config
 from fireact_utils.config import SearchParams, cache_dir
-from fireact_utils.io import DataFileError, read_json
+from fireact_utils.io import read_json
 from fireact_utils.tools import (
     EMPTY_QUERY,
     NO_RESULTS,
-    CorpusSearch,
     NoisyTool,
     RecordedSearch,
     SerpAPISearch,
@@ -21,7 +20,9 @@ from fireact_utils.tools import (
     extract_pairs,
     extract_serpapi_answer,
     make_search,
+    noise_pool,
 )
+from fireact_utils.wiki import WikiSearch
 
 FAKE_KEY = "fake-serpapi-key-0123456789"
 DEAD_ENDPOINT = "http://127.0.0.1:9/search.json"  # discard port: refused at once, nothing leaves the machine
@@ -125,44 +126,6 @@ def test_corrupt_cache_is_rebuilt_with_warning(data_dir):
     assert read_json(path) == first.pairs  # rewritten whole
 
 
-# ---------------------------------------------------------------- corpus
-
-
-def write_corpus(path, rows: list[str]) -> None:
-    path.write_text("".join(r + "\n" for r in rows))
-
-
-def test_corpus_search(tmp_path):
-    path = tmp_path / "corpus.jsonl"
-    write_corpus(path, [
-        json.dumps({"title": "Tetro", "text": "Tetro is a 2009 drama film written and directed by Francis Ford Coppola."}),
-        json.dumps({"title": "Badr Hari", "text": "Badr Hari is a Moroccan-Dutch kickboxer."}),
-        json.dumps({"title": "Hamlet", "text": "Hamlet is a tragedy written by William Shakespeare."}),
-    ])
-    tool = CorpusSearch(path, max_chars=30)
-    assert tool("who directed the film Tetro") == "Tetro: Tetro is a 2009 drama fi"[:30]
-    assert tool("qqzxv") == NO_RESULTS
-    assert tool.stats()["hits"] == 1 and tool.stats()["paragraphs"] == 3
-
-
-def test_corpus_malformed_line_named(tmp_path):
-    path = tmp_path / "bad.jsonl"
-    write_corpus(path, [json.dumps({"title": "a", "text": "b"}), '{"title": "broken",', json.dumps({"title": "c", "text": "d"})])
-    with pytest.raises(DataFileError, match="line 2"):
-        CorpusSearch(path)
-
-
-def test_corpus_empty_or_missing_fields(tmp_path):
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("\n")
-    with pytest.raises(DataFileError, match="no paragraphs"):
-        CorpusSearch(empty)
-    nofield = tmp_path / "nofield.jsonl"
-    write_corpus(nofield, [json.dumps({"title": "a"})])
-    with pytest.raises(DataFileError, match="record 1"):
-        CorpusSearch(nofield)
-
-
 # ---------------------------------------------------------------- noise
 
 
@@ -176,7 +139,7 @@ def test_noise_rate_and_determinism(recorded):
     assert runs[0] == runs[1] and runs[0] != runs[2]
     # The calls in another order (another rollout schedule) get the same noise: each query's n-th
     # call is treated the same, whatever came between.
-    noisy = NoisyTool(recorded, rate=0.3, kind="random", seed=0)
+    noisy = NoisyTool(recorded, rate=0.3, kind="random", seed=0, pool=noise_pool(recorded))
     calls = [queries[i % 50] for i in range(2000)]
     shuffled = random.Random(1).sample(calls, len(calls))
     def per_query(qs, outs):
@@ -185,7 +148,7 @@ def test_noise_rate_and_determinism(recorded):
             d.setdefault(q, []).append(o)
         return d
     in_order = per_query(calls, [noisy(q) for q in calls])
-    noisy = NoisyTool(recorded, rate=0.3, kind="random", seed=0)
+    noisy = NoisyTool(recorded, rate=0.3, kind="random", seed=0, pool=noise_pool(recorded))
     assert per_query(shuffled, [noisy(q) for q in shuffled]) == in_order
     stats = noisy.stats()
     assert stats["noise_corrupted"] == noisy.corrupted and "exact_hits" in stats
@@ -194,7 +157,7 @@ def test_noise_rate_and_determinism(recorded):
 def test_noise_kinds(recorded, alpaca_search):
     query, obs = alpaca_search
     assert {NoisyTool(recorded, rate=1.0, kind="none")(query) for _ in range(3)} == {"None"}
-    noisy = NoisyTool(recorded, rate=1.0, kind="random", seed=3)
+    noisy = NoisyTool(recorded, rate=1.0, kind="random", seed=3, pool=noise_pool(recorded))
     swapped = [noisy(query) for _ in range(20)]
     assert obs not in swapped and set(swapped) <= set(recorded.pairs.values())
     assert len(set(swapped)) > 1
@@ -276,8 +239,10 @@ def test_make_search(tmp_path, data_dir):
     assert isinstance(tool, NoisyTool) and isinstance(tool.tool, RecordedSearch)
     assert tool.tool.max_chars == 50 and tool.rate == 0.5 and tool.kind == "random"
     assert isinstance(make_search(SearchParams(), data_dir), RecordedSearch)
-    with pytest.raises(ValueError, match="corpus_path"):
-        make_search(SearchParams(kind="corpus"))
+    with pytest.raises(ValueError, match="search.corpus"):
+        make_search(SearchParams(kind="wiki"))
     path = tmp_path / "c.jsonl"
-    write_corpus(path, [json.dumps({"title": "t", "text": "some text"})])
-    assert isinstance(make_search(SearchParams(kind="corpus", corpus_path=str(path))), CorpusSearch)
+    path.write_text(json.dumps({"title": "t", "text": "some text"}) + "\n")
+    wiki = make_search(SearchParams(kind="wiki", corpus=str(path), noise_rate=0.5, noise_kind="random"))
+    assert isinstance(wiki.tool, WikiSearch) and wiki.pool == ["t: some text"]
+    assert wiki.card()["noise"] == "0.5 random" and wiki.card()["search"] == "wiki"

@@ -1,5 +1,7 @@
 """Fine-tuning on real FireAct trajectories with the real built-in model (a few CPU steps)."""
 
+import csv
+
 import pytest
 
 from fireact_utils.config import AgentParams, ModelParams, TrainParams
@@ -60,10 +62,13 @@ def test_lora_finetune_lowers_loss_saves_and_changes_agent(tmp_path, records, da
     # Repeated data (the same 4 trajectories) must be memorised: loss goes down.
     out = finetune(records[:4], tmp_path / "ft", p, ModelParams())
     assert (out / "adapter_config.json").is_file() and (out / "train_done.json").is_file()
-    log = (tmp_path / "ft" / "train_log.csv").read_text().splitlines()
-    losses = [float(row.split(",")[4]) for row in log[1:]]
+    with open(tmp_path / "ft" / "train_log.csv") as f:
+        losses = [float(row["loss"]) for row in csv.DictReader(f)]
     assert len(losses) == 6 and losses[-1] < losses[0]
     assert sorted(d.name for d in (tmp_path / "ft").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    card = (out / "README.md").read_text()  # names the base model, the data and the recipe
+    assert "Base model: `smollm2-135m`" in card and "4 trajectories (hotpotqa:react 4)" in card
+    assert "LoRA r=8, alpha=16" in card and "None" not in card
     # Asking again returns the finished result without training; other params are refused.
     assert finetune(records[:4], tmp_path / "ft", p, ModelParams()) == out
     with pytest.raises(ValueError, match="other params"):
@@ -76,3 +81,14 @@ def test_lora_finetune_lowers_loss_saves_and_changes_agent(tmp_path, records, da
     tuned = run_episodes(task, idx, LocalBackend(adapter_model_params(ModelParams(), out)), RecordedSearch(), ap,
                          progress=False)
     assert [r["steps"] for r in base] != [r["steps"] for r in tuned]
+
+
+def test_full_finetune_honours_model_dtype(tmp_path, records):
+    """`model.dtype` reaches training: bf16 weights train and are saved in bf16 (fp32 by default)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    p = TrainParams(method="full", max_steps=1, batch_size=2, max_length=128, logging_steps=1, bf16=False)
+    out = finetune(records[:2], tmp_path / "bf16", p, ModelParams(dtype="bfloat16"))
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
+    assert "full fine-tuning" in (out / "README.md").read_text()

@@ -1,0 +1,68 @@
+"""The command line, driven as a user would: overrides in any order, and a user's mistakes
+answered by one `error:` line and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fireact_utils.cli import main
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[0].startswith("error: ") and "Traceback" not in "\n".join(err)
+    return "\n".join(err)
+
+
+def test_params_with_overrides_before_and_after_flags(capsys):
+    assert main(["params", "params/smoke.yaml", "train.epochs=3"]) == 0
+    assert json.loads(capsys.readouterr().out)["train"]["epochs"] == 3
+
+
+def test_bad_params_key_is_one_error_line(capsys):
+    assert main(["params", "params/smoke.yaml", "train.epochz=3"]) == 2
+    assert "train.epochz" in _error_line(capsys)
+
+
+@pytest.mark.parametrize(("lines", "named"), [
+    (['{"question": "q1", "answer": "a"}', '{"question": "q2", "answer": '], "q.jsonl at line 2"),
+    (['{"question": "q1", "answer": "a"}', '{"question": "q2"}'], "q.jsonl line 2: record has no 'answer' field"),
+])
+def test_malformed_question_file_named(tmp_path, capsys, lines, named):
+    q = tmp_path / "q.jsonl"
+    q.write_text("\n".join(lines) + "\n")
+    # the override after the flags: accepted in any order
+    assert main(["evaluate", "params/smoke.yaml", "--task", str(q), f"output_root={tmp_path}"]) == 2
+    assert named in _error_line(capsys)
+
+
+def test_missing_data_dirs_name_the_variable(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FIREACT_DATA_DIR", str(tmp_path / "nope"))
+    assert main(["evaluate", "params/smoke.yaml", f"output_root={tmp_path}"]) == 2
+    assert "FIREACT_DATA_DIR" in _error_line(capsys)
+    monkeypatch.setenv("FIREACT_MULTIHOP_DIR", str(tmp_path / "nope"))
+    assert main(["evaluate", "params/smoke.yaml", "--task", "hotpotqa-wiki", f"output_root={tmp_path}"]) == 2
+    assert "FIREACT_MULTIHOP_DIR" in _error_line(capsys)
+
+
+def test_unknown_task_and_missing_trained_dir(tmp_path, capsys):
+    assert main(["evaluate", "params/smoke.yaml", "--task", "hotpotqa-wikki", f"output_root={tmp_path}"]) == 2
+    assert "unknown task 'hotpotqa-wikki'" in _error_line(capsys)
+
+
+def test_evaluate_a_question_file_end_to_end(tmp_path, capsys, model_path):
+    """The real model on two questions of a user's file, in the Wikipedia environment."""
+    q = tmp_path / "q.jsonl"
+    q.write_text('{"question": "Who directed the film Big Stone Gap?", "answer": "Adriana Trigiani"}\n'
+                 '{"question": "Is Paris in France?", "answer": "yes"}\n')
+    code = main(["evaluate", "params/smoke.yaml", "--task", str(q), "--search", "wiki", "--corpus", "hotpotqa",
+                 "--model", model_path, "--name", "mine", f"output_root={tmp_path}", "evaluate.n_questions=2",
+                 "agent.max_turns=2", "agent.max_new_tokens=32"])
+    out = capsys.readouterr().out
+    assert code == 0 and json.loads(out[: out.rindex("}") + 1])["n"] == 2
+    recs = [json.loads(line) for line in open(tmp_path / "smoke" / "eval" / "mine.jsonl")]
+    assert len(recs) == 2
+    meta = json.loads((tmp_path / "smoke" / "eval" / "mine.meta.json").read_text())
+    assert meta["environment"]["search"] == "wiki" and meta["environment"]["corpus"].startswith("hotpotqa (")
