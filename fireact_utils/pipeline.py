@@ -192,7 +192,7 @@ def merge_tool_stats(old: dict | None, new: dict) -> dict:
         if k.endswith("_rate") and k != "noise_rate":
             total = calls_old + calls_new
             out[k] = (old[k] * calls_old + v * calls_new) / total if total else 0.0
-        elif isinstance(v, int) and k not in ("recorded_pairs", "paragraphs"):
+        elif isinstance(v, int) and k != "recorded_pairs":  # a size, not a count of calls
             out[k] = old[k] + v
     return out
 

@@ -134,14 +134,19 @@ class WikiSearch:
         parts = [cut_words(f"{self.titles[i]}: {self.texts[i]}", share) for i in hits]
         return parts[0] if len(parts) == 1 else " ".join(f"[{j}] {p}" for j, p in enumerate(parts, 1))
 
-    def __call__(self, query: str) -> str:
-        self.calls += 1
+    def observe(self, query: str) -> tuple[list[int], str]:
+        """The paragraphs a query retrieves and the observation the agent reads (counts nothing)."""
         if not query.strip():
-            self.empty += 1
-            return EMPTY_QUERY
+            return [], EMPTY_QUERY
         hits = self.retrieve(query)
-        self.misses += not hits
-        return self.format(hits)
+        return hits, self.format(hits)
+
+    def __call__(self, query: str) -> str:
+        hits, obs = self.observe(query)
+        self.calls += 1
+        self.empty += obs == EMPTY_QUERY
+        self.misses += obs == NO_RESULTS
+        return obs
 
     def stats(self) -> dict[str, Any]:
         return {"tool": "wiki", "calls": self.calls, "empty_queries": self.empty, "misses": self.misses}
@@ -166,8 +171,8 @@ def evidence(record: dict, gold: list[str], tool: WikiSearch) -> dict[str, Any]:
         if step["action"] != "search":
             continue
         searches += 1
-        hits = tool.retrieve(step["arg"]) if step["arg"].strip() else []
-        if step["observation"] != (tool.format(hits) if step["arg"].strip() else EMPTY_QUERY):
+        hits, obs = tool.observe(step["arg"])
+        if step["observation"] != obs:
             continue
         titles = [tool.titles[i] for i in hits]
         top_gold += bool(titles) and titles[0] in gold_set

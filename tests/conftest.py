@@ -19,22 +19,24 @@ if SHARED_MULTIHOP.is_dir():
 os.environ.setdefault("FIREACT_CACHE", str(REPO_ROOT / ".cache"))
 
 
-@pytest.fixture(scope="session")
-def data_dir() -> Path:
-    """The FireAct data dir; tests that read real data are skipped (with the reason) without one."""
+def _located_or_skip(locate) -> Path:
+    """A data dir; the tests that read it are skipped (with the reason) without one."""
     try:
-        return config.data_dir()
+        return locate()
     except FileNotFoundError as e:
         pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The FireAct data dir."""
+    return _located_or_skip(config.data_dir)
 
 
 @pytest.fixture(scope="session")
 def multihop_dir() -> Path:
-    """The multihop Wikipedia data; tests that read it are skipped (with the reason) without it."""
-    try:
-        return config.multihop_dir()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
+    """The multihop Wikipedia data (questions + paragraphs)."""
+    return _located_or_skip(config.multihop_dir)
 
 
 # ---------------------------------------------------------------- the built-in model, local and served

@@ -121,7 +121,7 @@ def test_hotpotqa_wiki_splits(multihop_dir):
         load_task("hotpotqa-wiki", "dev", multihop_dir=multihop_dir)
 
 
-def _record(task, idx: int, steps: list[dict], em: bool, status: str = "finished") -> dict:
+def _record(idx: int, steps: list[dict], em: bool, status: str = "finished") -> dict:
     return {"idx": idx, "steps": steps, "em": em, "status": status}
 
 
@@ -134,12 +134,12 @@ def test_evidence_fidelity_and_outcomes(hotpot_wiki, multihop_dir):
     noisy = {**s2, "observation": "None"}  # what a noisy tool showed instead
     fin = {"action": "finish", "arg": "x", "observation": "Episode finished, reward = False"}
     assert [hotpot_wiki.titles[hotpot_wiki.retrieve(q)[0]] for q in (q1, q2)] == ["Big Stone Gap (film)", "Adriana Trigiani"]
-    both = evidence(_record(task, 0, [s1, s2, fin], False), gold, hotpot_wiki)
+    both = evidence(_record(0, [s1, s2, fin], False), gold, hotpot_wiki)
     assert both == {"searches": 2, "gold_top": 2, "saw_any_gold": True, "saw_all_gold": True}
-    half = evidence(_record(task, 0, [s1, noisy, fin], False), gold, hotpot_wiki)
+    half = evidence(_record(0, [s1, noisy, fin], False), gold, hotpot_wiki)
     assert half == {"searches": 2, "gold_top": 1, "saw_any_gold": True, "saw_all_gold": False}
-    recs = [_record(task, 0, [s1, s2, fin], True), _record(task, 0, [s1, s2, fin], False),
-            _record(task, 0, [s1, noisy, fin], False), _record(task, 0, [s1], False, "max_turns")]
+    recs = [_record(0, [s1, s2, fin], True), _record(0, [s1, s2, fin], False),
+            _record(0, [s1, noisy, fin], False), _record(0, [s1], False, "max_turns")]
     assert [outcome(r, evidence(r, gold, hotpot_wiki)) for r in recs] == [
         "correct", "saw evidence, wrong answer", "missed evidence", "never finished"]
     fid = fidelity(recs, task.gold_titles, hotpot_wiki)
