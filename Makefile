@@ -7,7 +7,7 @@ export FIREACT_DATA_DIR ?= $(if $(wildcard ../shared/fireact),$(abspath ../share
 export FIREACT_MULTIHOP_DIR ?= $(if $(wildcard ../shared/multihop),$(abspath ../shared/multihop),$(CURDIR)/data/multihop)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-all lint lab data bench clean-outputs
+.PHONY: setup demo test test-slow test-all lint lab data bench clean-outputs
 
 setup: .venv/.setup-done
 .venv/.setup-done: requirements.txt pyproject.toml
@@ -22,10 +22,13 @@ setup: .venv/.setup-done
 demo: setup              ## run all notebooks with $(PARAMS) into outputs/runs/<name>/ (resumes where it stopped)
 	$(PY) -m fireact_utils run $(PARAMS)
 
-test: setup              ## the test suite (fast; no GPU, no network)
+test: setup              ## the fast tests (no GPU, no network; about 4 min on 2 cores)
 	$(PY) -m pytest -q -m "not slow"
 
-test-all: setup          ## including slow tests
+test-slow: setup         ## the long ones: the notebook chain, real trainings, a 2-process accelerate run
+	$(PY) -m pytest -q -m slow
+
+test-all: setup          ## both
 	$(PY) -m pytest -q
 
 lint: setup

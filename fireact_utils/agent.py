@@ -107,11 +107,14 @@ def parse_step(text: str) -> dict:
 class Agent:
     """Prompting and stepping for one method and mode over one task."""
 
-    def __init__(self, task: Task, params: AgentParams, search: Callable[[str], str] | None):
+    def __init__(self, task: Task, params: AgentParams, search: Callable[[str], str] | None,
+                 fewshot: str | None = None):
         self.task, self.p, self.search = task, params, search
         method = "react" if params.method == "reflexion" else params.method
         self.base_method = method
-        self.fewshot = fewshot_prompt(task.kind, method) if params.mode == "fewshot" else ""
+        if params.mode == "fewshot" and fewshot is None:
+            fewshot = fewshot_prompt(task.kind, method, params.n_exemplars)
+        self.fewshot = fewshot or ""  # `fewshot` (instruction + exemplars) replaces the kit's prompt
 
     def prompt(self, ep: Episode, chat: bool = False):
         """The prompt for the next generation of `ep`."""
@@ -124,7 +127,7 @@ class Agent:
         if self.p.mode == "finetuned":
             return alpaca_prompt(ep.question) + scratch
         text = f"{self.fewshot}\n{reflections}Question: {ep.question}\n{scratch}"
-        return [{"role": "user", "content": text}] if chat else text
+        return [{"role": "user", "content": text}] if chat or self.p.chat_template else text
 
     def step(self, ep: Episode, gen: Generation) -> None:
         """Apply one generation to `ep`: parse, act, observe, maybe finish."""
@@ -205,14 +208,15 @@ def load_done(out_path: str | Path | None) -> dict[str, dict]:
 
 def run_episodes(task: Task, indices: Iterable[int], llm: LLM, search: Callable[[str], str] | None,
                  params: AgentParams, out_path: str | Path | None = None, redo: bool = False,
-                 progress: bool = True) -> list[dict]:
-    """Roll out one episode per index; return records in index order (saved ones included)."""
+                 progress: bool = True, fewshot: str | None = None) -> list[dict]:
+    """Roll out one episode per index; return records in index order (saved ones included).
+    `fewshot` replaces the kit's few-shot prompt (instruction + exemplars)."""
     indices = list(dict.fromkeys(indices))  # a repeated index would write a duplicate record
     # api_error episodes are re-run: an outage must not leave permanent failures (the newest record wins).
     done = {} if redo else {k: r for k, r in load_done(out_path).items() if r["status"] != "api_error"}
     if redo and out_path and Path(out_path).exists():
         Path(out_path).unlink()
-    agent = Agent(task, params, search)
+    agent = Agent(task, params, search, fewshot)
     chat_llm = llm.chat
     todo = [Episode(episode_id(task, i), i, task.questions[i], task.answers[i], params.method)
             for i in indices if episode_id(task, i) not in done]

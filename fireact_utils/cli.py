@@ -6,6 +6,9 @@
     python -m fireact_utils evaluate params/cpu.yaml --trained outputs/runs/cpu/finetune/final \\
         --task hotpotqa-wiki --mode finetuned              # a wiki task searches its own Wikipedia corpus
     python -m fireact_utils evaluate params/cpu.yaml --task q.jsonl --search wiki --corpus paragraphs.jsonl
+    python -m fireact_utils select params/recipes.yaml          # recipes and prompts compared on validation
+    python -m fireact_utils headline params/cpu_full.yaml       # baselines, seeds, self-consistency on evaluate.task
+    python -m fireact_utils consistency params/cpu_full.yaml --trained outputs/runs/cpu/finetune/final
     python -m fireact_utils params params/cpu.yaml              # print resolved params
     python -m fireact_utils download --dest data                # FireAct public data (online)
 
@@ -24,17 +27,18 @@ import sys
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fireact", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("run", "generate", "finetune", "evaluate", "params"):
+    for name in ("run", "generate", "finetune", "evaluate", "select", "headline", "consistency", "params"):
         s = sub.add_parser(name)
         s.add_argument("params_file")
         s.add_argument("overrides", nargs="*", help="section.key=value")
         if name == "run":
             s.add_argument("--redo", action="store_true", help="re-execute notebooks already done")
             s.add_argument("--no-html", action="store_true")
+        if name in ("evaluate", "consistency"):
+            s.add_argument("--trained", "--adapter", dest="trained", required=name == "consistency",
+                           help="what fine-tuning wrote (finetune/final): a LoRA adapter or a full model")
         if name == "evaluate":
             s.add_argument("--model", help="model spec (HF id, path, alias); default params model.name")
-            s.add_argument("--trained", "--adapter", dest="trained",
-                           help="what fine-tuning wrote (finetune/final): a LoRA adapter or a full model")
             s.add_argument("--task", help="task name or question file (.json/.jsonl)")
             s.add_argument("--method", choices=["io", "cot", "react", "reflexion"])
             s.add_argument("--mode", choices=["fewshot", "finetuned"])
@@ -85,6 +89,18 @@ def _run(args: argparse.Namespace) -> int:
         print(f"dataset: {len(pipeline.build_dataset(p))} trajectories in {p.run_dir / 'dataset'}")
     elif args.cmd == "finetune":
         print(pipeline.finetune(p))
+    elif args.cmd == "select":
+        from . import recipes
+
+        for which, search in (("fewshot_variants", recipes.fewshot_search), ("recipes", recipes.recipe_search)):
+            table = recipes.report_selection(p, search(p), which)
+            if len(table):
+                print(f"{recipes.TITLES[which]}, chosen: {recipes.chosen_label(table)}")
+                print(table[["condition", "n", "em", "em_lo", "em_hi", "settings"]].to_string(index=False))
+    elif args.cmd == "headline":
+        _headline(p)
+    elif args.cmd == "consistency":
+        _consistency(p, args.trained)
     elif args.cmd == "evaluate":
         from .agent import summarize
         from .llm import make_llm
@@ -99,3 +115,31 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(summarize(recs), indent=2))
         print(f"episodes: {p.run_dir / 'eval' / (name + '.jsonl')}")
     return 0
+
+
+def _headline(p) -> None:
+    """The main recipe on evaluate.task: few-shot baselines and the fine-tuned agent, the recipe
+    over study.seeds, and the self-consistency curve of both agents (study.sc_ks)."""
+    from . import pipeline, recipes
+    from .evaluate import write_table
+
+    trained = pipeline.finetune(p)
+    conds = pipeline.evaluate(p, trained)
+    table = pipeline.condition_table(p, conds)
+    write_table(table, p.run_dir / "tables" / "main")  # as notebook 03
+    print(table[["condition", "n", "em", "em_lo", "em_hi", "turns", "completion_tokens"]].to_string(index=False))
+    print(json.dumps(pipeline.paired_gain(p, conds)))
+    if p.study.seeds:
+        seeds = recipes.report_seeds(p, trained)
+        print(seeds[[c for c in ("condition", "n", "em", "em_lo", "em_hi", "em_seed_sd") if c in seeds]].to_string(index=False))
+    if p.study.sc_ks:
+        _consistency(p, trained)
+
+
+def _consistency(p, trained) -> None:
+    """The self-consistency curve of the few-shot base and `trained` (study.sc_ks), saved with its figure."""
+    from .self_consistency import report
+
+    if not p.study.sc_ks:
+        raise ValueError("study.sc_ks is empty: name the k values to vote over, e.g. 'study.sc_ks=[1,3,5]'")
+    print(report(p, trained).to_string(index=False))

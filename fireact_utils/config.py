@@ -77,6 +77,11 @@ class AgentParams(Section):
     temperature: float = Field(0.0, ge=0, description="0 = greedy")
     batch_size: int = Field(32, ge=1, description="episodes generating together (local backend)")
     reflexion_trials: int = Field(2, ge=1, description="attempts per question for reflexion")
+    exemplars: Literal["kit", "fireact"] = Field(
+        "kit", description="few-shot exemplars: the kit's own (prompts/) or FireAct's GPT-4 HotpotQA ReAct "
+        "trajectories (for ReAct on qa tasks; IO, CoT and other kinds keep the kit's)")
+    n_exemplars: int = Field(3, ge=1, description="few-shot exemplars in the prompt (at most what the source holds)")
+    chat_template: bool = Field(False, description="few-shot: send the prompt as one user message in the model's chat template")
 
 
 class EvalParams(Section):
@@ -104,6 +109,7 @@ class DatasetParams(Section):
 
     source: str = Field("fireact:hotpotqa", description="fireact:<name> (released GPT-4 data) or a trajectories JSONL path")
     mixture: dict[str, float] = Field(default_factory=dict, description="task:method -> count (>=1) or ratio (<1); empty = all")
+    tasks: list[str] = Field(default_factory=list, description="keep only these tasks' trajectories (empty: all)")
     n_trajectories: int | None = Field(None, ge=1, description="keep the first N (data-scaling study)")
     seed: int = Field(0, description="mixing seed")
 
@@ -153,6 +159,27 @@ class StudyParams(Section):
     generalization_tasks: list[str] = Field(default_factory=list, description="extra tasks for the fine-tuned agent")
     generalization_n: int = Field(0, ge=0, description="questions per generalization task (0: the whole split)")
     noise_tasks: list[str] = Field(default_factory=list, description="tasks of the noisy-tool study (empty: evaluate.task)")
+    recipes: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="label -> train.*/dataset.* overrides: fine-tuning recipes compared on validation")
+    fewshot_variants: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="label -> agent.* overrides: few-shot prompts compared on validation")
+    select_task: str = Field("hotpotqa-wiki", description="where recipes and prompts are chosen (never dev-500)")
+    select_split: str = Field("val", description="split of select_task")
+    select_n: int = Field(0, ge=0, description="questions of the selection split (0: all)")
+    seeds: list[int] = Field(default_factory=list, description="training seeds of the main recipe (headline spread)")
+    sc_ks: list[int] = Field(default_factory=list, description="self-consistency: episodes voted per question (empty: skip)")
+    sc_temperature: float = Field(0.7, gt=0, description="self-consistency sampling temperature")
+    sc_n: int = Field(0, ge=0, description="self-consistency questions (0: evaluate.n_questions)")
+
+    @field_validator("recipes", "fewshot_variants")
+    @classmethod
+    def _override_sections(cls, v: dict[str, dict[str, Any]], info) -> dict[str, dict[str, Any]]:
+        allowed = ("train.", "dataset.") if info.field_name == "recipes" else ("agent.",)
+        for label, ov in v.items():
+            bad = [k for k in ov if not k.startswith(allowed)]
+            if bad:
+                raise ValueError(f"{label}: {bad[0]!r} is not a {' or '.join(allowed)} key")
+        return v
 
 
 class Params(Section):
@@ -252,16 +279,31 @@ def load_params(path: str | Path | None = None, overrides: dict[str, Any] | list
             path = REPO_ROOT / path
         raw = _read_yaml(path)
     ov: dict = {}
-    items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
+    items = list(overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or []))
     for k, v in items:
         _set_dotted(ov, k, v)
     merged = _deep_merge(raw, ov)
+    for k, v in items:  # a mapping given for a key replaces the file's ('study.recipes={a: {...}}' is all the recipes)
+        if isinstance(v, dict):
+            _set_dotted(merged, k, v)
     try:
         return Params.model_validate(merged)
     except ValidationError as e:
         lines = [f"  {'.'.join(map(str, err['loc'])) or '<root>'}: {err['msg']}" for err in e.errors()]
         src = f" in {path}" if path else ""
         raise ParamsError(f"invalid params{src}:\n" + "\n".join(lines)) from None
+
+
+def override(p: Params, overrides: dict[str, Any], where: str = "overrides") -> Params:
+    """`p` with dotted-key overrides applied and validated (a bad one fails naming `where`)."""
+    ov: dict = {}
+    for k, v in overrides.items():
+        _set_dotted(ov, k, v)
+    try:
+        return Params.model_validate(_deep_merge(p.dump(), ov))
+    except ValidationError as e:
+        lines = [f"  {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+        raise ParamsError(f"invalid {where}:\n" + "\n".join(lines)) from None
 
 
 def cache_dir() -> Path:

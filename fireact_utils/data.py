@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .config import data_dir as resolve_data_dir
 from .io import DataFileError, atomic_write_json, read_json, read_jsonl, write_jsonl
-from .trajectories import final_reward, parse_chat, parse_react_text, to_alpaca, to_chat
+from .trajectories import final_reward, parse_chat, parse_react_text, react_text, to_alpaca, to_chat
 
 FIREACT_SETS = ("hotpotqa", "hotpotqa_multimethod", "multitask", "multitask_multimethod")
 
@@ -84,6 +84,19 @@ FIREACT_ENVIRONMENT = {"search": "serpapi", "corpus": "live Google (SerpAPI, 202
                        "noise": "none"}
 
 
+def fireact_exemplars(n: int, data_dir: str | Path | None = None) -> str:
+    """`n` of FireAct's GPT-4 HotpotQA ReAct trajectories as few-shot text: the shortest successful
+    ones with two or more searches (multi-hop, and the prompt stays short). FireAct's training
+    questions, so never an evaluation question."""
+    recs = [r for r in load_fireact("hotpotqa", data_dir=data_dir)
+            if r["steps"] and r["steps"][-1]["action"] == "finish" and sum(s["action"] == "search" for s in r["steps"]) >= 2]
+    recs.sort(key=lambda r: (len(react_text(r["steps"])), r["source_index"]))
+    # The last step's "Episode finished, reward = True" observation is the environment's, not an exemplar's.
+    shots = [f"Question: {r['question']}\n" + react_text([*r["steps"][:-1], {**r["steps"][-1], "observation": None}])
+             for r in recs[:n]]
+    return "\n".join(shots)
+
+
 def load_dataset_source(source: str, data_dir: str | Path | None = None, fmt: str = "alpaca") -> list[dict]:
     """`fireact:<name>` or a JSONL of trajectory records (as written by generation)."""
     if source.startswith("fireact:"):
@@ -107,10 +120,17 @@ def dedup(records: list[dict]) -> list[dict]:
     return out
 
 
-def mix(records: list[dict], mixture: dict[str, float] | None = None, n: int | None = None, seed: int = 0) -> list[dict]:
-    """Select by `task:method` (count if >= 1, else fraction of that group), dedup, seeded shuffle,
-    then keep the first `n` (data-scaling subsets are nested: first 100 ⊂ first 200 …)."""
+def mix(records: list[dict], mixture: dict[str, float] | None = None, n: int | None = None, seed: int = 0,
+        tasks: list[str] | None = None) -> list[dict]:
+    """Keep `tasks` (all if empty), select by `task:method` (count if >= 1, else fraction of that
+    group), dedup, seeded shuffle, then keep the first `n` (data-scaling subsets are nested: first
+    100 ⊂ first 200 …)."""
     records = dedup(records)
+    if tasks:
+        have = sorted({str(r.get("task")) for r in records})
+        records = [r for r in records if r.get("task") in tasks]
+        if not records:
+            raise ValueError(f"dataset.tasks {tasks} matches no trajectories; have tasks: {', '.join(have)}")
     if mixture:
         groups: dict[str, list[dict]] = {}
         for r in records:

@@ -115,7 +115,7 @@ def build_dataset(p: Params, tok=None) -> list[dict]:
     from .data import mix, save_dataset
 
     recs, envs = dataset_pool(p)
-    recs = mix(recs, p.dataset.mixture or None, p.dataset.n_trajectories, p.dataset.seed)
+    recs = mix(recs, p.dataset.mixture or None, p.dataset.n_trajectories, p.dataset.seed, p.dataset.tasks)
     save_dataset(recs, p.run_dir / "dataset", tok, envs)
     save_provenance(p, "dataset")
     return recs
@@ -142,8 +142,10 @@ def check_task(p: Params):
 
 
 def run_condition(p: Params, name: str, llm, agent: AgentParams, search: SearchParams | None = None,
-                  task: str | None = None, n: int | None = None, progress: bool = True) -> list[dict]:
+                  task: str | None = None, n: int | None = None, progress: bool = True,
+                  split: str | None = None) -> list[dict]:
     """Evaluate one condition on the first n questions of the seeded shuffle; resumable by name.
+    `task` (default evaluate.task and split) runs `split`, or its default split.
 
     `<name>.meta.json` holds wall time and tool counts summed over resumed runs, the environment
     card, and for wiki tasks the fidelity of all episodes (`wiki.fidelity`). A wiki task is always
@@ -152,8 +154,7 @@ def run_condition(p: Params, name: str, llm, agent: AgentParams, search: SearchP
     from .tools import NoisyTool, make_search
     from .wiki import WikiSearch, fidelity
 
-    t = load_task(task or p.evaluate.task, None if task else p.evaluate.split, p.data_dir, p.multihop_dir)
-    idx = eval_indices(t, n or p.evaluate.n_questions, p.evaluate.seed)
+    t, idx = condition_questions(p, task, split, n)
     sp = search or p.search
     tool = make_search(sp, p.data_dir, t.corpus, p.multihop_dir) if agent.method in ("react", "reflexion") else None
     path = p.run_dir / "eval" / f"{name}.jsonl"
@@ -161,7 +162,7 @@ def run_condition(p: Params, name: str, llm, agent: AgentParams, search: SearchP
     meta = read_json(meta_path) if meta_path.is_file() else {"wall_s": 0.0, "episodes_run": 0}
     before = _count_lines(path)
     t0 = time.time()
-    recs = run_episodes(t, idx, llm, tool, agent, path, progress=progress)
+    recs = run_episodes(t, idx, llm, tool, agent, path, progress=progress, fewshot=fewshot_text(p, agent, t))
     ran = _count_lines(path) - before
     if ran or "environment" not in meta:
         meta["wall_s"] += time.time() - t0
@@ -177,6 +178,39 @@ def run_condition(p: Params, name: str, llm, agent: AgentParams, search: SearchP
         meta.update(condition=name, model=llm.name, agent=agent.model_dump(), task=t.name, split=t.split)
         atomic_write_json(meta_path, meta)
     return recs
+
+
+def condition_questions(p: Params, task: str | None = None, split: str | None = None, n: int | None = None):
+    """(task, indices) of a condition: `task` (default evaluate.task and split) and the first n
+    (default evaluate.n_questions) of its seeded shuffle."""
+    t = load_task(task or p.evaluate.task, split if task else p.evaluate.split, p.data_dir, p.multihop_dir)
+    return t, eval_indices(t, n or p.evaluate.n_questions, p.evaluate.seed)
+
+
+def saved_condition(p: Params, name: str, task: str | None = None, split: str | None = None,
+                    n: int | None = None) -> list[dict] | None:
+    """The condition's saved records, in question order, if every question is done; else None.
+    Lets a resumed study skip loading (or training) a model whose evaluation is complete."""
+    from .agent import episode_id, load_done
+
+    t, idx = condition_questions(p, task, split, n)
+    done = load_done(p.run_dir / "eval" / f"{name}.jsonl")
+    ids = [episode_id(t, i) for i in idx]
+    if any(i not in done or done[i]["status"] == "api_error" for i in ids):
+        return None
+    return [done[i] for i in ids]
+
+
+def fewshot_text(p: Params, agent: AgentParams, task) -> str | None:
+    """The few-shot prompt of `agent` when it is not the kit's own: agent.exemplars=fireact gives
+    ReAct on a qa task FireAct's HotpotQA trajectories; other methods and kinds keep the kit's."""
+    from .data import fireact_exemplars
+    from .tasks import fewshot_prompt
+
+    if agent.mode != "fewshot" or agent.exemplars == "kit" or agent.method not in ("react", "reflexion") \
+            or task.kind != "qa":
+        return None
+    return fewshot_prompt("qa", "react", exemplars=fireact_exemplars(agent.n_exemplars, p.data_dir))
 
 
 def merge_tool_stats(old: dict | None, new: dict) -> dict:
@@ -384,7 +418,7 @@ def scaling_runs(p: Params) -> dict[int, tuple[Params, list[dict], Path]]:
     runs = {}
     for n in p.study.data_sizes:
         q = p.model_copy(update={"dataset": p.dataset.model_copy(update={"n_trajectories": n})})
-        recs = mix(source, q.dataset.mixture or None, n, q.dataset.seed)
+        recs = mix(source, q.dataset.mixture or None, n, q.dataset.seed, q.dataset.tasks)
         same = canonical(recs) == main_recs
         runs[n] = (q, recs, p.run_dir / "finetune" if same else p.run_dir / "scaling" / f"n{n}")
     return runs

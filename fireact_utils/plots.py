@@ -271,3 +271,39 @@ def loss_mask_html(tok, example: dict, ignore: int = -100, max_tokens: int = 400
               f"First {min(max_tokens, n)} of {n} tokens.</p>")
     return HTML(legend + '<div style="font-family:monospace;white-space:pre-wrap;line-height:1.6">'
                 + "".join(spans) + "</div>")
+
+
+def plot_selection(table: pd.DataFrame, title: str, stem: str | Path | None = None):
+    """EM on the selection split per variant (recipe or prompt), the chosen one highlighted."""
+    if _empty(table, title):
+        return None
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(table) + 1.6))
+    y = np.arange(len(table))
+    colors = [MODE_COLORS["finetuned"] if c else "0.65" for c in table["chosen"]]
+    ax.barh(y, table["em"] * 100, color=colors, xerr=_err(table, "em", 100), capsize=4)
+    ax.set_yticks(y, table["condition"].astype(str))
+    ax.invert_yaxis()
+    split = table["split"].iloc[0] if "split" in table else "validation"
+    ax.set(xlabel=f"EM (%) on {split}", title=f"{title} (chosen: coloured; {CI_NOTE})")
+    ax.grid(axis="x", alpha=0.3)
+    return _done(fig, stem)
+
+
+def plot_self_consistency(df: pd.DataFrame, stem: str | Path | None = None):
+    """Self-consistency: EM of the majority vote against k, and against seconds per question."""
+    if _empty(df, "self-consistency"):
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    for agent, g in df.groupby("agent", sort=False):
+        color = MODE_COLORS["finetuned" if agent.startswith("finetuned") else "fewshot"]
+        for ax, x in zip(axes, ("k", "seconds_per_question"), strict=True):
+            ax.plot(g[x], g["em"] * 100, "o-", color=color, label=agent)
+            ax.fill_between(g[x], g["em_lo"] * 100, g["em_hi"] * 100, color=color, alpha=0.15)
+    axes[0].set(xlabel="episodes voted per question (k)", ylabel="EM (%)", xticks=sorted(df["k"].unique()))
+    axes[1].set(xlabel="seconds per question (k episodes)")
+    axes[0].legend(frameon=False)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Self-consistency: majority vote over k sampled episodes ({int(df['n'].max())} questions; "
+                 f"band: 95% bootstrap CI)")
+    return _done(fig, stem)

@@ -323,10 +323,12 @@ def eval_indices(task_or_len: Task | int, n: int, seed: int = default(EvalParams
     return idx[:n]
 
 
-def fewshot_prompt(kind: str, method: str) -> str:
+def fewshot_prompt(kind: str, method: str, n_exemplars: int | None = None, exemplars: str | None = None) -> str:
     """Instruction + exemplars for a task kind and method, from prompts/<kind>_<method>.txt.
 
-    The text ends with a blank line, so appending f"Question: {q}\\n" starts one more exemplar.
+    `n_exemplars` keeps the file's first n; `exemplars` replaces them (e.g. FireAct's
+    trajectories, `data.fireact_exemplars`) under the file's instruction. The text ends with a
+    blank line, so appending f"Question: {q}\\n" starts one more exemplar.
     """
     if kind not in KINDS or method not in METHODS:
         raise ValueError(
@@ -334,4 +336,6 @@ def fewshot_prompt(kind: str, method: str) -> str:
             f"kinds: {', '.join(KINDS)}; methods: {', '.join(METHODS)}"
         )
     text = (PROMPT_DIR / f"{kind}_{method}.txt").read_text(encoding="utf-8")
-    return text.rstrip("\n") + "\n\n"
+    head, *shots = text.rstrip("\n").split("\n\nQuestion: ")
+    shots = [exemplars.strip("\n")] if exemplars is not None else [f"Question: {s}" for s in shots[:n_exemplars]]
+    return "\n\n".join([head, *shots]) + "\n\n"

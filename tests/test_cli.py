@@ -66,3 +66,29 @@ def test_evaluate_a_question_file_end_to_end(tmp_path, capsys, model_path):
     assert len(recs) == 2
     meta = json.loads((tmp_path / "smoke" / "eval" / "mine.meta.json").read_text())
     assert meta["environment"]["search"] == "wiki" and meta["environment"]["corpus"].startswith("hotpotqa (")
+
+
+def test_select_consistency_mistakes_and_resumed_tables(tmp_path, capsys, multihop_dir):
+    """`consistency` without k values or a model is refused; `select` on complete saved
+    evaluations only reads them back and writes the table and the choice."""
+    from fireact_utils.agent import episode_id
+    from fireact_utils.io import write_jsonl
+    from fireact_utils.tasks import eval_indices, load_task
+
+    assert main(["consistency", "params/smoke.yaml", "--trained", str(tmp_path), f"output_root={tmp_path}",
+                 "study.sc_ks=[]"]) == 2
+    assert "study.sc_ks is empty" in _error_line(capsys)
+    with pytest.raises(SystemExit):  # argparse: --trained is required
+        main(["consistency", "params/smoke.yaml"])
+    task = load_task("hotpotqa-wiki", "val", multihop_dir=multihop_dir)
+    ov = [f"output_root={tmp_path}", "study.select_n=2", "study.fewshot_variants={}",
+          "study.recipes={a: {train.lora_r: 4}, b: {train.lora_r: 8}}"]
+    for label, ems in (("a", (False, False)), ("b", (True, False))):
+        write_jsonl(tmp_path / "smoke" / "eval" / f"recipe_{label}.jsonl",
+                    [{"id": episode_id(task, i), "status": "finished", "em": e, "f1": float(e), "turns": 1,
+                      "prompt_tokens": 1, "completion_tokens": 1} for i, e in zip(eval_indices(task, 2), ems, strict=True)])
+    assert main(["select", "params/smoke.yaml", *ov]) == 0
+    assert "chosen: b" in capsys.readouterr().out
+    chosen = json.loads((tmp_path / "smoke" / "tables" / "recipes_chosen.json").read_text())
+    assert chosen["label"] == "b" and chosen["overrides"] == {"train.lora_r": 8} and chosen["em"] == 0.5
+    assert not (tmp_path / "smoke" / "recipes").exists()  # nothing trained

@@ -16,6 +16,15 @@ def test_precedence_schema_yaml_overrides(tmp_path):
     assert load_params(None, {"train.method": "full"}).train.method == "full"
 
 
+def test_a_mapping_override_replaces_the_files_mapping(tmp_path):
+    f = tmp_path / "x.yaml"
+    f.write_text("study:\n  recipes:\n    a: {train.lora_r: 4}\n    b: {train.lora_r: 8}\n")
+    assert list(load_params(f).study.recipes) == ["a", "b"]
+    p = load_params(f, ["study.recipes={c: {train.lora_r: 2}}"])
+    assert p.study.recipes == {"c": {"train.lora_r": 2}}
+    assert load_params(f, ["study.recipes={}"]).study.recipes == {}
+
+
 @pytest.mark.parametrize("text, key", [
     ("trian:\n  epochs: 1\n", "trian"),
     ("train:\n  epocs: 1\n", "train.epocs"),
@@ -65,7 +74,8 @@ def test_base_file_holds_the_shared_part(tmp_path):
     with pytest.raises(ParamsError, match="missing.yaml"):
         load_params(tmp_path / "d.yaml")
     full, demo = load_params("params/cpu_full.yaml"), load_params("params/cpu.yaml")
-    assert full.train == demo.train and full.evaluate == demo.evaluate and full.study.data_sizes
+    assert full.train == demo.train and full.agent == demo.agent and full.study.data_sizes
+    assert full.evaluate == demo.evaluate.model_copy(update={"n_questions": 500})  # the long study: all of dev-500
 
 
 def test_data_dir_errors_name_the_variable(tmp_path, monkeypatch):

@@ -215,10 +215,13 @@ def test_served_completion_and_stop(served_model, chat):
 
 
 def test_served_concurrent_batch_keeps_order(served_model):
+    """Concurrent requests finish in any order; each answer comes back in its prompt's place."""
     llm = _served_backend(served_model, chat=False)
-    together = llm.generate(PROMPTS[:2], stop=[], max_new_tokens=4)
-    apart = [llm.generate([p], stop=[], max_new_tokens=4)[0] for p in PROMPTS[:2]]
-    assert [g.text for g in together] == [g.text for g in apart]
+    prompts = [*PROMPTS[:3], *PROMPTS[:3][::-1]]
+    together = llm.generate(prompts, stop=[], max_new_tokens=4)
+    apart = {p: llm.generate([p], stop=[], max_new_tokens=4)[0].text for p in PROMPTS[:3]}
+    assert len(set(apart.values())) == 3  # distinct answers: a swap would show
+    assert [g.text for g in together] == [apart[p] for p in prompts]
     assert all(g.prompt_tokens > 0 and g.completion_tokens > 0 for g in together)
 
 

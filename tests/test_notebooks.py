@@ -95,6 +95,7 @@ def _conditions(csv: Path, column: str = "condition") -> set:
     return set(df[column])
 
 
+@pytest.mark.slow
 def test_chain_executes_every_notebook(chain):
     _, run_dir = chain
     for nb in NOTEBOOKS:
@@ -105,6 +106,7 @@ def test_chain_executes_every_notebook(chain):
         assert not [o for c in cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
 
 
+@pytest.mark.slow
 def test_chain_dataset_and_model(chain):
     p, run_dir = chain
     card = json.loads((run_dir / "dataset" / "card.json").read_text())
@@ -114,6 +116,7 @@ def test_chain_dataset_and_model(chain):
     assert len(pd.read_csv(run_dir / "finetune" / "train_log.csv")) == p.train.max_steps
 
 
+@pytest.mark.slow
 def test_chain_eval_records(chain):
     p, run_dir = chain
     files = sorted((run_dir / "eval").glob("*.jsonl"))
@@ -124,16 +127,26 @@ def test_chain_eval_records(chain):
                   for k, r in grid}  # the Wikipedia environment
     gen = {f"gen_{t}_{s}" for t in p.study.generalization_tasks for s in ("base", "ft")}
     scaling = {f"scaling_n{n}" for n in p.study.data_sizes}
-    assert wiki_noisy and {f.stem for f in files} == base | {"finetuned_react"} | noisy | wiki_noisy | gen | scaling
+    select = {f"recipe_{r}" for r in p.study.recipes} | {f"fewshot_{v}" for v in p.study.fewshot_variants}
+    seeds = {f"finetuned_react_seed{s}" for s in p.study.seeds if s != p.train.seed}
+    sc = {f"sc_{who}_s{j}" for who in ("fewshot", "finetuned") for j in range(max(p.study.sc_ks))}
+    assert wiki_noisy and select and seeds and sc
+    assert {f.stem for f in files} == (base | {"finetuned_react"} | noisy | wiki_noisy | gen | scaling | select
+                                       | seeds | sc)
     for f in files:
         ids = [json.loads(line)["id"] for line in f.read_text().splitlines()]
-        wiki = f.stem in wiki_noisy | gen
-        assert len(ids) == len(set(ids)) == (p.study.generalization_n if wiki else p.evaluate.n_questions), f.name
+        wiki = f.stem in wiki_noisy | gen | select
+        n = {**dict.fromkeys(wiki_noisy | gen, p.study.generalization_n), **dict.fromkeys(select, p.study.select_n),
+             **dict.fromkeys(sc, p.study.sc_n)}.get(f.stem, p.evaluate.n_questions)
+        assert len(ids) == len(set(ids)) == n, f.name
+        if f.stem in select:
+            assert all("/val/" in i for i in ids), f.name
         meta = json.loads(f.with_suffix(".meta.json").read_text())
         assert meta["environment"]["search"] in (("wiki",) if wiki else ("recorded", "none")), f.name
         assert ("fidelity" in meta) == wiki, f.name
 
 
+@pytest.mark.slow
 def test_chain_tables(chain):
     p, run_dir = chain
     tables = run_dir / "tables"
@@ -148,9 +161,12 @@ def test_chain_tables(chain):
     wiki_clean = {condition_label(f"gen_hotpotqa-wiki_{s}") for s in ("base", "ft")}
     assert _conditions(tables / "robustness_hotpotqa-wiki.csv") == wiki_clean | wiki_noisy
     outcomes = pd.read_csv(tables / "wiki_outcomes.csv")
-    assert set(outcomes["condition"]) == wiki_clean | wiki_noisy
-    assert (outcomes[["correct", "saw evidence, wrong answer", "missed evidence", "never finished"]].sum(axis=1)
-            == p.study.generalization_n).all()
+    select = {condition_label(f"recipe_{r}") for r in p.study.recipes} | {
+        condition_label(f"fewshot_{v}") for v in p.study.fewshot_variants}  # notebook 02's choices, on wiki val
+    assert set(outcomes["condition"]) == wiki_clean | wiki_noisy | select
+    counts = outcomes[["correct", "saw evidence, wrong answer", "missed evidence", "never finished"]].sum(axis=1)
+    assert (counts == outcomes["condition"].map(lambda c: p.study.select_n if c in select
+                                                 else p.study.generalization_n)).all()
     gain = json.loads((tables / "paired_gain.json").read_text())
     assert gain["n"] == p.evaluate.n_questions and gain["lo"] <= gain["gain"] <= gain["hi"]
     assert _conditions(tables / "data_scaling.csv", "n_trajectories") == set(p.study.data_sizes)
@@ -161,17 +177,31 @@ def test_chain_tables(chain):
     summary = pd.read_csv(tables / "summary_vs_paper.csv")
     assert {"this run", "FireAct released run", "FireAct paper"} <= set(summary["source"])
     assert not (tables / "mixtures.csv").exists()  # study.mixtures is empty in smoke: skipped
+    for which in ("recipes", "fewshot_variants"):
+        sel = pd.read_csv(tables / f"{which}_selection.csv")
+        assert list(sel["condition"]) == list(getattr(p.study, which)) and sel["chosen"].sum() == 1
+        chosen = json.loads((tables / f"{which}_chosen.json").read_text())
+        assert chosen["overrides"] == getattr(p.study, which)[chosen["label"]] and chosen["split"] == "val"
+    seeds = pd.read_csv(tables / "headline_seeds.csv")
+    assert list(seeds["condition"]) == [f"seed {s}" for s in p.study.seeds] + [f"mean over {len(p.study.seeds)} seeds"]
+    sc = pd.read_csv(tables / "self_consistency.csv")
+    assert sorted(zip(sc["agent"], sc["k"], strict=True)) == sorted(
+        (a, k) for a in ("fewshot ReAct", "finetuned ReAct") for k in p.study.sc_ks)
+    assert (sc.groupby("agent")["tokens_per_question"].diff().dropna() > 0).all()  # more samples cost more
 
 
+@pytest.mark.slow
 def test_chain_figures(chain):
     _, run_dir = chain
     for stem in ("loss_curve", "prompting_vs_finetuned", "efficiency", "robustness", "robustness_hotpotqa-wiki",
-                 "data_scaling", "generalization", "outcomes"):
+                 "data_scaling", "generalization", "outcomes", "recipes_selection", "fewshot_variants_selection",
+                 "self_consistency"):
         for ext in ("png", "svg"):
             f = run_dir / "figures" / f"{stem}.{ext}"
             assert f.is_file() and f.stat().st_size > 1000, f
 
 
+@pytest.mark.slow
 def test_no_secrets_in_outputs(chain):
     """Keys set in the environment appear in no params dump, log, trajectory, notebook or HTML."""
     _, run_dir = chain
@@ -183,6 +213,7 @@ def test_no_secrets_in_outputs(chain):
             assert key.encode() not in data, f"{key} leaked into {f}"
 
 
+@pytest.mark.slow
 def test_chain_resumes_at_first_unfinished_notebook(chain, capsys):
     """A chain killed during notebook 04 re-runs 04 only; 00-03 are skipped by their markers."""
     p, run_dir = chain

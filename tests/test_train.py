@@ -51,6 +51,7 @@ def test_truncation(tok, records):
     assert len(ex["input_ids"]) == len(ex["labels"]) == 40
 
 
+@pytest.mark.slow
 def test_lora_finetune_lowers_loss_saves_and_changes_agent(tmp_path, records, data_dir):
     from fireact_utils.agent import run_episodes
     from fireact_utils.llm import LocalBackend

@@ -1,0 +1,177 @@
+"""Choosing on validation: fine-tuning recipes and few-shot prompts, then the chosen recipe over seeds.
+
+Every choice is made on `study.select_task` / `study.select_split` (default HotpotQA-wiki `val`:
+200 HotpotQA dev questions searched in their own Wikipedia paragraphs, none of them in FireAct's
+dev-500), never on the questions a result is reported on. A recipe is a set of `train.*` /
+`dataset.*` overrides of the run's params; a few-shot variant a set of `agent.*` overrides.
+
+    conds = recipes.recipe_search(p)               # fine-tune + evaluate each of study.recipes
+    table = recipes.selection_table(p, conds, p.study.recipes)   # EM with CIs; the chosen row marked
+    runs = recipes.seed_runs(p, "outputs/runs/cpu/finetune/final")  # the main recipe over study.seeds
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .config import Params, override
+from .evaluate import bootstrap_ci, episode_values, results_table, write_table
+from .io import atomic_write_json
+from .pipeline import (
+    condition_label,
+    dataset_pool,
+    finetune,
+    finetuned_agent,
+    local_llm,
+    run_condition,
+    saved_condition,
+    table_extras,
+)
+from .tasks import load_task
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+def variants(p: Params, which: str) -> dict[str, Params]:
+    """The run's params with each entry of study.<which> (recipes | fewshot_variants) applied."""
+    return {label: override(p, ov, f"study.{which}.{label}") for label, ov in getattr(p.study, which).items()}
+
+
+def _select_n(p: Params) -> int:
+    return p.study.select_n or len(load_task(p.study.select_task, p.study.select_split, p.data_dir, p.multihop_dir))
+
+
+def select_condition(p: Params, name: str, llm, agent, progress: bool = True) -> list[dict]:
+    """`run_condition` on the selection split (all of it unless study.select_n)."""
+    return run_condition(p, name, llm, agent, task=p.study.select_task, split=p.study.select_split, n=_select_n(p),
+                         progress=progress)
+
+
+def saved_selection(p: Params, name: str) -> list[dict] | None:
+    """A selection condition already complete on disk (its model need not be loaded or trained)."""
+    return saved_condition(p, name, p.study.select_task, p.study.select_split, _select_n(p))
+
+
+def recipe_search(p: Params, progress: bool = True) -> dict[str, list[dict]]:
+    """Fine-tune each recipe of study.recipes into recipes/<label>/ and evaluate it on the
+    selection split (condition recipe_<label>); both resume."""
+    from .data import mix
+
+    out = {}
+    for label, q in variants(p, "recipes").items():
+        if (recs := saved_selection(p, f"recipe_{label}")) is not None:
+            out[label] = recs
+            continue
+        pool, _ = dataset_pool(q)
+        recs = mix(pool, q.dataset.mixture or None, q.dataset.n_trajectories, q.dataset.seed, q.dataset.tasks)
+        trained = finetune(q, recs, p.run_dir / "recipes" / label)
+        out[label] = select_condition(p, f"recipe_{label}", local_llm(q, trained), finetuned_agent(q), progress)
+    return out
+
+
+def fewshot_search(p: Params, progress: bool = True) -> dict[str, list[dict]]:
+    """Each few-shot prompt of study.fewshot_variants (e.g. exemplars, their number, the chat
+    template) with the base model on the selection split (condition fewshot_<label>)."""
+    out, llm = {}, None
+    for label, q in variants(p, "fewshot_variants").items():
+        if (recs := saved_selection(p, f"fewshot_{label}")) is None:
+            llm = llm or local_llm(p)
+            recs = select_condition(p, f"fewshot_{label}", llm, q.agent.model_copy(update={"mode": "fewshot"}), progress)
+        out[label] = recs
+    return out
+
+
+def chosen(conds: dict[str, list[dict]]) -> str:
+    """The label with the highest mean EM; a tie goes to the one listed first."""
+    ems = {label: float(np.mean(episode_values(recs, "em"))) for label, recs in conds.items()}
+    return max(ems, key=lambda k: (ems[k], -list(ems).index(k)))
+
+
+def chosen_label(table: pd.DataFrame) -> str:
+    return str(table.loc[table["chosen"], "condition"].iloc[0])
+
+
+def selection_table(p: Params, conds: dict[str, list[dict]], settings: dict[str, dict[str, Any]],
+                    prefix: str = "recipe_") -> pd.DataFrame:
+    """One row per variant: EM etc. with CIs on the selection split, its settings, the
+    `pipeline.table_extras` columns (seconds per episode, search fidelity, environment), and
+    `chosen` on the best row."""
+    best = chosen(conds) if conds else None
+    extra = {}
+    for label in conds:
+        name = prefix + label
+        extra[label] = {**table_extras(p, [name])[condition_label(name)],
+                        "settings": ", ".join(f"{k}={v}" for k, v in settings[label].items()) or "(run's params)",
+                        "chosen": label == best, "split": f"{p.study.select_task} {p.study.select_split}"}
+    return results_table(conds, p.evaluate.bootstrap, extra=extra)
+
+
+PREFIX = {"recipes": "recipe_", "fewshot_variants": "fewshot_"}
+TITLES = {"recipes": "Fine-tuning recipes", "fewshot_variants": "Few-shot prompts of the base model"}
+
+
+def report_selection(p: Params, conds: dict[str, list[dict]], which: str) -> pd.DataFrame:
+    """`selection_table` of study.<which>, written to tables/<which>_selection.{csv,md} with its
+    figure, and the chosen variant to tables/<which>_chosen.json."""
+    from .plots import plot_selection
+
+    settings = getattr(p.study, which)
+    table = selection_table(p, conds, settings, PREFIX[which])
+    if conds:
+        best = chosen(conds)
+        write_table(table, p.run_dir / "tables" / f"{which}_selection")
+        plot_selection(table, TITLES[which], p.run_dir / "figures" / f"{which}_selection")
+        row = table[table["condition"] == best].iloc[0]
+        atomic_write_json(p.run_dir / "tables" / f"{which}_chosen.json",
+                          {"label": best, "overrides": settings[best], "em": row["em"], "em_lo": row["em_lo"],
+                           "em_hi": row["em_hi"], "n": int(row["n"]), "task": p.study.select_task,
+                           "split": p.study.select_split})
+    return table
+
+
+def seed_runs(p: Params, trained: str | Path, progress: bool = True) -> dict[int, list[dict]]:
+    """The main recipe fine-tuned with each of study.seeds (seeds/s<seed>/; train.seed is the
+    main fine-tune `trained` itself), each evaluated like finetuned_react on evaluate.task."""
+    out = {}
+    for seed in p.study.seeds:
+        if seed == p.train.seed:
+            out[seed] = run_condition(p, "finetuned_react", local_llm(p, trained), finetuned_agent(p), progress=progress)
+            continue
+        q = p.model_copy(update={"train": p.train.model_copy(update={"seed": seed})})
+        t = finetune(q, None, p.run_dir / "seeds" / f"s{seed}")
+        out[seed] = run_condition(p, f"finetuned_react_seed{seed}", local_llm(q, t), finetuned_agent(q),
+                                  progress=progress)
+    return out
+
+
+def report_seeds(p: Params, trained: str | Path, progress: bool = True) -> pd.DataFrame:
+    """`seed_table` of `seed_runs`, written to tables/headline_seeds.csv."""
+    from .io import atomic_write_text
+
+    table = seed_table(p, seed_runs(p, trained, progress))
+    atomic_write_text(p.run_dir / "tables" / "headline_seeds.csv", table.to_csv(index=False))
+    return table
+
+
+def seed_table(p: Params, runs: dict[int, list[dict]]) -> pd.DataFrame:
+    """A row per training seed, then `mean over seeds`: EM mean and standard deviation over the
+    seeds (`em_seed_sd`) beside a bootstrap CI over questions of the per-question mean."""
+    table = results_table({f"seed {s}": recs for s, recs in runs.items()}, p.evaluate.bootstrap)
+    if len(runs) < 2:
+        return table
+    per_seed = np.array([episode_values(recs, "em") for recs in runs.values()])
+    ids = [[r["id"] for r in recs] for recs in runs.values()]
+    if any(i != ids[0] for i in ids):
+        raise ValueError("seed runs must cover the same questions in the same order")
+    mean, lo, hi = bootstrap_ci(per_seed.mean(axis=0), p.evaluate.bootstrap)
+    ems = per_seed.mean(axis=1)
+    summary = {"condition": f"mean over {len(runs)} seeds", "n": per_seed.shape[1], "em": mean, "em_lo": lo,
+               "em_hi": hi, "em_seed_sd": float(ems.std(ddof=1)), "em_seed_min": float(ems.min()),
+               "em_seed_max": float(ems.max())}
+    import pandas as pd
+
+    return pd.concat([table, pd.DataFrame([summary])], ignore_index=True)

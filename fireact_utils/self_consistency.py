@@ -1,0 +1,99 @@
+"""Test-time compute: k sampled episodes per question, majority vote over their answers.
+
+Samples are conditions `sc_<agent>_s<j>` (j = 0..max(study.sc_ks)-1) at study.sc_temperature,
+each seeded with j, so a k-vote uses samples 0..k-1 and every point of the curve shares its
+samples with the next. Answers are compared normalized as the task scores them (`pred`: SQuAD
+normalization, the leading yes/no, the option letter); an episode that never answered does not
+vote; a tie goes to the answer given first (lowest j). Cost per question is what the k samples
+spent: tokens, and seconds (each sample condition's wall time over its episodes).
+
+    df = self_consistency.report(p, "outputs/runs/cpu/finetune/final")  # a row per agent and k, saved
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .evaluate import bootstrap_ci
+from .pipeline import condition_meta, fewshot_react, finetuned_agent, local_llm, run_condition
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .config import Params
+
+
+def majority_vote(records: list[dict]) -> dict:
+    """The record carrying the most common normalized answer among those that answered (ties:
+    the earliest); the first record if none answered."""
+    answered = [r for r in records if r["answer"] is not None]
+    if not answered:
+        return records[0]
+    counts = Counter(r["pred"] for r in answered)
+    top = max(counts.values())
+    return next(r for r in answered if counts[r["pred"]] == top)
+
+
+def samples(p: Params, who: str, trained: str | Path | None, progress: bool = True) -> list[list[dict]]:
+    """max(study.sc_ks) sampled runs of one agent (few-shot base if `trained` is None), aligned by question."""
+    import torch
+
+    llm = local_llm(p, trained)
+    agent = (finetuned_agent(p) if trained else fewshot_react(p)).model_copy(
+        update={"temperature": p.study.sc_temperature})
+    out = []
+    for j in range(max(p.study.sc_ks)):
+        torch.manual_seed(j)  # sample j draws the same tokens when re-run from scratch (a resumed one continues)
+        out.append(run_condition(p, f"sc_{who}_s{j}", llm, agent, n=p.study.sc_n or None, progress=progress))
+    return out
+
+
+def vote_curve(runs: list[list[dict]], ks: list[int], seconds_per_episode: list[float],
+               n_boot: int) -> pd.DataFrame:
+    """EM of the k-vote for each k (CI over questions), with tokens and seconds per question."""
+    import pandas as pd
+
+    ids = [r["id"] for r in runs[0]]
+    if any([r["id"] for r in run] != ids for run in runs):
+        raise ValueError("self-consistency samples must cover the same questions in the same order")
+    rows = []
+    for k in sorted(ks):
+        votes = [majority_vote([run[q] for run in runs[:k]]) for q in range(len(ids))]
+        em, lo, hi = bootstrap_ci([float(v["em"]) for v in votes], n_boot)
+        tokens = np.sum([[r["prompt_tokens"] + r["completion_tokens"] for r in run] for run in runs[:k]], axis=0)
+        rows.append({"k": k, "n": len(ids), "em": em, "em_lo": lo, "em_hi": hi,
+                     "tokens_per_question": float(tokens.mean()),
+                     "seconds_per_question": float(sum(seconds_per_episode[:k]))})
+    return pd.DataFrame(rows)
+
+
+def curve(p: Params, trained: str | Path, progress: bool = True) -> pd.DataFrame:
+    """The self-consistency curve of the few-shot base and the fine-tuned agent (`agent` column)."""
+    import pandas as pd
+
+    parts = []
+    for who, model in (("fewshot", None), ("finetuned", trained)):
+        runs = samples(p, who, model, progress)
+        secs = [_seconds_per_episode(condition_meta(p, f"sc_{who}_s{j}")) for j in range(len(runs))]
+        parts.append(vote_curve(runs, p.study.sc_ks, secs, p.evaluate.bootstrap).assign(
+            agent=f"{who} ReAct", temperature=p.study.sc_temperature))
+    return pd.concat(parts, ignore_index=True)
+
+
+def report(p: Params, trained: str | Path, progress: bool = True) -> pd.DataFrame:
+    """`curve`, written to tables/self_consistency.csv with its figure (figures/self_consistency)."""
+    from .io import atomic_write_text
+    from .plots import plot_self_consistency
+
+    df = curve(p, trained, progress)
+    atomic_write_text(p.run_dir / "tables" / "self_consistency.csv", df.to_csv(index=False))
+    plot_self_consistency(df, p.run_dir / "figures" / "self_consistency")
+    return df
+
+
+def _seconds_per_episode(meta: dict) -> float:
+    return meta["wall_s"] / meta["episodes_run"] if meta.get("episodes_run") else float("nan")
