@@ -6,8 +6,8 @@ greedy, recorded search, side by side in one run:
   ours               `LocalBackend`: all episodes together (`--batch-size` rows), continuous
                      batching, each episode's previous turns reused from the KV store, the
                      few-shot exemplars held and attended once for all rows
-  generate           transformers' batched `model.generate` per turn (left padding, stop strings
-                     and the action-line stop applied by `stop_strings` / cut after)
+  generate           transformers' batched `model.generate` per turn (`llm.GenerateBackend`: left
+                     padding, a row stops at the kit's stops, checked on its text each step)
   generate_batch     transformers' continuous batching (`model.generate_batch`) per turn; it
                      knows only EOS, so each turn runs to max_new_tokens and is cut after
   one-at-a-time+kv   ours, each episode alone (batch 1): isolates what batching adds
@@ -20,6 +20,7 @@ order of float sums). The verdict line is the ratio of ours to the best library 
 
     python benchmarks/rollouts.py                        # 32 questions, max_turns 8 (~4.5 min on 2 idle cores)
     python benchmarks/rollouts.py --n 4 --max-turns 2    # check that it runs
+    python benchmarks/rollouts.py --trained outputs/runs/cpu/finetune/final   # the fine-tuned agent
 
 Needs FIREACT_DATA_DIR (the FireAct data); the model is converted into $FIREACT_CACHE on first use.
 """
@@ -37,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=32, help="rows per generate call in the batched run")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="tokens per step (default: AgentParams')")
     ap.add_argument("--model", default="smollm2-135m", help="model spec (alias, path or HF id)")
+    ap.add_argument("--trained", default=None,
+                    help="what fine-tuning wrote (finetune/final): run the fine-tuned agent (short prompts, long generations)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--skip", nargs="*", default=[], help="runs to leave out (e.g. one-at-a-time generate_batch)")
     ap.add_argument("--threads", type=int, default=None,
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Heavy imports here so that --help is instant.
     from fireact_utils.agent import run_episodes
     from fireact_utils.config import AgentParams, ModelParams
-    from fireact_utils.llm import LocalBackend
+    from fireact_utils.llm import GenerateBackend, LocalBackend
     from fireact_utils.tasks import eval_indices, load_task
     from fireact_utils.tools import RecordedSearch
 
@@ -61,10 +64,14 @@ def main(argv: list[str] | None = None) -> dict:
     indices = eval_indices(task, args.n)
     search = RecordedSearch()
     mp = ModelParams(name=args.model, device=args.device)
+    if args.trained:
+        from fireact_utils.train import adapter_model_params
+
+        mp = adapter_model_params(mp, args.trained)
     llm = LocalBackend(mp, batch_size=args.batch_size)
     extra = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
-    params = AgentParams(method="react", mode="fewshot", temperature=0.0, max_turns=args.max_turns,
-                         batch_size=args.batch_size, **extra)
+    params = AgentParams(method="react", mode="finetuned" if args.trained else "fewshot", temperature=0.0,
+                         max_turns=args.max_turns, batch_size=args.batch_size, **extra)
     llm.generate(["Warm-up:"], [], max_new_tokens=2)  # first-call costs (kernels, allocator) off the clock
 
     def timed(backend: LocalBackend, one_at_a_time: bool) -> tuple[float, list[dict]]:
@@ -79,15 +86,19 @@ def main(argv: list[str] | None = None) -> dict:
         return LocalBackend(mp, model=llm.model, tokenizer=llm.tok, **kw)
 
     runs = [("ours", args.batch_size, llm, False),
-            ("generate", args.batch_size, HFGenerate(llm.model, llm.tok, args.batch_size), False),
+            ("generate", args.batch_size, GenerateBackend(mp, args.batch_size, llm.model, llm.tok), False),
             ("generate_batch", args.batch_size, HFContinuous(llm.model, llm.tok), False),
             ("one-at-a-time+kv", 1, share(batch_size=1), True),
             ("one-at-a-time", 1, share(batch_size=1, prefix_cache=False), True)]
-    results = [(name, bs, backend, *timed(backend, single)) for name, bs, backend, single in runs
-               if name not in args.skip]
+    results = []
+    for name, bs, backend, single in runs:
+        if name not in args.skip:
+            results.append((name, bs, backend, *timed(backend, single)))
+            print(f"[{name}: {results[-1][3]:.1f} s]", flush=True)  # progress, in case a later run is killed
 
     n = len(indices)
-    print(f"\nReAct few-shot, {args.model}, HotpotQA dev n={n}, max_turns={args.max_turns}, "
+    print(f"\nReAct {params.mode} ({params.n_exemplars} exemplars if few-shot), {llm.name}, HotpotQA dev n={n}, "
+          f"max_turns={args.max_turns}, "
           f"max_new_tokens={params.max_new_tokens}, device={llm.model.device}, threads={_threads()}")
     print(f"{'mode':<17} {'batch':>5} {'seconds':>8} {'episodes/s':>10} {'EM':>3} {'finished':>8} "
           f"{'prompt tok':>10} {'from cache':>10} {'same pred':>9}")
@@ -115,37 +126,6 @@ def main(argv: list[str] | None = None) -> dict:
     if "one-at-a-time" in t:
         print(f"ours vs one-at-a-time: {t['one-at-a-time'] / t['ours']:.2f}x")
     return out
-
-
-class HFGenerate:
-    """Batched `model.generate`, the kit's first backend: left-padded batches of `batch_size`
-    prompts, greedy, `stop_strings` for the plain stops; regex stops cut afterwards."""
-
-    chat = False
-
-    def __init__(self, model, tok, batch_size: int):
-        self.model, self.tok, self.batch_size, self.name = model, tok, batch_size, "model.generate"
-
-    def generate(self, prompts, stop, max_new_tokens=128, temperature=0.0):
-        import torch
-
-        from fireact_utils.llm import Generation
-        from fireact_utils.stops import cut_at_stop
-
-        self.tok.padding_side = "left"
-        out = []
-        for i in range(0, len(prompts), self.batch_size):
-            chunk = prompts[i:i + self.batch_size]
-            enc = self.tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
-            with torch.inference_mode():
-                ids = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                          stop_strings=[s for s in stop if isinstance(s, str)], tokenizer=self.tok,
-                                          pad_token_id=self.tok.pad_token_id or self.tok.eos_token_id)
-            for row, mask in zip(ids[:, enc["input_ids"].shape[1]:], enc["attention_mask"], strict=True):
-                new = [t for t in row.tolist() if t != (self.tok.pad_token_id or self.tok.eos_token_id)]
-                text = cut_at_stop(self.tok.decode(new, skip_special_tokens=True), stop)
-                out.append(Generation(text, int(mask.sum()), len(new)))
-        return out
 
 
 class HFContinuous:

@@ -9,6 +9,7 @@
     python -m fireact_utils select params/recipes.yaml          # recipes and prompts compared on validation
     python -m fireact_utils headline params/cpu_full.yaml       # baselines, seeds, self-consistency on evaluate.task
     python -m fireact_utils consistency params/cpu_full.yaml --trained outputs/runs/cpu/finetune/final
+    python -m fireact_utils beyond params/cpu_full.yaml         # self-improvement rounds and GRPO (notebook 05)
     python -m fireact_utils params params/cpu.yaml              # print resolved params
     python -m fireact_utils download --dest data                # FireAct public data (online)
 
@@ -27,16 +28,17 @@ import sys
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fireact", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("run", "generate", "finetune", "evaluate", "select", "headline", "consistency", "params"):
+    for name in ("run", "generate", "finetune", "evaluate", "select", "headline", "consistency", "beyond", "params"):
         s = sub.add_parser(name)
         s.add_argument("params_file")
         s.add_argument("overrides", nargs="*", help="section.key=value")
         if name == "run":
             s.add_argument("--redo", action="store_true", help="re-execute notebooks already done")
             s.add_argument("--no-html", action="store_true")
-        if name in ("evaluate", "consistency"):
+        if name in ("evaluate", "consistency", "beyond"):
             s.add_argument("--trained", "--adapter", dest="trained", required=name == "consistency",
-                           help="what fine-tuning wrote (finetune/final): a LoRA adapter or a full model")
+                           help="what fine-tuning wrote (finetune/final): a LoRA adapter or a full model"
+                                + ("; default: the run's own fine-tune" if name == "beyond" else ""))
         if name == "evaluate":
             s.add_argument("--model", help="model spec (HF id, path, alias); default params model.name")
             s.add_argument("--task", help="task name or question file (.json/.jsonl)")
@@ -101,6 +103,8 @@ def _run(args: argparse.Namespace) -> int:
         _headline(p)
     elif args.cmd == "consistency":
         _consistency(p, args.trained)
+    elif args.cmd == "beyond":
+        _beyond(p, args.trained or pipeline.finetune(p))
     elif args.cmd == "evaluate":
         from .agent import summarize
         from .llm import make_llm
@@ -143,3 +147,17 @@ def _consistency(p, trained) -> None:
     if not p.study.sc_ks:
         raise ValueError("study.sc_ks is empty: name the k values to vote over, e.g. 'study.sc_ks=[1,3,5]'")
     print(report(p, trained).to_string(index=False))
+
+
+def _beyond(p, trained) -> None:
+    """Notebook 05's studies from the SFT student `trained`: self-improvement rounds, then GRPO."""
+    from . import rl, self_improve
+
+    if not (p.self_improve.rounds or p.rl.steps):
+        raise ValueError("self_improve.rounds and rl.steps are both 0: nothing to run")
+    if p.self_improve.rounds:
+        print(self_improve.report(p, trained).to_string(index=False))
+    if p.rl.steps:
+        table, curve = rl.report(p, trained)
+        print(table.to_string(index=False))
+        print(curve.to_string(index=False))

@@ -33,6 +33,9 @@ class ModelParams(Section):
     cache_dir: str | None = Field(None, description="where converted models live; default $FIREACT_CACHE or ~/.cache/fireact")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    decoder: Literal["auto", "kit", "generate"] = Field(
+        "auto", description="local decoding: the kit's continuous batching, transformers' model.generate, or auto "
+        "(kit on CPU, generate on GPU: what benchmarks/rollouts.py measured faster on each)")
 
 
 class LLMParams(Section):
@@ -182,6 +185,36 @@ class StudyParams(Section):
         return v
 
 
+class SelfImproveParams(Section):
+    """Rejection-sampling self-improvement (notebook 05): the student keeps its own successes."""
+
+    rounds: int = Field(0, ge=0, description="rounds of sample -> keep reward-1 episodes -> fine-tune again (0: skip)")
+    task: str = Field("hotpotqa-wiki", description="task of the training questions, searched in its own environment")
+    split: str = Field("train", description="split of `task`; must share no question with any validation or test set")
+    n_questions: int = Field(0, ge=0, description="training questions (0: the whole split)")
+    k: int = Field(4, ge=1, description="episodes sampled per question and round")
+    temperature: float = Field(0.7, gt=0, description="sampling temperature")
+
+
+class RLParams(Section):
+    """GRPO (TRL's GRPOTrainer) from the SFT student, LoRA on top, reward = exact match (notebook 05)."""
+
+    steps: int = Field(0, ge=0, description="optimizer steps (0: skip)")
+    task: str = Field("hotpotqa-wiki", description="task of the training questions, searched in its own environment")
+    split: str = Field("train", description="split of `task`; must share no question with any validation or test set")
+    n_questions: int = Field(0, ge=0, description="training questions (0: the whole split)")
+    questions_per_step: int = Field(2, ge=1, description="questions per step; each gets num_generations episodes")
+    num_generations: int = Field(4, ge=2, description="episodes per question: the group whose rewards are compared")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the rollouts (and of the loss)")
+    learning_rate: float = Field(2e-5, gt=0, description="LoRA learning rate")
+    beta: float = Field(0.0, ge=0, description="KL weight to the SFT student (0: no reference model, as DAPO)")
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = Field("dapo", description="TRL's GRPO loss normalization")
+    format_reward: float = Field(0.0, ge=0, description="reward added when an episode finishes with an answer")
+    max_episode_tokens: int = Field(1024, ge=64, description="an episode's tokens after the prompt (model + observations)")
+    save_steps: int = Field(10, ge=1, description="checkpoint every N steps (resume point)")
+    seed: int = Field(0, description="seed of the question order and sampling")
+
+
 class Params(Section):
     """Everything one run needs."""
 
@@ -199,6 +232,8 @@ class Params(Section):
     dataset: DatasetParams = Field(default_factory=DatasetParams)
     train: TrainParams = Field(default_factory=TrainParams)
     study: StudyParams = Field(default_factory=StudyParams)
+    self_improve: SelfImproveParams = Field(default_factory=SelfImproveParams)
+    rl: RLParams = Field(default_factory=RLParams)
 
     @model_validator(mode="after")
     def _no_secrets(self) -> Params:

@@ -28,7 +28,8 @@ from .tasks import eval_indices, load_task
 if TYPE_CHECKING:
     import pandas as pd
 
-NOTEBOOKS = ("00_walkthrough", "01_generate_trajectories", "02_finetune", "03_evaluate", "04_scaling_and_robustness")
+NOTEBOOKS = ("00_walkthrough", "01_generate_trajectories", "02_finetune", "03_evaluate", "04_scaling_and_robustness",
+             "05_beyond_sft")
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
 
@@ -123,13 +124,19 @@ def build_dataset(p: Params, tok=None) -> list[dict]:
 
 # ---------------------------------------------------------------- fine-tuning
 
-def finetune(p: Params, records: list[dict] | None = None, out: str | Path | None = None) -> Path:
+def training_records(p: Params) -> list[dict]:
+    """The run's fine-tuning data: the saved dataset, built first if need be."""
     from .data import load_dataset_source
+
+    ds = p.run_dir / "dataset" / "trajectories.jsonl"
+    return load_dataset_source(str(ds)) if ds.is_file() else build_dataset(p)
+
+
+def finetune(p: Params, records: list[dict] | None = None, out: str | Path | None = None) -> Path:
     from .train import finetune as sft
 
     if records is None:
-        ds = p.run_dir / "dataset" / "trajectories.jsonl"
-        records = load_dataset_source(str(ds)) if ds.is_file() else build_dataset(p)
+        records = training_records(p)
     save_provenance(p, "finetune")
     return sft(records, out or p.run_dir / "finetune", p.train, p.model)
 
@@ -242,11 +249,11 @@ def condition_meta(p: Params, name: str) -> dict:
 
 def local_llm(p: Params, trained: str | Path | None = None):
     """The base model (trained=None) or the fine-tuned one, on the local backend."""
-    from .llm import LocalBackend
+    from .llm import local_backend
     from .train import adapter_model_params
 
     mp = adapter_model_params(p.model, trained) if trained else p.model
-    return LocalBackend(mp, batch_size=p.agent.batch_size)
+    return local_backend(mp, p.agent.batch_size)
 
 
 def finetuned_agent(p: Params) -> AgentParams:

@@ -307,3 +307,41 @@ def plot_self_consistency(df: pd.DataFrame, stem: str | Path | None = None):
     fig.suptitle(f"Self-consistency: majority vote over k sampled episodes ({int(df['n'].max())} questions; "
                  f"band: 95% bootstrap CI)")
     return _done(fig, stem)
+
+
+def plot_rounds(table: pd.DataFrame, stem: str | Path | None = None):
+    """Self-improvement: validation and test EM per round (95% CI bars), trajectories added above."""
+    if _empty(table, "self-improvement"):
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for split, color in (("val", "#4C72B0"), ("test", "#DD8452")):
+        em = table[f"{split}_em"] * 100
+        err = np.array([em - table[f"{split}_lo"] * 100, table[f"{split}_hi"] * 100 - em])
+        ax.errorbar(table["round"], em, yerr=err, fmt="o-", color=color, capsize=4,
+                    label=f"{split} ({int(table[f'{split}_n'].iloc[0])} questions)")
+    for _, r in table.iterrows():
+        if r["round"] > 0:
+            ax.annotate(f"+{int(r['added'])} own", (r["round"], r["val_em"] * 100), textcoords="offset points",
+                        xytext=(0, 8), ha="center", fontsize=8)
+    ax.set(xlabel="round (0 = SFT student)", ylabel="EM (%)", xticks=sorted(table["round"]),
+           title="Self-improvement: fine-tuned again on its own successful episodes")
+    ax.legend(frameon=False)
+    ax.grid(alpha=0.3)
+    return _done(fig, stem)
+
+
+def plot_rl_curve(curve: pd.DataFrame, stem: str | Path | None = None):
+    """GRPO: each step's mean reward and EM of its rollouts, and their search and format-error rates."""
+    if _empty(curve, "GRPO rollouts"):
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for col, label in (("reward", "reward"), ("em", "EM")):
+        axes[0].plot(curve["step"], curve[col], "o-", ms=3, label=label)
+    axes[0].set(xlabel="GRPO step", ylabel="mean over the step's episodes", title="Reward and exact match")
+    axes[1].plot(curve["step"], curve["searches"], "o-", ms=3, label="searches per episode")
+    axes[1].plot(curve["step"], curve["format_errors"], "o-", ms=3, label="episodes with a format error")
+    axes[1].set(xlabel="GRPO step", title="Tool use and format")
+    for ax in axes:
+        ax.legend(frameon=False)
+        ax.grid(alpha=0.3)
+    return _done(fig, stem)

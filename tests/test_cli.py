@@ -92,3 +92,11 @@ def test_select_consistency_mistakes_and_resumed_tables(tmp_path, capsys, multih
     chosen = json.loads((tmp_path / "smoke" / "tables" / "recipes_chosen.json").read_text())
     assert chosen["label"] == "b" and chosen["overrides"] == {"train.lora_r": 8} and chosen["em"] == 0.5
     assert not (tmp_path / "smoke" / "recipes").exists()  # nothing trained
+
+
+def test_beyond_with_nothing_to_run_and_a_group_of_one(tmp_path, capsys):
+    ov = [f"output_root={tmp_path}", "self_improve.rounds=0", "rl.steps=0"]
+    assert main(["beyond", "params/smoke.yaml", "--trained", str(tmp_path), *ov]) == 2
+    assert "self_improve.rounds and rl.steps are both 0" in _error_line(capsys)
+    assert main(["params", "params/smoke.yaml", "rl.num_generations=1"]) == 2  # a group needs two episodes
+    assert "rl.num_generations" in _error_line(capsys)

@@ -190,6 +190,36 @@ def test_local_sampling_is_seeded(local_llm):
     assert texts[0] != greedy  # temperature 1 over 3 x 8 tokens: some token differs from greedy
 
 
+# ---------------------------------------------------------------- model.generate backend (the GPU default)
+
+
+def test_generate_backend_equals_ours_and_stops_where_ours_does(local_llm):
+    """Greedy texts and token counts of `GenerateBackend` equal the kit decoder's, with a stop
+    string, the action-line pattern, and chat messages; each row stops at its own stop."""
+    from fireact_utils.llm import GenerateBackend
+
+    gen = GenerateBackend(model=local_llm.model, tokenizer=local_llm.tok, batch_size=2)  # 2: chunks of the 3 prompts
+    free = local_llm.generate(PROMPTS, stop=[], max_new_tokens=12)
+    stop = [_first_word_after(free[2].text)]
+    react = ["Question: Who wrote Hamlet?\nThought: I should search.\nAction: search[Hamlet]\nObservation: a play.\n"
+             "Thought: Shakespeare wrote it.\n", "Question: 2 + 2?\nThought:"]
+    msgs = [[{"role": "user", "content": "Say hello."}]]
+    for prompts, st, n in ((PROMPTS, [], 12), (PROMPTS, stop, 12), (react, STOP, 40), (msgs, ["\n"], 10)):
+        ours, theirs = local_llm.generate(prompts, st, n), gen.generate(prompts, st, n)
+        assert [(g.text, g.prompt_tokens) for g in theirs] == [(g.text, g.prompt_tokens) for g in ours]
+        assert all(t.completion_tokens <= n for t in theirs)
+    cut = gen.generate(PROMPTS, stop, 12)
+    assert cut[2].completion_tokens < free[2].completion_tokens  # it stopped at the stop word, not at 12 tokens
+
+
+def test_local_backend_picks_the_decoder_by_device(model_path):
+    from fireact_utils.config import ModelParams
+    from fireact_utils.llm import GenerateBackend, LocalBackend, local_backend
+
+    assert type(local_backend(ModelParams(name=model_path, device="cpu"))) is LocalBackend  # auto on CPU: the kit's
+    assert type(local_backend(ModelParams(name=model_path, device="cpu", decoder="generate"))) is GenerateBackend
+
+
 # ---------------------------------------------------------------- OpenAI backend on transformers serve
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from fireact_utils.config import load_params
 from fireact_utils.pipeline import NOTEBOOK_DIR, NOTEBOOKS, condition_label, run_chain
+from fireact_utils.self_improve import held_out_questions
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "params" / "smoke.yaml"
@@ -130,17 +131,23 @@ def test_chain_eval_records(chain):
     select = {f"recipe_{r}" for r in p.study.recipes} | {f"fewshot_{v}" for v in p.study.fewshot_variants}
     seeds = {f"finetuned_react_seed{s}" for s in p.study.seeds if s != p.train.seed}
     sc = {f"sc_{who}_s{j}" for who in ("fewshot", "finetuned") for j in range(max(p.study.sc_ks))}
-    assert wiki_noisy and select and seeds and sc
+    si = {f"si_r{r}_s{j}" for r in range(1, p.self_improve.rounds + 1) for j in range(p.self_improve.k)}
+    beyond_val = {"sft_val", "rl_val"} | {f"si_round{r}_val" for r in range(1, p.self_improve.rounds + 1)}
+    beyond_test = {"rl_test"} | {f"si_round{r}_test" for r in range(1, p.self_improve.rounds + 1)}
+    assert wiki_noisy and select and seeds and sc and si
     assert {f.stem for f in files} == (base | {"finetuned_react"} | noisy | wiki_noisy | gen | scaling | select
-                                       | seeds | sc)
+                                       | seeds | sc | si | beyond_val | beyond_test)
     for f in files:
         ids = [json.loads(line)["id"] for line in f.read_text().splitlines()]
-        wiki = f.stem in wiki_noisy | gen | select
-        n = {**dict.fromkeys(wiki_noisy | gen, p.study.generalization_n), **dict.fromkeys(select, p.study.select_n),
-             **dict.fromkeys(sc, p.study.sc_n)}.get(f.stem, p.evaluate.n_questions)
+        wiki = f.stem in wiki_noisy | gen | select | si | beyond_val
+        n = {**dict.fromkeys(wiki_noisy | gen, p.study.generalization_n),
+             **dict.fromkeys(select | beyond_val, p.study.select_n), **dict.fromkeys(sc, p.study.sc_n),
+             **dict.fromkeys(si, p.self_improve.n_questions)}.get(f.stem, p.evaluate.n_questions)
         assert len(ids) == len(set(ids)) == n, f.name
-        if f.stem in select:
+        if f.stem in select | beyond_val:
             assert all("/val/" in i for i in ids), f.name
+        if f.stem in si:
+            assert all(i.startswith("hotpotqa-wiki/train/") for i in ids), f.name
         meta = json.loads(f.with_suffix(".meta.json").read_text())
         assert meta["environment"]["search"] in (("wiki",) if wiki else ("recorded", "none")), f.name
         assert ("fidelity" in meta) == wiki, f.name
@@ -188,6 +195,21 @@ def test_chain_tables(chain):
     assert sorted(zip(sc["agent"], sc["k"], strict=True)) == sorted(
         (a, k) for a in ("fewshot ReAct", "finetuned ReAct") for k in p.study.sc_ks)
     assert (sc.groupby("agent")["tokens_per_question"].diff().dropna() > 0).all()  # more samples cost more
+    si = pd.read_csv(tables / "self_improve.csv")  # notebook 05
+    assert list(si["round"]) == list(range(p.self_improve.rounds + 1))
+    assert (si["val_n"] == p.study.select_n).all() and (si["test_n"] == p.evaluate.n_questions).all()
+    assert si.loc[0, "val_gain"] == 0 and (si["episodes"].dropna() == p.self_improve.n_questions * p.self_improve.k).all()
+    own = [json.loads(line)["question"] for line in (run_dir / "self_improve" / "round1" / "trajectories.jsonl")
+           .read_text().splitlines()]
+    assert len(own) == si.loc[1, "added"] and not {" ".join(q.lower().split()) for q in own} & held_out_questions(p)
+    rl_table = pd.read_csv(tables / "rl.csv")
+    assert list(rl_table["model"]) == ["SFT student", f"GRPO, {p.rl.steps} steps"]
+    assert (rl_table["val_em"].iloc[0], rl_table["test_em"].iloc[0]) == (si["val_em"].iloc[0], si["test_em"].iloc[0])
+    curve = pd.read_csv(tables / "rl_curve.csv")
+    assert list(curve["step"]) == list(range(p.rl.steps))
+    assert (curve["episodes"] == p.rl.questions_per_step * p.rl.num_generations).all()
+    assert curve["masked_tokens"].between(0, 1).all()
+    assert json.loads((run_dir / "rl" / "final" / "rl_done.json").read_text())["params"]["steps"] == p.rl.steps
 
 
 @pytest.mark.slow
@@ -195,7 +217,7 @@ def test_chain_figures(chain):
     _, run_dir = chain
     for stem in ("loss_curve", "prompting_vs_finetuned", "efficiency", "robustness", "robustness_hotpotqa-wiki",
                  "data_scaling", "generalization", "outcomes", "recipes_selection", "fewshot_variants_selection",
-                 "self_consistency"):
+                 "self_consistency", "self_improve", "rl_curve"):
         for ext in ("png", "svg"):
             f = run_dir / "figures" / f"{stem}.{ext}"
             assert f.is_file() and f.stat().st_size > 1000, f

@@ -1,0 +1,180 @@
+"""Self-improvement by rejection sampling: the student fine-tuned again on its own successes.
+
+Round r = 1..self_improve.rounds: the round r-1 student (round 0 is the SFT student) samples
+self_improve.k episodes per training question at self_improve.temperature, searching the
+training task's own environment; the reward-1 episodes are kept, each distinct trajectory once;
+the base model is fine-tuned afresh, with the run's recipe, on the run's GPT-4 data plus every
+success of rounds 1..r (re-training from the base, as STaR does, so errors do not compound
+across rounds). Training questions (default HotpotQA-wiki `train`) share no question with any
+validation or test set: `check_disjoint` refuses the round otherwise.
+
+Each round's student is scored on the selection split (validation) and on evaluate.task (test),
+paired with the SFT student on the same questions.
+
+    table = self_improve.report(p, "outputs/runs/cpu/finetune/final")   # a row per round, saved
+
+run_dir/self_improve/round<r>/ holds the round's data (trajectories.jsonl) and model (final/);
+samples are conditions si_r<r>_s<j> in eval/, scores si_round<r>_{val,test} (the SFT student's:
+sft_val, and notebook 03's finetuned_react).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .evaluate import bootstrap_ci, episode_values, paired_bootstrap_diff
+from .io import read_jsonl, write_jsonl
+from .pipeline import (
+    condition_meta,
+    condition_questions,
+    finetune,
+    finetuned_agent,
+    local_llm,
+    run_condition,
+    training_records,
+)
+from .tasks import load_task
+from .train import read_train_meta
+from .trajectories import react_text
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .config import Params
+
+
+def _norm(q: str) -> str:
+    return " ".join(q.lower().split())
+
+
+def held_out_questions(p: Params) -> set[str]:
+    """Every question the run reports or chooses on (normalized): evaluate.task's evaluated
+    questions, the selection split, HotpotQA-wiki val and test, the generalization and noise tasks."""
+    tasks = [condition_questions(p)]
+    named = {(p.study.select_task, p.study.select_split), ("hotpotqa-wiki", "val"), ("hotpotqa-wiki", "test")}
+    named |= {(t, None) for t in [*p.study.generalization_tasks, *p.study.noise_tasks] if t != p.evaluate.task}
+    for name, split in sorted(named, key=str):
+        t = load_task(name, split, p.data_dir, p.multihop_dir)
+        tasks.append((t, range(len(t))))
+    return {_norm(t.questions[i]) for t, idx in tasks for i in idx}
+
+
+def check_disjoint(p: Params, questions) -> None:
+    """Refuse training questions that any validation or test set holds."""
+    overlap = sorted({_norm(q) for q in questions} & held_out_questions(p))
+    if overlap:
+        raise ValueError(f"self-improvement questions overlap validation/test sets ({len(overlap)}), e.g. "
+                         f"{overlap[0]!r}: pick another self_improve.task/split")
+
+
+def training_questions(p: Params):
+    """(task, indices): the training questions, all of the split unless self_improve.n_questions."""
+    s = p.self_improve
+    t = load_task(s.task, s.split, p.data_dir, p.multihop_dir)
+    return t, list(range(min(s.n_questions or len(t), len(t))))
+
+
+def sample(p: Params, r: int, trained: str | Path, progress: bool = True) -> list[list[dict]]:
+    """self_improve.k sampled runs of the round r-1 student `trained` on the training questions."""
+    import torch
+
+    s = p.self_improve
+    task, idx = training_questions(p)
+    check_disjoint(p, [task.questions[i] for i in idx])
+    llm = local_llm(p, trained)
+    agent = finetuned_agent(p).model_copy(update={"temperature": s.temperature})
+    runs = []
+    for j in range(s.k):
+        torch.manual_seed(1000 * r + j)  # a sample re-run from scratch draws the same tokens
+        runs.append(run_condition(p, f"si_r{r}_s{j}", llm, agent, task=s.task, split=s.split, n=len(idx),
+                                  progress=progress))
+    return runs
+
+
+def successes(runs: list[list[dict]], r: int) -> list[dict]:
+    """The reward-1 episodes as trajectory records, each distinct (question, text) once."""
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for run in runs:
+        for e in run:
+            key = (_norm(e["question"]), react_text(e["steps"]))
+            if e["reward"] and key not in seen:
+                seen.add(key)
+                out.append({"question": e["question"], "preamble": "", "steps": e["steps"], "task": e["task"],
+                            "method": "react", "reward": True, "source": f"self:round{r}", "episode": e["id"]})
+    return out
+
+
+def run_round(p: Params, r: int, sampler: str | Path, earlier: list[dict], progress: bool = True) -> tuple[Path, dict]:
+    """Round r: sample with `sampler`, keep successes, fine-tune on GPT-4 data + `earlier` + them.
+    Returns the round's model and its figures (yield, data, cost)."""
+    out = p.run_dir / "self_improve" / f"round{r}"
+    runs = sample(p, r, sampler, progress)
+    new = successes(runs, r)
+    check_disjoint(p, [t["question"] for t in new])
+    write_jsonl(out / "trajectories.jsonl", new)
+    trained = finetune(p, [*training_records(p), *earlier, *new], out)
+    episodes = [e for run in runs for e in run]
+    metas = [condition_meta(p, f"si_r{r}_s{j}") for j in range(len(runs))]
+    return trained, {
+        "round": r, "questions": len(runs[0]), "episodes": len(episodes),
+        "yield": sum(e["reward"] for e in episodes) / max(len(episodes), 1),
+        "questions_solved": len({e["id"] for e in episodes if e["reward"]}) / max(len(runs[0]), 1),
+        "added": len(new), "self_total": len(earlier) + len(new),
+        "sample_s": sum(m.get("wall_s", 0.0) for m in metas),
+        "sample_tokens": sum(e["prompt_tokens"] + e["completion_tokens"] for e in episodes),
+        "train_s": read_train_meta(trained).get("train_runtime_s") or 0.0}
+
+
+def scores(p: Params, tag: str, trained: str | Path, progress: bool = True) -> dict[str, list[dict]]:
+    """A student on validation (the selection split, condition <tag>_val) and test (evaluate.task,
+    <tag>_test); the SFT student (tag "sft") is tested as notebook 03's `finetuned_react`."""
+    from .recipes import select_condition
+
+    llm, agent = local_llm(p, trained), finetuned_agent(p)
+    return {"val": select_condition(p, f"{tag}_val", llm, agent, progress),
+            "test": run_condition(p, "finetuned_react" if tag == "sft" else f"{tag}_test", llm, agent,
+                                  progress=progress)}
+
+
+def rounds(p: Params, trained: str | Path, progress: bool = True) -> list[dict]:
+    """Round 0 (the SFT student `trained`) and rounds 1..self_improve.rounds: a dict each with the
+    round's figures and its `val`/`test` records."""
+    rows = [{"round": 0, "model": str(trained), **scores(p, "sft", trained, progress)}]
+    model, earlier = Path(trained), []
+    for r in range(1, p.self_improve.rounds + 1):
+        model, info = run_round(p, r, model, earlier, progress)
+        earlier += read_jsonl(p.run_dir / "self_improve" / f"round{r}" / "trajectories.jsonl")
+        rows.append({**info, "model": str(model), **scores(p, f"si_round{r}", model, progress)})
+    return rows
+
+
+def round_table(p: Params, rows: list[dict]) -> pd.DataFrame:
+    """A row per round: yield, data added, EM with CIs on val and test, the paired gain over the
+    SFT student (round 0) with its CI, and the cost."""
+    import pandas as pd
+
+    out = []
+    for row in rows:
+        line = {k: v for k, v in row.items() if k not in ("val", "test", "model")}
+        for split in ("val", "test"):
+            em = episode_values(row[split], "em")
+            line[f"{split}_n"] = len(em)
+            line[f"{split}_em"], line[f"{split}_lo"], line[f"{split}_hi"] = bootstrap_ci(em, p.evaluate.bootstrap)
+            base = episode_values(rows[0][split], "em")
+            line[f"{split}_gain"], line[f"{split}_gain_lo"], line[f"{split}_gain_hi"] = \
+                paired_bootstrap_diff(base, em, p.evaluate.bootstrap)
+        out.append(line)
+    return pd.DataFrame(out)
+
+
+def report(p: Params, trained: str | Path, progress: bool = True) -> pd.DataFrame:
+    """`round_table` of `rounds`, written to tables/self_improve.csv with its figure."""
+    from .io import atomic_write_text
+    from .plots import plot_rounds
+
+    table = round_table(p, rounds(p, trained, progress))
+    atomic_write_text(p.run_dir / "tables" / "self_improve.csv", table.to_csv(index=False))
+    plot_rounds(table, p.run_dir / "figures" / "self_improve")
+    return table
