@@ -185,26 +185,30 @@ class StudyParams(Section):
         return v
 
 
-class SelfImproveParams(Section):
-    """Rejection-sampling self-improvement (notebook 05): the student keeps its own successes."""
+class TrainingQuestions(Section):
+    """Where notebook 05's students practise: questions disjoint from every validation and test set."""
 
-    rounds: int = Field(0, ge=0, description="rounds of sample -> keep reward-1 episodes -> fine-tune again (0: skip)")
     task: str = Field("hotpotqa-wiki", description="task of the training questions, searched in its own environment")
     split: str = Field("train", description="split of `task`; must share no question with any validation or test set")
     n_questions: int = Field(0, ge=0, description="training questions (0: the whole split)")
+
+
+class SelfImproveParams(TrainingQuestions):
+    """Rejection-sampling self-improvement (notebook 05): the student keeps its own successes."""
+
+    rounds: int = Field(0, ge=0, description="rounds of sample -> keep reward-1 episodes -> fine-tune again (0: skip)")
     k: int = Field(4, ge=1, description="episodes sampled per question and round")
     temperature: float = Field(0.7, gt=0, description="sampling temperature")
 
 
-class RLParams(Section):
+class RLParams(TrainingQuestions):
     """GRPO (TRL's GRPOTrainer) from the SFT student, LoRA on top, reward = exact match (notebook 05)."""
 
     steps: int = Field(0, ge=0, description="optimizer steps (0: skip)")
-    task: str = Field("hotpotqa-wiki", description="task of the training questions, searched in its own environment")
-    split: str = Field("train", description="split of `task`; must share no question with any validation or test set")
-    n_questions: int = Field(0, ge=0, description="training questions (0: the whole split)")
     questions_per_step: int = Field(2, ge=1, description="questions per step; each gets num_generations episodes")
     num_generations: int = Field(4, ge=2, description="episodes per question: the group whose rewards are compared")
+    micro_batch: int = Field(2, ge=1, description="episodes per forward/backward; a step accumulates all of its "
+                             "episodes (full-vocabulary log-probs of 8 long episodes at once took 24 GB on CPU)")
     temperature: float = Field(1.0, gt=0, description="sampling temperature of the rollouts (and of the loss)")
     learning_rate: float = Field(2e-5, gt=0, description="LoRA learning rate")
     beta: float = Field(0.0, ge=0, description="KL weight to the SFT student (0: no reference model, as DAPO)")
@@ -213,6 +217,13 @@ class RLParams(Section):
     max_episode_tokens: int = Field(1024, ge=64, description="an episode's tokens after the prompt (model + observations)")
     save_steps: int = Field(10, ge=1, description="checkpoint every N steps (resume point)")
     seed: int = Field(0, description="seed of the question order and sampling")
+
+    @model_validator(mode="after")
+    def _micro_batches(self) -> RLParams:
+        if (self.questions_per_step * self.num_generations) % self.micro_batch:
+            raise ValueError(f"micro_batch {self.micro_batch} must divide a step's episodes "
+                             f"(questions_per_step x num_generations = {self.questions_per_step * self.num_generations})")
+        return self
 
 
 class Params(Section):

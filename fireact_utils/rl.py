@@ -116,26 +116,24 @@ def training_prompts(p: Params):
     from every validation and test set."""
     from datasets import Dataset
 
-    from .self_improve import check_disjoint
-    from .tasks import load_task
+    from .self_improve import training_questions
 
-    r = p.rl
-    task = load_task(r.task, r.split, p.data_dir, p.multihop_dir)
-    idx = list(range(min(r.n_questions or len(task), len(task))))
-    check_disjoint(p, [task.questions[i] for i in idx])
-    random.Random(r.seed).shuffle(idx)
+    task, idx = training_questions(p, p.rl)
+    random.Random(p.rl.seed).shuffle(idx)
     return task, Dataset.from_dict({"prompt": [alpaca_prompt(task.questions[i]) for i in idx]})
 
 
 def grpo_config(p: Params, out_dir: Path, device: str):
-    """TRL's GRPOConfig from rl.*: a step = questions_per_step groups of num_generations episodes."""
+    """TRL's GRPOConfig from rl.*: a step = questions_per_step groups of num_generations episodes,
+    generated together and accumulated in micro-batches of rl.micro_batch."""
     from trl import GRPOConfig
 
     r = p.rl
+    episodes = r.questions_per_step * r.num_generations  # one generation batch = one optimizer step: on-policy
     return GRPOConfig(
         output_dir=str(out_dir), max_steps=r.steps, learning_rate=r.learning_rate, beta=r.beta,
         loss_type=r.loss_type, num_generations=r.num_generations, temperature=r.temperature,
-        per_device_train_batch_size=r.questions_per_step * r.num_generations, gradient_accumulation_steps=1,
+        per_device_train_batch_size=r.micro_batch, gradient_accumulation_steps=episodes // r.micro_batch,
         max_completion_length=r.max_episode_tokens, logging_steps=1, save_steps=r.save_steps, save_total_limit=1,
         seed=r.seed, use_cpu=device == "cpu", bf16=False, gradient_checkpointing=False, report_to="none",
         disable_tqdm=True)

@@ -41,7 +41,7 @@ from .trajectories import react_text
 if TYPE_CHECKING:
     import pandas as pd
 
-    from .config import Params
+    from .config import Params, TrainingQuestions
 
 
 def _norm(q: str) -> str:
@@ -68,11 +68,14 @@ def check_disjoint(p: Params, questions) -> None:
                          f"{overlap[0]!r}: pick another self_improve.task/split")
 
 
-def training_questions(p: Params):
-    """(task, indices): the training questions, all of the split unless self_improve.n_questions."""
-    s = p.self_improve
-    t = load_task(s.task, s.split, p.data_dir, p.multihop_dir)
-    return t, list(range(min(s.n_questions or len(t), len(t))))
+def training_questions(p: Params, where: TrainingQuestions | None = None):
+    """(task, indices): `where`'s training questions (default p.self_improve), all of the split
+    unless n_questions, checked disjoint from every validation and test set."""
+    w = where or p.self_improve
+    t = load_task(w.task, w.split, p.data_dir, p.multihop_dir)
+    idx = list(range(min(w.n_questions or len(t), len(t))))
+    check_disjoint(p, [t.questions[i] for i in idx])
+    return t, idx
 
 
 def sample(p: Params, r: int, trained: str | Path, progress: bool = True) -> list[list[dict]]:
@@ -81,7 +84,6 @@ def sample(p: Params, r: int, trained: str | Path, progress: bool = True) -> lis
 
     s = p.self_improve
     task, idx = training_questions(p)
-    check_disjoint(p, [task.questions[i] for i in idx])
     llm = local_llm(p, trained)
     agent = finetuned_agent(p).model_copy(update={"temperature": s.temperature})
     runs = []

@@ -58,7 +58,7 @@ def rl_params(model_path, data_dir, multihop_dir, tmp_path):
     return load_params(PARAMS / "smoke.yaml", {
         "model.name": model_path, "model.device": "cpu", "data_dir": str(data_dir), "multihop_dir": str(multihop_dir),
         "output_root": str(tmp_path), "agent.max_turns": 3, "agent.max_new_tokens": 40, "rl.steps": 1,
-        "rl.questions_per_step": 2, "rl.num_generations": 2, "rl.max_episode_tokens": 400})
+        "rl.questions_per_step": 2, "rl.num_generations": 2, "rl.micro_batch": 4, "rl.max_episode_tokens": 400})
 
 
 def _spans(mask: list[int], value: int) -> list[tuple[int, int]]:
