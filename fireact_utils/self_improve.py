@@ -64,8 +64,8 @@ def check_disjoint(p: Params, questions) -> None:
     """Refuse training questions that any validation or test set holds."""
     overlap = sorted({_norm(q) for q in questions} & held_out_questions(p))
     if overlap:
-        raise ValueError(f"self-improvement questions overlap validation/test sets ({len(overlap)}), e.g. "
-                         f"{overlap[0]!r}: pick another self_improve.task/split")
+        raise ValueError(f"training questions overlap validation/test sets ({len(overlap)}), e.g. "
+                         f"{overlap[0]!r}: pick another task/split (self_improve.* or rl.*)")
 
 
 def training_questions(p: Params, where: TrainingQuestions | None = None):
