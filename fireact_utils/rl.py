@@ -139,19 +139,28 @@ def grpo_config(p: Params, out_dir: Path, device: str):
         disable_tqdm=True)
 
 
+def _student(p: Params, trained: str | Path):
+    """(model, tokenizer, prompt dataset, Rollouts): the SFT student `trained` (a full model or a
+    LoRA adapter, merged) in fp32, and its rollouts on the training questions' environment."""
+    from .models import load_model
+    from .tools import make_search
+    from .train import adapter_model_params
+
+    mp = adapter_model_params(p.model, trained)
+    model, tok = load_model(mp.name, mp.adapter, mp.cache_dir, p.model.device, "float32", merge=True)
+    task, ds = training_prompts(p)
+    return model, tok, ds, Rollouts(p, task, make_search(p.search, p.data_dir, task.corpus, p.multihop_dir), tok)
+
+
 def grpo_trainer(p: Params, trained: str | Path, reward_funcs=None, trainer_cls=None):
     """(GRPOTrainer, Rollouts) from the SFT student `trained` (a full model or a LoRA adapter,
     merged first), with a fresh LoRA adapter on top; `reward_funcs` defaults to the episodes' own."""
     from trl import GRPOTrainer
 
-    from .models import load_model, pick_device
-    from .tools import make_search
-    from .train import adapter_model_params, lora_config
+    from .models import pick_device
+    from .train import lora_config
 
-    mp = adapter_model_params(p.model, trained)
-    model, tok = load_model(mp.name, mp.adapter, mp.cache_dir, p.model.device, "float32", merge=True)
-    task, ds = training_prompts(p)
-    rollouts = Rollouts(p, task, make_search(p.search, p.data_dir, task.corpus, p.multihop_dir), tok)
+    model, tok, ds, rollouts = _student(p, trained)
     trainer = (trainer_cls or GRPOTrainer)(
         model=model, reward_funcs=reward_funcs or episode_reward,
         args=grpo_config(p, p.run_dir / "rl", pick_device(p.model.device)), train_dataset=ds, processing_class=tok,
@@ -184,15 +193,10 @@ def masked_episode(p: Params, trained: str | Path, question: int = 0) -> tuple[o
     """One GRPO rollout of the SFT student on training question `question`, as (tokenizer,
     {input_ids, labels}) with labels -100 where the loss never reaches: the prompt and the tool's
     observations (for `plots.loss_mask_html`)."""
-    from .models import load_model
-    from .tools import make_search
-    from .train import IGNORE, adapter_model_params
+    from .train import IGNORE
 
-    task, _ = training_prompts(p)
-    mp = adapter_model_params(p.model, trained)
-    model, tok = load_model(mp.name, mp.adapter, mp.cache_dir, p.model.device, "float32", merge=True)
-    roll = Rollouts(p, task, make_search(p.search, p.data_dir, task.corpus, p.multihop_dir), tok)
-    _, prompt_ids, comp, env = roll.episodes(model, [alpaca_prompt(task.questions[question])])
+    model, tok, _, roll = _student(p, trained)
+    _, prompt_ids, comp, env = roll.episodes(model, [alpaca_prompt(roll.task.questions[question])])
     labels = [IGNORE] * len(prompt_ids[0]) + [t if m else IGNORE for t, m in zip(comp[0], env[0], strict=True)]
     return tok, {"input_ids": prompt_ids[0] + comp[0], "labels": labels}
 
