@@ -21,6 +21,8 @@ order of float sums). The verdict line is the ratio of ours to the best library 
     python benchmarks/rollouts.py                        # 32 questions, max_turns 8 (~4.5 min on 2 idle cores)
     python benchmarks/rollouts.py --n 4 --max-turns 2    # check that it runs
     python benchmarks/rollouts.py --trained outputs/runs/cpu/finetune/final   # the fine-tuned agent
+    python benchmarks/rollouts.py --trained outputs/runs/cpu/finetune/final --vs-fewshot --n-exemplars 1 \
+        --skip generate generate_batch one-at-a-time+kv one-at-a-time   # its cost against prompting
 
 Needs FIREACT_DATA_DIR (the FireAct data); the model is converted into $FIREACT_CACHE on first use.
 """
@@ -40,6 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model", default="smollm2-135m", help="model spec (alias, path or HF id)")
     ap.add_argument("--trained", default=None,
                     help="what fine-tuning wrote (finetune/final): run the fine-tuned agent (short prompts, long generations)")
+    ap.add_argument("--vs-fewshot", action="store_true",
+                    help="with --trained: also run few-shot ReAct of the base model (ours) on the same questions "
+                         "and compare the two agents' cost per episode and per correct answer")
+    ap.add_argument("--n-exemplars", type=int, default=None, help="few-shot exemplars (default: AgentParams'; the demo uses 1)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--skip", nargs="*", default=[], help="runs to leave out (e.g. one-at-a-time generate_batch)")
     ap.add_argument("--threads", type=int, default=None,
@@ -49,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.vs_fewshot and not args.trained:
+        raise SystemExit("error: --vs-fewshot compares the fine-tuned agent (--trained) with prompting")
     # Heavy imports here so that --help is instant.
     from fireact_utils.agent import run_episodes
     from fireact_utils.config import AgentParams, ModelParams
@@ -70,6 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
         mp = adapter_model_params(mp, args.trained)
     llm = LocalBackend(mp, batch_size=args.batch_size)
     extra = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
+    if args.n_exemplars:
+        extra["n_exemplars"] = args.n_exemplars
     params = AgentParams(method="react", mode="finetuned" if args.trained else "fewshot", temperature=0.0,
                          max_turns=args.max_turns, batch_size=args.batch_size, **extra)
     llm.generate(["Warm-up:"], [], max_new_tokens=2)  # first-call costs (kernels, allocator) off the clock
@@ -125,7 +135,44 @@ def main(argv: list[str] | None = None) -> dict:
               f"predictions identical to model.generate's: {same}/{n}")
     if "one-at-a-time" in t:
         print(f"ours vs one-at-a-time: {t['one-at-a-time'] / t['ours']:.2f}x")
+    if args.vs_fewshot:
+        out["agents"] = agent_costs(args, task, indices, search, params, t["ours"], results[0][4])
     return out
+
+
+def agent_costs(args, task, indices, search, params, ft_secs: float, ft_recs: list[dict]) -> dict:
+    """The fine-tuned agent's cost (our decoder, run above) against few-shot ReAct of the base
+    model on the same questions, right after it in the same process: per episode and per correct
+    answer (FireAct's claim is that the fine-tuned agent is the cheap one)."""
+    from fireact_utils.agent import run_episodes
+    from fireact_utils.config import ModelParams
+    from fireact_utils.llm import LocalBackend
+
+    base = LocalBackend(ModelParams(name=args.model, device=args.device), batch_size=args.batch_size)
+    base.generate(["Warm-up:"], [], max_new_tokens=2)
+    fewshot = params.model_copy(update={"mode": "fewshot"})
+    t0 = time.perf_counter()
+    fs_recs = run_episodes(task, indices, base, search, fewshot, progress=False)
+    rows = {"finetuned": _cost(ft_secs, ft_recs), "fewshot": _cost(time.perf_counter() - t0, fs_recs)}
+    print(f"\nagent cost, our decoder, same {len(indices)} questions ({fewshot.n_exemplars} exemplars if few-shot)")
+    print(f"{'agent':<10} {'s/episode':>9} {'EM':>3} {'s/correct':>9} {'turns':>5} {'prompt tok':>10} {'gen tok':>7}")
+    for name, c in rows.items():
+        print(f"{name:<10} {c['s_episode']:>9.2f} {c['em']:>3} {c['s_correct']:>9.1f} {c['turns']:>5.2f} "
+              f"{c['prompt_tokens']:>10.0f} {c['gen_tokens']:>7.0f}")
+    ratio = rows["finetuned"]["s_episode"] / rows["fewshot"]["s_episode"]
+    per_correct = rows["finetuned"]["s_correct"] / rows["fewshot"]["s_correct"]  # nan when neither is correct
+    shown = "none of few-shot's answers was correct" if not rows["fewshot"]["em"] else f"{per_correct:.2f}x"
+    print(f"fine-tuned / few-shot: {ratio:.2f}x seconds per episode; seconds per correct answer: {shown}")
+    return {**rows, "ratio_episode": ratio, "ratio_correct": per_correct}
+
+
+def _cost(secs: float, recs: list[dict]) -> dict:
+    """Seconds and tokens per episode, and seconds per correct answer (inf when none is correct)."""
+    n, em = len(recs), sum(r["em"] for r in recs)
+    return {"s_episode": secs / n, "em": em, "s_correct": secs / em if em else float("inf"),
+            "turns": sum(r["turns"] for r in recs) / n,
+            "prompt_tokens": sum(r["prompt_tokens"] for r in recs) / n,
+            "gen_tokens": sum(r["completion_tokens"] for r in recs) / n}
 
 
 class HFContinuous:

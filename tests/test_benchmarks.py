@@ -1,0 +1,44 @@
+"""The speed benchmarks run and report what the README quotes from them (real model, real data)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow  # two models, four rollout runs: ~1 min on idle cores
+def test_rollouts_compares_ours_with_the_library_and_prompting(data_dir, model_path, capsys):
+    """Ours vs `model.generate` on the same episodes (ratio, identical greedy predictions), and
+    the fine-tuned agent's cost against few-shot prompting (here the "trained" model is the base
+    checkpoint itself, which the benchmark loads as a full fine-tune)."""
+    out = _script("rollouts").main(["--n", "2", "--max-turns", "1", "--batch-size", "2", "--threads", "1",
+                                    "--model", model_path, "--trained", model_path, "--vs-fewshot",
+                                    "--n-exemplars", "1", "--skip", "generate_batch", "one-at-a-time+kv",
+                                    "one-at-a-time"])
+    assert set(out["seconds"]) == {"ours", "generate"} and out["best_library"] == "generate"
+    assert out["ratio"] == pytest.approx(out["seconds"]["generate"] / out["seconds"]["ours"])
+    assert out["same_as_generate"] == 2  # greedy, fp32: both decoders give the same answers
+    agents = out["agents"]
+    for name in ("finetuned", "fewshot"):
+        assert agents[name]["s_episode"] > 0 and 0 < agents[name]["turns"] <= 1  # one turn allowed
+        assert agents[name]["gen_tokens"] > 0
+    # The few-shot prompt carries an exemplar the fine-tuned prompt has not.
+    assert agents["fewshot"]["prompt_tokens"] > agents["finetuned"]["prompt_tokens"]
+    assert agents["ratio_episode"] == pytest.approx(agents["finetuned"]["s_episode"] / agents["fewshot"]["s_episode"])
+    assert "seconds per correct answer: " in capsys.readouterr().out
+
+
+def test_rollouts_vs_fewshot_needs_a_trained_model():
+    with pytest.raises(SystemExit, match="--trained"):
+        _script("rollouts").main(["--vs-fewshot"])
