@@ -157,22 +157,22 @@ def agent_costs(args, task, indices, search, params, ft_secs: float, ft_recs: li
     print(f"\nagent cost, our decoder, same {len(indices)} questions ({fewshot.n_exemplars} exemplars if few-shot)")
     print(f"{'agent':<10} {'s/episode':>9} {'EM':>3} {'s/correct':>9} {'turns':>5} {'prompt tok':>10} {'gen tok':>7}")
     for name, c in rows.items():
-        print(f"{name:<10} {c['s_episode']:>9.2f} {c['em']:>3} {c['s_correct']:>9.1f} {c['turns']:>5.2f} "
-              f"{c['prompt_tokens']:>10.0f} {c['gen_tokens']:>7.0f}")
+        print(f"{name:<10} {c['s_episode']:>9.2f} {c['correct']:>3} {c['s_correct']:>9.1f} {c['turns']:>5.2f} "
+              f"{c['prompt_tokens']:>10.0f} {c['completion_tokens']:>7.0f}")
     ratio = rows["finetuned"]["s_episode"] / rows["fewshot"]["s_episode"]
     per_correct = rows["finetuned"]["s_correct"] / rows["fewshot"]["s_correct"]  # nan when neither is correct
-    shown = "none of few-shot's answers was correct" if not rows["fewshot"]["em"] else f"{per_correct:.2f}x"
+    shown = "none of few-shot's answers was correct" if not rows["fewshot"]["correct"] else f"{per_correct:.2f}x"
     print(f"fine-tuned / few-shot: {ratio:.2f}x seconds per episode; seconds per correct answer: {shown}")
     return {**rows, "ratio_episode": ratio, "ratio_correct": per_correct}
 
 
 def _cost(secs: float, recs: list[dict]) -> dict:
-    """Seconds and tokens per episode, and seconds per correct answer (inf when none is correct)."""
-    n, em = len(recs), sum(r["em"] for r in recs)
-    return {"s_episode": secs / n, "em": em, "s_correct": secs / em if em else float("inf"),
-            "turns": sum(r["turns"] for r in recs) / n,
-            "prompt_tokens": sum(r["prompt_tokens"] for r in recs) / n,
-            "gen_tokens": sum(r["completion_tokens"] for r in recs) / n}
+    """`summarize`'s means plus seconds per episode and per correct answer (inf when none is)."""
+    from fireact_utils.agent import summarize
+
+    c = summarize(recs)
+    correct = sum(r["em"] for r in recs)
+    return {**c, "correct": correct, "s_episode": secs / c["n"], "s_correct": secs / correct if correct else float("inf")}
 
 
 class HFContinuous:

@@ -32,7 +32,7 @@ def test_rollouts_compares_ours_with_the_library_and_prompting(data_dir, model_p
     agents = out["agents"]
     for name in ("finetuned", "fewshot"):
         assert agents[name]["s_episode"] > 0 and 0 < agents[name]["turns"] <= 1  # one turn allowed
-        assert agents[name]["gen_tokens"] > 0
+        assert agents[name]["completion_tokens"] > 0
     # The few-shot prompt carries an exemplar the fine-tuned prompt has not.
     assert agents["fewshot"]["prompt_tokens"] > agents["finetuned"]["prompt_tokens"]
     assert agents["ratio_episode"] == pytest.approx(agents["finetuned"]["s_episode"] / agents["fewshot"]["s_episode"])
