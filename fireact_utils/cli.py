@@ -1,6 +1,7 @@
 """Command line: the same stage functions the notebooks call.
 
     python -m fireact_utils run params/cpu.yaml                 # papermill chain (= make demo)
+    python -m fireact_utils run params/cpu_beyond.yaml --only 05_beyond_sft   # one notebook of the chain
     python -m fireact_utils generate params/smoke.yaml
     python -m fireact_utils finetune params/cpu.yaml train.epochs=1
     python -m fireact_utils evaluate params/cpu.yaml --trained outputs/runs/cpu/finetune/final \\
@@ -26,6 +27,8 @@ import sys
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .pipeline import NOTEBOOKS
+
     ap = argparse.ArgumentParser(prog="fireact", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("run", "generate", "finetune", "evaluate", "select", "headline", "consistency", "beyond", "params"):
@@ -35,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
         if name == "run":
             s.add_argument("--redo", action="store_true", help="re-execute notebooks already done")
             s.add_argument("--no-html", action="store_true")
+            s.add_argument("--only", action="append", choices=NOTEBOOKS, metavar="NOTEBOOK",
+                           help=f"execute this notebook only; repeat for more, run in chain order ({', '.join(NOTEBOOKS)})")
         if name in ("evaluate", "consistency", "beyond"):
             s.add_argument("--trained", "--adapter", dest="trained", required=name == "consistency",
                            help="what fine-tuning wrote (finetune/final): a LoRA adapter or a full model"
@@ -85,7 +90,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "params":
         print(json.dumps(p.dump(), indent=2))
     elif args.cmd == "run":
-        pipeline.run_chain(args.params_file, args.overrides, html=not args.no_html, redo=args.redo)
+        chosen = [nb for nb in pipeline.NOTEBOOKS if nb in (args.only or pipeline.NOTEBOOKS)]
+        pipeline.run_chain(args.params_file, args.overrides, chosen, html=not args.no_html, redo=args.redo)
     elif args.cmd == "generate":
         print(json.dumps(pipeline.generate(p), indent=2))
         print(f"dataset: {len(pipeline.build_dataset(p))} trajectories in {p.run_dir / 'dataset'}")

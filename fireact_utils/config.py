@@ -199,6 +199,15 @@ class SelfImproveParams(TrainingQuestions):
     rounds: int = Field(0, ge=0, description="rounds of sample -> keep reward-1 episodes -> fine-tune again (0: skip)")
     k: int = Field(4, ge=1, description="episodes sampled per question and round")
     temperature: float = Field(0.7, gt=0, description="sampling temperature")
+    controls: list[int] = Field([], description="rounds that also get an equal-steps control: the base model "
+                                "fine-tuned on the GPT-4 data alone for as many optimizer steps as the round took, "
+                                "which separates what the student's own episodes add from longer training")
+
+    @model_validator(mode="after")
+    def _controls_in_range(self) -> SelfImproveParams:
+        if self.rounds and (bad := [r for r in self.controls if not 1 <= r <= self.rounds]):  # 0: study skipped
+            raise ValueError(f"controls {bad} name no round (rounds: {self.rounds})")
+        return self
 
 
 class RLParams(TrainingQuestions):

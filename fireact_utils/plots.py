@@ -310,15 +310,22 @@ def plot_self_consistency(df: pd.DataFrame, stem: str | Path | None = None):
 
 
 def plot_rounds(table: pd.DataFrame, stem: str | Path | None = None):
-    """Self-improvement: validation and test EM per round (95% CI bars), trajectories added above."""
+    """Self-improvement: validation and test EM per round (95% CI bars), trajectories added above;
+    equal-steps controls (GPT-4 data alone, the round's steps) as hollow markers beside their round."""
     if _empty(table, "self-improvement"):
         return None
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    is_control = table["control"].astype(bool) if "control" in table else pd.Series(False, index=table.index)
+    controls, table = table[is_control], table[~is_control]
     for split, color in (("val", "#4C72B0"), ("test", "#DD8452")):
-        em = table[f"{split}_em"] * 100
-        err = np.array([em - table[f"{split}_lo"] * 100, table[f"{split}_hi"] * 100 - em])
-        ax.errorbar(table["round"], em, yerr=err, fmt="o-", color=color, capsize=4,
-                    label=f"{split} ({int(table[f'{split}_n'].iloc[0])} questions)")
+        for part, fmt, shift, label in ((table, "o-", 0.0, ""), (controls, "o", 0.12, ", control: GPT-4 data only")):
+            if part.empty:
+                continue
+            em = part[f"{split}_em"] * 100
+            err = np.array([em - part[f"{split}_lo"] * 100, part[f"{split}_hi"] * 100 - em])
+            ax.errorbar(part["round"] + shift, em, yerr=err, fmt=fmt, color=color, capsize=4,
+                        mfc=color if not label else "white",
+                        label=f"{split} ({int(part[f'{split}_n'].iloc[0])} questions){label}")
     for _, r in table.iterrows():
         if r["round"] > 0:
             ax.annotate(f"+{int(r['added'])} own", (r["round"], r["val_em"] * 100), textcoords="offset points",

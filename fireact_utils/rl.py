@@ -171,12 +171,18 @@ def grpo_trainer(p: Params, trained: str | Path, reward_funcs=None, trainer_cls=
 def train_grpo(p: Params, trained: str | Path) -> Path:
     """GRPO from the SFT student `trained`; returns run_dir/rl/final (the merged model). Resumes
     from the newest checkpoint; each step's rollout statistics go to rl/rollouts.jsonl."""
-    from .io import atomic_write_json
+    from .config import REPO_ROOT
+    from .io import atomic_write_json, read_json
     from .train import _write_log, last_checkpoint
 
     out = p.run_dir / "rl"
     final = out / "final"
     if (final / "rl_done.json").is_file():
+        done = read_json(final / "rl_done.json")
+        student = (REPO_ROOT / done["sft_student"]).resolve()  # older runs stored it relative to the repo
+        if done["params"] != p.rl.model_dump(mode="json") or student != Path(trained).resolve():
+            raise ValueError(f"{final} was trained with other rl params or from another SFT student; "
+                             f"delete {out} or pick a new run name")
         return final
     trainer, rollouts = grpo_trainer(p, trained)
     trainer.add_callback(_rollout_log(rollouts, out / "rollouts.jsonl"))
@@ -184,7 +190,7 @@ def train_grpo(p: Params, trained: str | Path) -> Path:
     trainer.model.merge_and_unload().save_pretrained(str(final))
     trainer.processing_class.save_pretrained(str(final))
     _write_log(out, [h for h in trainer.state.log_history if "reward" in h])
-    atomic_write_json(final / "rl_done.json", {"params": p.rl.model_dump(mode="json"), "sft_student": str(trained),
+    atomic_write_json(final / "rl_done.json", {"params": p.rl.model_dump(mode="json"), "sft_student": str(Path(trained).resolve()),
                                                "train_runtime_s": result.metrics.get("train_runtime")})
     return final
 

@@ -9,13 +9,17 @@ across rounds). Training questions (default HotpotQA-wiki `train`) share no ques
 validation or test set: `check_disjoint` refuses the round otherwise.
 
 Each round's student is scored on the selection split (validation) and on evaluate.task (test),
-paired with the SFT student on the same questions.
+paired with the SFT student on the same questions. A round also trains more optimizer steps than
+the SFT student (more data, same epochs); its equal-steps control (`self_improve.controls`) is the
+base model fine-tuned on the GPT-4 data alone for the round's steps, so the round's gain over its
+control is what the student's own episodes add.
 
     table = self_improve.report(p, "outputs/runs/cpu/finetune/final")   # a row per round, saved
 
-run_dir/self_improve/round<r>/ holds the round's data (trajectories.jsonl) and model (final/);
-samples are conditions si_r<r>_s<j> in eval/, scores si_round<r>_{val,test} (the SFT student's:
-sft_val, and notebook 03's finetuned_react).
+run_dir/self_improve/round<r>/ holds the round's data (trajectories.jsonl) and model (final/),
+control<r>/ its control's model; samples are conditions si_r<r>_s<j> in eval/, scores
+si_round<r>_{val,test} and si_control<r>_{val,test} (the SFT student's: sft_val, and notebook 03's
+finetuned_react).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from .pipeline import (
     training_records,
 )
 from .tasks import load_task
-from .train import read_train_meta
+from .train import optimizer_steps, read_train_meta
 from .trajectories import react_text
 
 if TYPE_CHECKING:
@@ -116,17 +120,25 @@ def run_round(p: Params, r: int, sampler: str | Path, earlier: list[dict], progr
     new = successes(runs, r)
     check_disjoint(p, [t["question"] for t in new])
     write_jsonl(out / "trajectories.jsonl", new)
-    trained = finetune(p, [*training_records(p), *earlier, *new], out)
+    records = [*training_records(p), *earlier, *new]
+    trained = finetune(p, records, out)
     episodes = [e for run in runs for e in run]
     metas = [condition_meta(p, f"si_r{r}_s{j}") for j in range(len(runs))]
     return trained, {
         "round": r, "questions": len(runs[0]), "episodes": len(episodes),
         "yield": sum(e["reward"] for e in episodes) / max(len(episodes), 1),
         "questions_solved": len({e["id"] for e in episodes if e["reward"]}) / max(len(runs[0]), 1),
-        "added": len(new), "self_total": len(earlier) + len(new),
+        "added": len(new), "self_total": len(earlier) + len(new), "steps": optimizer_steps(p.train, len(records)),
         "sample_s": sum(m.get("wall_s", 0.0) for m in metas),
         "sample_tokens": sum(e["prompt_tokens"] + e["completion_tokens"] for e in episodes),
         "train_s": read_train_meta(trained).get("train_runtime_s") or 0.0}
+
+
+def control(p: Params, r: int, steps: int) -> Path:
+    """Round r's equal-steps control: the base model fine-tuned on the GPT-4 data alone for the
+    round's `steps` optimizer steps (same recipe and learning-rate schedule length)."""
+    pc = p.model_copy(update={"train": p.train.model_copy(update={"max_steps": steps})})
+    return finetune(pc, training_records(p), p.run_dir / "self_improve" / f"control{r}")
 
 
 def scores(p: Params, tag: str, trained: str | Path, progress: bool = True) -> dict[str, list[dict]]:
@@ -141,24 +153,32 @@ def scores(p: Params, tag: str, trained: str | Path, progress: bool = True) -> d
 
 
 def rounds(p: Params, trained: str | Path, progress: bool = True) -> list[dict]:
-    """Round 0 (the SFT student `trained`) and rounds 1..self_improve.rounds: a dict each with the
-    round's figures and its `val`/`test` records."""
-    rows = [{"round": 0, "model": str(trained), **scores(p, "sft", trained, progress)}]
+    """Round 0 (the SFT student `trained`), rounds 1..self_improve.rounds and the controls asked
+    for (each after its round, `control` True): a dict each with its figures and `val`/`test` records."""
+    sft_steps = optimizer_steps(p.train, len(training_records(p)))
+    rows = [{"round": 0, "control": False, "steps": sft_steps, "model": str(trained),
+             **scores(p, "sft", trained, progress)}]
     model, earlier = Path(trained), []
     for r in range(1, p.self_improve.rounds + 1):
         model, info = run_round(p, r, model, earlier, progress)
         earlier += read_jsonl(p.run_dir / "self_improve" / f"round{r}" / "trajectories.jsonl")
-        rows.append({**info, "model": str(model), **scores(p, f"si_round{r}", model, progress)})
+        rows.append({**info, "control": False, "model": str(model), **scores(p, f"si_round{r}", model, progress)})
+        if r in p.self_improve.controls:
+            ctrl = control(p, r, info["steps"])
+            rows.append({"round": r, "control": True, "steps": info["steps"], "model": str(ctrl),
+                         "train_s": read_train_meta(ctrl).get("train_runtime_s") or 0.0,
+                         **scores(p, f"si_control{r}", ctrl, progress)})
     return rows
 
 
 def round_table(p: Params, rows: list[dict]) -> pd.DataFrame:
-    """A row per round: yield, data added, EM with CIs on val and test, the paired gain over the
-    SFT student (round 0) with its CI, and the cost."""
+    """A row per round (and control): yield, data added, EM with CIs on val and test, the paired
+    gain over the SFT student (round 0) with its CI, and the cost. A control's row also holds its
+    round's paired gain over it (`{split}_own`: what the student's own episodes add)."""
     import pandas as pd
 
     out = []
-    for row in rows:
+    for i, row in enumerate(rows):
         line = {k: v for k, v in row.items() if k not in ("val", "test", "model")}
         for split in ("val", "test"):
             em = episode_values(row[split], "em")
@@ -167,6 +187,9 @@ def round_table(p: Params, rows: list[dict]) -> pd.DataFrame:
             base = episode_values(rows[0][split], "em")
             line[f"{split}_gain"], line[f"{split}_gain_lo"], line[f"{split}_gain_hi"] = \
                 paired_bootstrap_diff(base, em, p.evaluate.bootstrap)
+            if row.get("control"):  # rows[i - 1] is its round
+                line[f"{split}_own"], line[f"{split}_own_lo"], line[f"{split}_own_hi"] = \
+                    paired_bootstrap_diff(em, episode_values(rows[i - 1][split], "em"), p.evaluate.bootstrap)
         out.append(line)
     return pd.DataFrame(out)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from io import StringIO
 from pathlib import Path
 
@@ -136,6 +137,13 @@ def lora_config(p: TrainParams):
 
     return LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout,
                       target_modules=p.lora_target_modules, task_type="CAUSAL_LM")
+
+
+def optimizer_steps(p: TrainParams, n_examples: int) -> int:
+    """The optimizer steps one process takes on n_examples, counted as the Trainer counts them."""
+    if p.max_steps > 0:
+        return p.max_steps
+    return math.ceil(p.epochs * max(math.ceil(n_examples / p.batch_size) // p.grad_accum, 1))
 
 
 def last_checkpoint(out_dir: Path) -> str | None:

@@ -12,7 +12,7 @@ from fireact_utils.tasks import eval_indices, load_task
 PARAMS = Path(__file__).resolve().parent.parent / "params"
 
 
-@pytest.mark.parametrize("params_file", ["smoke.yaml", "cpu_full.yaml", "gpu_rl.yaml"])
+@pytest.mark.parametrize("params_file", ["smoke.yaml", "cpu_full.yaml", "cpu_beyond.yaml", "gpu_rl.yaml"])
 def test_training_questions_share_none_with_validation_or_test(params_file, data_dir, multihop_dir):
     p = load_params(PARAMS / params_file, {"data_dir": str(data_dir), "multihop_dir": str(multihop_dir)})
     held = self_improve.held_out_questions(p)
@@ -149,3 +149,24 @@ def test_grpo_loss_never_reaches_observation_tokens(rl_params):
         rows.append((tuple(ids[:n]), tuple(tm[:n])))
     assert sorted(rows) == sorted((tuple(c), tuple(m)) for c, m in zip(rolled["completion_ids"], rolled["env_mask"],
                                                                         strict=True))
+
+
+def test_round_table_splits_a_round_gain_into_own_data_and_steps(tmp_path):
+    """A control's row: its gain over the SFT student, and its round's paired gain over it."""
+    from fireact_utils.plots import plot_rounds
+
+    p = load_params(PARAMS / "smoke.yaml", {"evaluate.bootstrap": 500})
+
+    def recs(ems):
+        return [{"em": e} for e in ems]
+
+    rows = [{"round": 0, "control": False, "val": recs([0, 0, 1, 0]), "test": recs([0, 1, 0, 0])},
+            {"round": 1, "control": False, "val": recs([1, 1, 1, 0]), "test": recs([0, 1, 1, 0])},
+            {"round": 1, "control": True, "val": recs([1, 0, 1, 0]), "test": recs([0, 1, 0, 0])}]
+    t = self_improve.round_table(p, rows)
+    assert list(t["val_em"]) == [0.25, 0.75, 0.5] and list(t["val_gain"]) == [0.0, 0.5, 0.25]
+    assert (t.loc[2, "val_own"], t.loc[2, "test_own"]) == (0.25, 0.25)  # round 1 minus its control
+    assert t.loc[2, "val_own_lo"] <= 0.25 <= t.loc[2, "val_own_hi"] and t[["val_own", "test_own"]].iloc[:2].isna().all().all()
+    t["added"] = [None, 3, None]
+    plot_rounds(t, tmp_path / "si")
+    assert (tmp_path / "si.png").stat().st_size > 10_000

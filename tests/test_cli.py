@@ -100,3 +100,20 @@ def test_beyond_with_nothing_to_run_and_a_group_of_one(tmp_path, capsys):
     assert "self_improve.rounds and rl.steps are both 0" in _error_line(capsys)
     assert main(["params", "params/smoke.yaml", "rl.num_generations=1"]) == 2  # a group needs two episodes
     assert "rl.num_generations" in _error_line(capsys)
+
+
+def test_run_only_executes_the_named_notebooks(tmp_path, capsys):
+    """`run --only` keeps chain order and the done markers: finished notebooks are skipped, the
+    others never start; an unknown notebook name is a usage error (exit 2)."""
+    nb_dir = tmp_path / "smoke" / "notebooks"
+    nb_dir.mkdir(parents=True)
+    for nb in ("05_beyond_sft", "02_finetune"):
+        (nb_dir / f"{nb}.done").write_text("{}")
+    argv = ["run", "params/smoke.yaml", "--only", "05_beyond_sft", "--only", "02_finetune", "--no-html"]
+    assert main([*argv, f"output_root={tmp_path}"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["[skip] 02_finetune (already executed; delete {} to redo)".format(nb_dir / "02_finetune.done"),
+                   "[skip] 05_beyond_sft (already executed; delete {} to redo)".format(nb_dir / "05_beyond_sft.done")]
+    with pytest.raises(SystemExit) as e:
+        main(["run", "params/smoke.yaml", "--only", "06_nothing"])
+    assert e.value.code == 2 and "invalid choice: '06_nothing'" in capsys.readouterr().err

@@ -14,6 +14,7 @@ import nbformat
 import pandas as pd
 import pytest
 
+from fireact_utils import rl
 from fireact_utils.config import load_params
 from fireact_utils.pipeline import NOTEBOOK_DIR, NOTEBOOKS, condition_label, run_chain
 from fireact_utils.self_improve import held_out_questions
@@ -132,8 +133,10 @@ def test_chain_eval_records(chain):
     seeds = {f"finetuned_react_seed{s}" for s in p.study.seeds if s != p.train.seed}
     sc = {f"sc_{who}_s{j}" for who in ("fewshot", "finetuned") for j in range(max(p.study.sc_ks))}
     si = {f"si_r{r}_s{j}" for r in range(1, p.self_improve.rounds + 1) for j in range(p.self_improve.k)}
-    beyond_val = {"sft_val", "rl_val"} | {f"si_round{r}_val" for r in range(1, p.self_improve.rounds + 1)}
-    beyond_test = {"rl_test"} | {f"si_round{r}_test" for r in range(1, p.self_improve.rounds + 1)}
+    students = [f"si_round{r}" for r in range(1, p.self_improve.rounds + 1)] + [
+        f"si_control{r}" for r in p.self_improve.controls]
+    beyond_val = {"sft_val", "rl_val"} | {f"{s}_val" for s in students}
+    beyond_test = {"rl_test"} | {f"{s}_test" for s in students}
     assert wiki_noisy and select and seeds and sc and si
     assert {f.stem for f in files} == (base | {"finetuned_react"} | noisy | wiki_noisy | gen | scaling | select
                                        | seeds | sc | si | beyond_val | beyond_test)
@@ -196,7 +199,12 @@ def test_chain_tables(chain):
         (a, k) for a in ("fewshot ReAct", "finetuned ReAct") for k in p.study.sc_ks)
     assert (sc.groupby("agent")["tokens_per_question"].diff().dropna() > 0).all()  # more samples cost more
     si = pd.read_csv(tables / "self_improve.csv")  # notebook 05
-    assert list(si["round"]) == list(range(p.self_improve.rounds + 1))
+    assert list(si["round"]) == [0, 1, 1] and list(si["control"]) == [False, False, True]  # round 1 and its control
+    assert si.loc[2, "steps"] == si.loc[1, "steps"] == p.train.max_steps and si.loc[2, "train_s"] > 0
+    n_examples = {d: json.loads((run_dir / d / "final" / "train_done.json").read_text())["n_examples"]
+                  for d in ("finetune", "self_improve/round1", "self_improve/control1")}
+    assert n_examples["self_improve/control1"] == n_examples["finetune"]  # the control: GPT-4 data only
+    assert n_examples["self_improve/round1"] == n_examples["finetune"] + si.loc[1, "added"]
     assert (si["val_n"] == p.study.select_n).all() and (si["test_n"] == p.evaluate.n_questions).all()
     assert si.loc[0, "val_gain"] == 0 and (si["episodes"].dropna() == p.self_improve.n_questions * p.self_improve.k).all()
     own = [json.loads(line)["question"] for line in (run_dir / "self_improve" / "round1" / "trajectories.jsonl")
@@ -210,6 +218,13 @@ def test_chain_tables(chain):
     assert (curve["episodes"] == p.rl.questions_per_step * p.rl.num_generations).all()
     assert curve["masked_tokens"].between(0, 1).all()
     assert json.loads((run_dir / "rl" / "final" / "rl_done.json").read_text())["params"]["steps"] == p.rl.steps
+    # A finished GRPO run is reused only for the same rl params and SFT student, never relabelled.
+    student = run_dir / "finetune" / "final"
+    assert rl.train_grpo(p, student) == run_dir / "rl" / "final"
+    for other, sft in ((p.model_copy(update={"rl": p.rl.model_copy(update={"steps": p.rl.steps + 1})}), student),
+                       (p, run_dir / "self_improve" / "round1" / "final")):
+        with pytest.raises(ValueError, match="other rl params or from another SFT student"):
+            rl.train_grpo(other, sft)
 
 
 @pytest.mark.slow
