@@ -112,33 +112,39 @@ def successes(runs: list[list[dict]], r: int) -> list[dict]:
     return out
 
 
-def run_round(p: Params, r: int, sampler: str | Path, earlier: list[dict], progress: bool = True) -> tuple[Path, dict]:
-    """Round r: sample with `sampler`, keep successes, fine-tune on GPT-4 data + `earlier` + them.
+def run_round(p: Params, r: int, sampler: str | Path, gpt4: list[dict], earlier: list[dict],
+              progress: bool = True) -> tuple[Path, dict]:
+    """Round r: sample with `sampler`, keep successes, fine-tune on `gpt4` + `earlier` + them.
     Returns the round's model and its figures (yield, data, cost)."""
     out = p.run_dir / "self_improve" / f"round{r}"
     runs = sample(p, r, sampler, progress)
     new = successes(runs, r)
     check_disjoint(p, [t["question"] for t in new])
     write_jsonl(out / "trajectories.jsonl", new)
-    records = [*training_records(p), *earlier, *new]
+    records = [*gpt4, *earlier, *new]
     trained = finetune(p, records, out)
     episodes = [e for run in runs for e in run]
     metas = [condition_meta(p, f"si_r{r}_s{j}") for j in range(len(runs))]
     return trained, {
-        "round": r, "questions": len(runs[0]), "episodes": len(episodes),
+        "round": r, "control": False, "questions": len(runs[0]), "episodes": len(episodes),
         "yield": sum(e["reward"] for e in episodes) / max(len(episodes), 1),
         "questions_solved": len({e["id"] for e in episodes if e["reward"]}) / max(len(runs[0]), 1),
         "added": len(new), "self_total": len(earlier) + len(new), "steps": optimizer_steps(p.train, len(records)),
         "sample_s": sum(m.get("wall_s", 0.0) for m in metas),
         "sample_tokens": sum(e["prompt_tokens"] + e["completion_tokens"] for e in episodes),
-        "train_s": read_train_meta(trained).get("train_runtime_s") or 0.0}
+        "train_s": _train_seconds(trained)}
 
 
-def control(p: Params, r: int, steps: int) -> Path:
-    """Round r's equal-steps control: the base model fine-tuned on the GPT-4 data alone for the
-    round's `steps` optimizer steps (same recipe and learning-rate schedule length)."""
+def control(p: Params, r: int, steps: int, gpt4: list[dict]) -> tuple[Path, dict]:
+    """Round r's equal-steps control: the base model fine-tuned on `gpt4` alone for the round's
+    `steps` optimizer steps (same recipe and learning-rate schedule length); its model and figures."""
     pc = p.model_copy(update={"train": p.train.model_copy(update={"max_steps": steps})})
-    return finetune(pc, training_records(p), p.run_dir / "self_improve" / f"control{r}")
+    trained = finetune(pc, gpt4, p.run_dir / "self_improve" / f"control{r}")
+    return trained, {"round": r, "control": True, "steps": steps, "train_s": _train_seconds(trained)}
+
+
+def _train_seconds(trained: Path) -> float:
+    return read_train_meta(trained).get("train_runtime_s") or 0.0
 
 
 def scores(p: Params, tag: str, trained: str | Path, progress: bool = True) -> dict[str, list[dict]]:
@@ -155,19 +161,17 @@ def scores(p: Params, tag: str, trained: str | Path, progress: bool = True) -> d
 def rounds(p: Params, trained: str | Path, progress: bool = True) -> list[dict]:
     """Round 0 (the SFT student `trained`), rounds 1..self_improve.rounds and the controls asked
     for (each after its round, `control` True): a dict each with its figures and `val`/`test` records."""
-    sft_steps = optimizer_steps(p.train, len(training_records(p)))
-    rows = [{"round": 0, "control": False, "steps": sft_steps, "model": str(trained),
+    gpt4 = training_records(p)  # the run's GPT-4 data, in every round's and control's training set
+    rows = [{"round": 0, "control": False, "steps": optimizer_steps(p.train, len(gpt4)), "model": str(trained),
              **scores(p, "sft", trained, progress)}]
     model, earlier = Path(trained), []
     for r in range(1, p.self_improve.rounds + 1):
-        model, info = run_round(p, r, model, earlier, progress)
+        model, info = run_round(p, r, model, gpt4, earlier, progress)
         earlier += read_jsonl(p.run_dir / "self_improve" / f"round{r}" / "trajectories.jsonl")
-        rows.append({**info, "control": False, "model": str(model), **scores(p, f"si_round{r}", model, progress)})
+        rows.append({**info, "model": str(model), **scores(p, f"si_round{r}", model, progress)})
         if r in p.self_improve.controls:
-            ctrl = control(p, r, info["steps"])
-            rows.append({"round": r, "control": True, "steps": info["steps"], "model": str(ctrl),
-                         "train_s": read_train_meta(ctrl).get("train_runtime_s") or 0.0,
-                         **scores(p, f"si_control{r}", ctrl, progress)})
+            ctrl, info = control(p, r, info["steps"], gpt4)
+            rows.append({**info, "model": str(ctrl), **scores(p, f"si_control{r}", ctrl, progress)})
     return rows
 
 
