@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .config import Params, override
-from .evaluate import bootstrap_ci, episode_values, results_table, write_table
+from .evaluate import bootstrap_ci, episode_values, paired_bootstrap_diff, results_table, write_table
 from .io import atomic_write_json
 from .pipeline import (
     condition_label,
@@ -98,8 +98,9 @@ def chosen_label(table: pd.DataFrame) -> str:
 def selection_table(p: Params, conds: dict[str, list[dict]], settings: dict[str, dict[str, Any]],
                     prefix: str = "recipe_") -> pd.DataFrame:
     """One row per variant: EM etc. with CIs on the selection split, its settings, the
-    `pipeline.table_extras` columns (seconds per episode, search fidelity, environment), and
-    `chosen` on the best row."""
+    `pipeline.table_extras` columns (seconds per episode, search fidelity, environment), `chosen`
+    on the best row, and `vs_chosen` (+_lo/_hi): each row's paired EM gain over the chosen one,
+    so a reader sees how clearly the choice won."""
     best = chosen(conds) if conds else None
     extra = {}
     for label in conds:
@@ -107,6 +108,11 @@ def selection_table(p: Params, conds: dict[str, list[dict]], settings: dict[str,
         extra[label] = {**table_extras(p, [name])[condition_label(name)],
                         "settings": ", ".join(f"{k}={v}" for k, v in settings[label].items()) or "(run's params)",
                         "chosen": label == best, "split": f"{p.study.select_task} {p.study.select_split}"}
+        if label != best:
+            ref = {r["id"]: float(r["em"]) for r in conds[best]}  # paired by episode id, whatever the file order
+            pairs = [(ref[r["id"]], float(r["em"])) for r in conds[label]]
+            gain = paired_bootstrap_diff(*zip(*pairs, strict=True), p.evaluate.bootstrap)
+            extra[label].update(zip(("vs_chosen", "vs_chosen_lo", "vs_chosen_hi"), gain, strict=True))
     return results_table(conds, p.evaluate.bootstrap, extra=extra)
 
 

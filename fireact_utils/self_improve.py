@@ -143,8 +143,8 @@ def control(p: Params, r: int, steps: int, gpt4: list[dict]) -> tuple[Path, dict
     return trained, {"round": r, "control": True, "steps": steps, "train_s": _train_seconds(trained)}
 
 
-def _train_seconds(trained: Path) -> float:
-    return read_train_meta(trained).get("train_runtime_s") or 0.0
+def _train_seconds(trained: Path) -> float | None:
+    return read_train_meta(trained).get("train_runtime_s")  # None: resumed without the checkpoint's clock
 
 
 def scores(p: Params, tag: str, trained: str | Path, progress: bool = True) -> dict[str, list[dict]]:
@@ -178,10 +178,11 @@ def rounds(p: Params, trained: str | Path, progress: bool = True) -> list[dict]:
 def round_table(p: Params, rows: list[dict]) -> pd.DataFrame:
     """A row per round (and control): yield, data added, EM with CIs on val and test, the paired
     gain over the SFT student (round 0) with its CI, and the cost. A control's row also holds its
-    round's paired gain over it (`{split}_own`: what the student's own episodes add)."""
+    round's paired gain over it (`{split}_own`: what the student's own episodes add); a round
+    after the first, its paired gain over the round before (`{split}_prev`: does it compound)."""
     import pandas as pd
 
-    out = []
+    out, prev = [], None
     for i, row in enumerate(rows):
         line = {k: v for k, v in row.items() if k not in ("val", "test", "model")}
         for split in ("val", "test"):
@@ -194,6 +195,11 @@ def round_table(p: Params, rows: list[dict]) -> pd.DataFrame:
             if row.get("control"):  # rows[i - 1] is its round
                 line[f"{split}_own"], line[f"{split}_own_lo"], line[f"{split}_own_hi"] = \
                     paired_bootstrap_diff(em, episode_values(rows[i - 1][split], "em"), p.evaluate.bootstrap)
+            elif prev is not None and prev > 0:
+                line[f"{split}_prev"], line[f"{split}_prev_lo"], line[f"{split}_prev_hi"] = \
+                    paired_bootstrap_diff(episode_values(rows[prev][split], "em"), em, p.evaluate.bootstrap)
+        if not row.get("control"):
+            prev = i
         out.append(line)
     return pd.DataFrame(out)
 

@@ -151,6 +151,37 @@ def last_checkpoint(out_dir: Path) -> str | None:
     return str(ckpts[-1]) if ckpts else None
 
 
+WALL_CLOCK = "wall_clock.json"  # in each checkpoint: training seconds up to it
+
+
+def wall_clock(ckpt: str | None):
+    """A TrainerCallback timing training across resumes: each checkpoint stores the seconds
+    trained up to it, so a resumed run's `total()` is the whole training time, not its last part
+    (the Trainer's own `train_runtime` restarts at each resume)."""
+    import time
+
+    from transformers import TrainerCallback
+
+    before = json.loads(f.read_text())["train_s"] if ckpt and (f := Path(ckpt) / WALL_CLOCK).is_file() else 0.0
+
+    class WallClock(TrainerCallback):
+        t0 = time.perf_counter()
+        known = ckpt is None or before > 0  # False: resumed from a checkpoint that predates this file
+
+        def total(self) -> float:
+            return before + time.perf_counter() - self.t0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_save(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                atomic_write_json(Path(args.output_dir) / f"checkpoint-{state.global_step}" / WALL_CLOCK,
+                                  {"train_s": self.total()})
+
+    return WallClock()
+
+
 def finetune(records: list[dict], out_dir: str | Path, p: TrainParams, model_params: ModelParams | None = None,
              resume: bool = True, extra_meta: dict | None = None) -> Path:
     """Fine-tune on trajectory records; returns the dir holding the adapter (lora) or model (full).
@@ -185,7 +216,10 @@ def finetune(records: list[dict], out_dir: str | Path, p: TrainParams, model_par
     trainer = SFTTrainer(model=model, args=make_sft_config(p, out_dir, device), train_dataset=ds,
                          processing_class=tok, peft_config=lora_config(p) if p.method == "lora" else None)
     ckpt = last_checkpoint(out_dir) if resume else None
-    result = trainer.train(resume_from_checkpoint=ckpt)
+    clock = wall_clock(ckpt)
+    trainer.add_callback(clock)
+    trainer.train(resume_from_checkpoint=ckpt)
+    train_s = clock.total() if clock.known else None
     trainer.save_model(str(final))  # gathers FSDP shards; writes on the main process only
     if not trainer.is_world_process_zero():
         return final  # under `accelerate launch`, one process writes the logs and the done marker
@@ -196,12 +230,16 @@ def finetune(records: list[dict], out_dir: str | Path, p: TrainParams, model_par
     n_loss = sum(sum(t != IGNORE for t in lab) for lab in ds["labels"])
     meta = {"params": p.model_dump(mode="json"), "model": mp.model_dump(mode="json"), "base_path": path,
             "n_examples": len(ds), "n_tokens": n_tokens, "n_loss_tokens": n_loss,
-            "train_runtime_s": result.metrics.get("train_runtime"), "resumed_from": ckpt,
-            "tokens_per_s": (log[-1].get("num_tokens", 0) if log else 0) / max(result.metrics.get("train_runtime", 1), 1e-9),
+            "train_runtime_s": train_s, "resumed_from": ckpt,
+            "tokens_per_s": (log[-1].get("num_tokens", 0) if log else 0) / train_s if train_s else None,
             "final_loss": log[-1]["loss"] if log else None, **(extra_meta or {})}
     atomic_write_json(final / "train_done.json", meta)
     atomic_write_text(final / "README.md", model_card(meta, records))  # TRL's card names no base model
     return final
+
+
+def _seconds(s: float | None) -> str:
+    return "unknown time (resumed from a checkpoint without its clock)" if s is None else f"{s:.0f} s"
 
 
 def model_card(meta: dict, records: list[dict]) -> str:
@@ -220,7 +258,7 @@ def model_card(meta: dict, records: list[dict]) -> str:
             f"- Recipe: {recipe}; loss on {p['loss_on']} tokens; {p['format']} format; lr {p['learning_rate']}, "
             f"{p['epochs']} epochs (max_steps {p['max_steps']}), batch {p['batch_size']} x {p['grad_accum']}, "
             f"max_length {p['max_length']}, seed {p['seed']}\n"
-            f"- Trained in {meta['train_runtime_s'] or 0:.0f} s; final loss {meta['final_loss']}\n\n"
+            f"- Trained in {_seconds(meta['train_runtime_s'])}; final loss {meta['final_loss']}\n\n"
             "Made with the FireAct study kit (`fireact_utils.train`, TRL's SFTTrainer). Prompt it with the Alpaca "
             "header and the question (`fireact_utils.trajectories.alpaca_prompt`), or load it with "
             "`evaluate --trained <this dir>`.\n")

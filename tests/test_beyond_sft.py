@@ -162,8 +162,12 @@ def test_round_table_splits_a_round_gain_into_own_data_and_steps(tmp_path):
 
     rows = [{"round": 0, "control": False, "val": recs([0, 0, 1, 0]), "test": recs([0, 1, 0, 0])},
             {"round": 1, "control": False, "val": recs([1, 1, 1, 0]), "test": recs([0, 1, 1, 0])},
-            {"round": 1, "control": True, "val": recs([1, 0, 1, 0]), "test": recs([0, 1, 0, 0])}]
+            {"round": 1, "control": True, "val": recs([1, 0, 1, 0]), "test": recs([0, 1, 0, 0])},
+            {"round": 2, "control": False, "val": recs([1, 0, 0, 0]), "test": recs([1, 1, 1, 0])}]
     t = self_improve.round_table(p, rows)
+    assert (t.loc[3, "val_prev"], t.loc[3, "test_prev"]) == (-0.5, 0.25)  # round 2 minus round 1, not the control
+    assert t[["val_prev", "test_prev"]].iloc[:3].isna().all().all()
+    t = t.iloc[:3].copy()
     assert list(t["val_em"]) == [0.25, 0.75, 0.5] and list(t["val_gain"]) == [0.0, 0.5, 0.25]
     assert (t.loc[2, "val_own"], t.loc[2, "test_own"]) == (0.25, 0.25)  # round 1 minus its control
     assert t.loc[2, "val_own_lo"] <= 0.25 <= t.loc[2, "val_own_hi"] and t[["val_own", "test_own"]].iloc[:2].isna().all().all()

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from fireact_utils import pipeline, recipes
@@ -114,6 +115,22 @@ def test_seed_table_and_chosen_by_hand():
     assert mean["em"] == pytest.approx(0.5) and mean["em_seed_sd"] == pytest.approx(0.5)
     assert (mean["em_seed_min"], mean["em_seed_max"]) == (0.0, 1.0)
     assert recipes.chosen({"x": runs[1], "y": runs[2], "z": runs[2]}) == "y"  # ties: the first listed
+
+
+def test_selection_table_pairs_each_row_with_the_chosen_one(tmp_path):
+    """`vs_chosen` is the paired gain over the chosen row, matched by episode id, not file order."""
+    p = load_params(SMOKE, [f"output_root={tmp_path}", "evaluate.bootstrap=200"])
+
+    def recs(ems, order=(0, 1, 2, 3)):
+        return [{"id": f"q{i}", "em": ems[i], "f1": float(ems[i]), "turns": 1, "status": "finished", "prompt_tokens": 9,
+                 "completion_tokens": 3} for i in order]
+
+    # c differs from the chosen b on q3 only; paired by file order it would also differ on q1, q2.
+    conds = {"a": recs([1, 0, 0, 0]), "b": recs([1, 1, 0, 1], order=(3, 2, 1, 0)), "c": recs([1, 1, 0, 0])}
+    t = recipes.selection_table(p, conds, {"a": {}, "b": {"x": 1}, "c": {}}).set_index("condition")
+    assert t["chosen"].tolist() == [False, True, False] and t.loc["b", "settings"] == "x=1"
+    assert (t.loc["a", "vs_chosen"], t.loc["c", "vs_chosen"]) == (-0.5, -0.25) and pd.isna(t.loc["b", "vs_chosen"])
+    assert t.loc["c", "vs_chosen_hi"] == 0.0 and t.loc["c", "vs_chosen_lo"] < 0
 
 
 def test_recipe_search_reuses_a_complete_evaluation(tmp_path, multihop_dir):
