@@ -173,7 +173,7 @@ def train_grpo(p: Params, trained: str | Path) -> Path:
     from the newest checkpoint; each step's rollout statistics go to rl/rollouts.jsonl."""
     from .config import REPO_ROOT
     from .io import atomic_write_json, read_json
-    from .train import _write_log, last_checkpoint, wall_clock
+    from .train import _write_log, last_checkpoint, train_timed
 
     out = p.run_dir / "rl"
     final = out / "final"
@@ -186,15 +186,12 @@ def train_grpo(p: Params, trained: str | Path) -> Path:
         return final
     trainer, rollouts = grpo_trainer(p, trained)
     trainer.add_callback(_rollout_log(rollouts, out / "rollouts.jsonl"))
-    ckpt = last_checkpoint(out)
-    clock = wall_clock(ckpt)
-    trainer.add_callback(clock)
-    trainer.train(resume_from_checkpoint=ckpt)
+    train_s = train_timed(trainer, last_checkpoint(out))
     trainer.model.merge_and_unload().save_pretrained(str(final))
     trainer.processing_class.save_pretrained(str(final))
     _write_log(out, [h for h in trainer.state.log_history if "reward" in h])
     atomic_write_json(final / "rl_done.json", {"params": p.rl.model_dump(mode="json"), "sft_student": str(Path(trained).resolve()),
-                                               "train_runtime_s": clock.total() if clock.known else None})
+                                               "train_runtime_s": train_s})
     return final
 
 

@@ -154,32 +154,30 @@ def last_checkpoint(out_dir: Path) -> str | None:
 WALL_CLOCK = "wall_clock.json"  # in each checkpoint: training seconds up to it
 
 
-def wall_clock(ckpt: str | None):
-    """A TrainerCallback timing training across resumes: each checkpoint stores the seconds
-    trained up to it, so a resumed run's `total()` is the whole training time, not its last part
-    (the Trainer's own `train_runtime` restarts at each resume)."""
+def train_timed(trainer, ckpt: str | None) -> float | None:
+    """`trainer.train`, resumed from `ckpt`; returns the training seconds summed over every resume
+    (each checkpoint stores the total so far; the Trainer's own `train_runtime` restarts at each
+    resume), or None when `ckpt` predates that record."""
     import time
 
     from transformers import TrainerCallback
 
-    before = json.loads(f.read_text())["train_s"] if ckpt and (f := Path(ckpt) / WALL_CLOCK).is_file() else 0.0
+    clock = Path(ckpt) / WALL_CLOCK if ckpt else None
+    if clock and not clock.is_file():
+        before = None
+    else:
+        before = json.loads(clock.read_text())["train_s"] if clock else 0.0
+    t0 = time.perf_counter()
 
-    class WallClock(TrainerCallback):
-        t0 = time.perf_counter()
-        known = ckpt is None or before > 0  # False: resumed from a checkpoint that predates this file
-
-        def total(self) -> float:
-            return before + time.perf_counter() - self.t0
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
+    class SaveClock(TrainerCallback):
         def on_save(self, args, state, control, **kw):
-            if state.is_world_process_zero:
+            if state.is_world_process_zero and before is not None:
                 atomic_write_json(Path(args.output_dir) / f"checkpoint-{state.global_step}" / WALL_CLOCK,
-                                  {"train_s": self.total()})
+                                  {"train_s": before + time.perf_counter() - t0})
 
-    return WallClock()
+    trainer.add_callback(SaveClock())
+    trainer.train(resume_from_checkpoint=ckpt)
+    return None if before is None else before + time.perf_counter() - t0
 
 
 def finetune(records: list[dict], out_dir: str | Path, p: TrainParams, model_params: ModelParams | None = None,
@@ -216,10 +214,7 @@ def finetune(records: list[dict], out_dir: str | Path, p: TrainParams, model_par
     trainer = SFTTrainer(model=model, args=make_sft_config(p, out_dir, device), train_dataset=ds,
                          processing_class=tok, peft_config=lora_config(p) if p.method == "lora" else None)
     ckpt = last_checkpoint(out_dir) if resume else None
-    clock = wall_clock(ckpt)
-    trainer.add_callback(clock)
-    trainer.train(resume_from_checkpoint=ckpt)
-    train_s = clock.total() if clock.known else None
+    train_s = train_timed(trainer, ckpt)
     trainer.save_model(str(final))  # gathers FSDP shards; writes on the main process only
     if not trainer.is_world_process_zero():
         return final  # under `accelerate launch`, one process writes the logs and the done marker
