@@ -22,7 +22,7 @@ order of float sums). The verdict line is the ratio of ours to the best library 
     python benchmarks/rollouts.py --n 4 --max-turns 2    # check that it runs
     python benchmarks/rollouts.py --trained outputs/runs/cpu/finetune/final   # the fine-tuned agent
     python benchmarks/rollouts.py --trained outputs/runs/cpu/finetune/final --vs-fewshot --n-exemplars 1 \
-        --skip generate generate_batch one-at-a-time+kv one-at-a-time   # its cost against prompting
+        --skip generate_batch one-at-a-time+kv one-at-a-time   # its cost against prompting, both decoders
 
 Needs FIREACT_DATA_DIR (the FireAct data); the model is converted into $FIREACT_CACHE on first use.
 """
@@ -136,34 +136,41 @@ def main(argv: list[str] | None = None) -> dict:
     if "one-at-a-time" in t:
         print(f"ours vs one-at-a-time: {t['one-at-a-time'] / t['ours']:.2f}x")
     if args.vs_fewshot:
-        out["agents"] = agent_costs(args, task, indices, search, params, t["ours"], results[0][4])
+        ft = {name: (secs, recs) for name, _, _, secs, recs in results if name in ("ours", "generate")}
+        out["agents"] = agent_costs(args, task, indices, search, params, ft)
     return out
 
 
-def agent_costs(args, task, indices, search, params, ft_secs: float, ft_recs: list[dict]) -> dict:
-    """The fine-tuned agent's cost (our decoder, run above) against few-shot ReAct of the base
-    model on the same questions, right after it in the same process: per episode and per correct
-    answer (FireAct's claim is that the fine-tuned agent is the cheap one)."""
+def agent_costs(args, task, indices, search, params, ft: dict[str, tuple[float, list[dict]]]) -> dict:
+    """The fine-tuned agent's cost against few-shot ReAct of the base model on the same questions,
+    per decoder the fine-tuned agent ran on above (`ft`: name -> seconds, episodes): ours, and
+    `model.generate`, which prefills every turn's whole prompt again as an API call does. Per
+    episode and per correct answer (FireAct's claim is that the fine-tuned agent is the cheap one)."""
     from fireact_utils.agent import run_episodes
     from fireact_utils.config import ModelParams
-    from fireact_utils.llm import LocalBackend
+    from fireact_utils.llm import GenerateBackend, LocalBackend
 
-    base = LocalBackend(ModelParams(name=args.model, device=args.device), batch_size=args.batch_size)
-    base.generate(["Warm-up:"], [], max_new_tokens=2)
+    mp = ModelParams(name=args.model, device=args.device)
+    ours = LocalBackend(mp, batch_size=args.batch_size)
+    ours.generate(["Warm-up:"], [], max_new_tokens=2)
+    backends = {"ours": ours, "generate": GenerateBackend(mp, args.batch_size, ours.model, ours.tok)}
     fewshot = params.model_copy(update={"mode": "fewshot"})
-    t0 = time.perf_counter()
-    fs_recs = run_episodes(task, indices, base, search, fewshot, progress=False)
-    rows = {"finetuned": _cost(ft_secs, ft_recs), "fewshot": _cost(time.perf_counter() - t0, fs_recs)}
-    print(f"\nagent cost, our decoder, same {len(indices)} questions ({fewshot.n_exemplars} exemplars if few-shot)")
-    print(f"{'agent':<10} {'s/episode':>9} {'EM':>3} {'s/correct':>9} {'turns':>5} {'prompt tok':>10} {'gen tok':>7}")
-    for name, c in rows.items():
-        print(f"{name:<10} {c['s_episode']:>9.2f} {c['correct']:>3} {c['s_correct']:>9.1f} {c['turns']:>5.2f} "
-              f"{c['prompt_tokens']:>10.0f} {c['completion_tokens']:>7.0f}")
-    ratio = rows["finetuned"]["s_episode"] / rows["fewshot"]["s_episode"]
-    per_correct = rows["finetuned"]["s_correct"] / rows["fewshot"]["s_correct"]  # nan when neither is correct
-    shown = "none of few-shot's answers was correct" if not rows["fewshot"]["correct"] else f"{per_correct:.2f}x"
-    print(f"fine-tuned / few-shot: {ratio:.2f}x seconds per episode; seconds per correct answer: {shown}")
-    return {**rows, "ratio_episode": ratio, "ratio_correct": per_correct}
+    out = {}
+    for decoder, (ft_secs, ft_recs) in ft.items():
+        t0 = time.perf_counter()
+        fs_recs = run_episodes(task, indices, backends[decoder], search, fewshot, progress=False)
+        rows = {"finetuned": _cost(ft_secs, ft_recs), "fewshot": _cost(time.perf_counter() - t0, fs_recs)}
+        print(f"\nagent cost, decoder {decoder}, same {len(indices)} questions ({fewshot.n_exemplars} exemplars if few-shot)")
+        print(f"{'agent':<10} {'s/episode':>9} {'EM':>3} {'s/correct':>9} {'turns':>5} {'prompt tok':>10} {'gen tok':>7}")
+        for name, c in rows.items():
+            print(f"{name:<10} {c['s_episode']:>9.2f} {c['correct']:>3} {c['s_correct']:>9.1f} {c['turns']:>5.2f} "
+                  f"{c['prompt_tokens']:>10.0f} {c['completion_tokens']:>7.0f}")
+        ratio = rows["finetuned"]["s_episode"] / rows["fewshot"]["s_episode"]
+        per_correct = rows["finetuned"]["s_correct"] / rows["fewshot"]["s_correct"]  # nan when neither is correct
+        shown = "none of few-shot's answers was correct" if not rows["fewshot"]["correct"] else f"{per_correct:.2f}x"
+        print(f"fine-tuned / few-shot ({decoder}): {ratio:.2f}x seconds per episode; seconds per correct answer: {shown}")
+        out[decoder] = {**rows, "ratio_episode": ratio, "ratio_correct": per_correct}
+    return out
 
 
 def _cost(secs: float, recs: list[dict]) -> dict:

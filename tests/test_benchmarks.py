@@ -29,14 +29,15 @@ def test_rollouts_compares_ours_with_the_library_and_prompting(data_dir, model_p
     assert set(out["seconds"]) == {"ours", "generate"} and out["best_library"] == "generate"
     assert out["ratio"] == pytest.approx(out["seconds"]["generate"] / out["seconds"]["ours"])
     assert out["same_as_generate"] == 2  # greedy, fp32: both decoders give the same answers
-    agents = out["agents"]
-    for name in ("finetuned", "fewshot"):
-        assert agents[name]["s_episode"] > 0 and 0 < agents[name]["turns"] <= 1  # one turn allowed
-        assert agents[name]["completion_tokens"] > 0
-    # The few-shot prompt carries an exemplar the fine-tuned prompt has not.
-    assert agents["fewshot"]["prompt_tokens"] > agents["finetuned"]["prompt_tokens"]
-    assert agents["ratio_episode"] == pytest.approx(agents["finetuned"]["s_episode"] / agents["fewshot"]["s_episode"])
-    assert "seconds per correct answer: " in capsys.readouterr().out
+    assert set(out["agents"]) == {"ours", "generate"}  # both agents on each decoder the fine-tuned one ran on
+    for agents in out["agents"].values():
+        for name in ("finetuned", "fewshot"):
+            assert agents[name]["s_episode"] > 0 and 0 < agents[name]["turns"] <= 1  # one turn allowed
+            assert agents[name]["completion_tokens"] > 0
+        # The few-shot prompt carries an exemplar the fine-tuned prompt has not.
+        assert agents["fewshot"]["prompt_tokens"] > agents["finetuned"]["prompt_tokens"]
+        assert agents["ratio_episode"] == pytest.approx(agents["finetuned"]["s_episode"] / agents["fewshot"]["s_episode"])
+    assert capsys.readouterr().out.count("seconds per correct answer: ") == 2
 
 
 def test_rollouts_vs_fewshot_needs_a_trained_model():
