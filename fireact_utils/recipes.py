@@ -102,6 +102,7 @@ def selection_table(p: Params, conds: dict[str, list[dict]], settings: dict[str,
     on the best row, and `vs_chosen` (+_lo/_hi): each row's paired EM gain over the chosen one,
     so a reader sees how clearly the choice won."""
     best = chosen(conds) if conds else None
+    ref = {r["id"]: float(r["em"]) for r in conds[best]} if conds else {}  # paired by episode id, whatever the file order
     extra = {}
     for label in conds:
         name = prefix + label
@@ -109,7 +110,6 @@ def selection_table(p: Params, conds: dict[str, list[dict]], settings: dict[str,
                         "settings": ", ".join(f"{k}={v}" for k, v in settings[label].items()) or "(run's params)",
                         "chosen": label == best, "split": f"{p.study.select_task} {p.study.select_split}"}
         if label != best:
-            ref = {r["id"]: float(r["em"]) for r in conds[best]}  # paired by episode id, whatever the file order
             pairs = [(ref[r["id"]], float(r["em"])) for r in conds[label]]
             gain = paired_bootstrap_diff(*zip(*pairs, strict=True), p.evaluate.bootstrap)
             extra[label].update(zip(("vs_chosen", "vs_chosen_lo", "vs_chosen_hi"), gain, strict=True))

@@ -162,11 +162,10 @@ def train_timed(trainer, ckpt: str | None) -> float | None:
 
     from transformers import TrainerCallback
 
-    clock = Path(ckpt) / WALL_CLOCK if ckpt else None
-    if clock and not clock.is_file():
-        before = None
-    else:
-        before = json.loads(clock.read_text())["train_s"] if clock else 0.0
+    before: float | None = 0.0
+    if ckpt:
+        clock = Path(ckpt) / WALL_CLOCK
+        before = json.loads(clock.read_text())["train_s"] if clock.is_file() else None
     t0 = time.perf_counter()
 
     class SaveClock(TrainerCallback):
