@@ -41,9 +41,10 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--only", action="append", choices=NOTEBOOKS, metavar="NOTEBOOK",
                            help=f"execute this notebook only; repeat for more, run in chain order ({', '.join(NOTEBOOKS)})")
         if name in ("evaluate", "consistency", "beyond"):
-            s.add_argument("--trained", "--adapter", dest="trained", required=name == "consistency",
+            s.add_argument("--trained", "--adapter", dest="trained",
                            help="what fine-tuning wrote (finetune/final): a LoRA adapter or a full model"
-                                + ("; default: the run's own fine-tune" if name == "beyond" else ""))
+                                + {"beyond": "; default: the run's own fine-tune",
+                                   "consistency": "; needed unless study.sc_agents=[fewshot]"}.get(name, ""))
         if name == "evaluate":
             s.add_argument("--model", help="model spec (HF id, path, alias); default params model.name")
             s.add_argument("--task", help="task name or question file (.json/.jsonl)")
@@ -140,8 +141,9 @@ def _headline(p) -> None:
     print(table[["condition", "n", "em", "em_lo", "em_hi", "turns", "completion_tokens"]].to_string(index=False))
     print(json.dumps(pipeline.paired_gain(p, conds)))
     if p.study.seeds:
-        seeds = recipes.report_seeds(p, trained)
-        print(seeds[[c for c in ("condition", "n", "em", "em_lo", "em_hi", "em_seed_sd") if c in seeds]].to_string(index=False))
+        seeds = recipes.report_seeds(p, trained, conds.get("base_fewshot_react"))
+        cols = ("condition", "n", "em", "em_lo", "em_hi", "em_seed_sd", "gain", "gain_lo", "gain_hi")
+        print(seeds[[c for c in cols if c in seeds]].to_string(index=False))
     if p.study.sc_ks:
         _consistency(p, trained)
 
@@ -152,6 +154,9 @@ def _consistency(p, trained) -> None:
 
     if not p.study.sc_ks:
         raise ValueError("study.sc_ks is empty: name the k values to vote over, e.g. 'study.sc_ks=[1,3,5]'")
+    if "finetuned" in p.study.sc_agents and not trained:
+        raise ValueError("study.sc_agents samples the fine-tuned agent: name it with --trained "
+                         "(or sample the few-shot base alone: 'study.sc_agents=[fewshot]')")
     print(report(p, trained).to_string(index=False))
 
 

@@ -173,6 +173,8 @@ class StudyParams(Section):
     sc_ks: list[int] = Field(default_factory=list, description="self-consistency: episodes voted per question (empty: skip)")
     sc_temperature: float = Field(0.7, gt=0, description="self-consistency sampling temperature")
     sc_n: int = Field(0, ge=0, description="self-consistency questions (0: evaluate.n_questions)")
+    sc_agents: list[Literal["fewshot", "finetuned"]] = Field(
+        ["fewshot", "finetuned"], min_length=1, description="self-consistency: the agents sampled")
 
     @field_validator("recipes", "fewshot_variants")
     @classmethod

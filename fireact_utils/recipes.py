@@ -154,18 +154,22 @@ def seed_runs(p: Params, trained: str | Path, progress: bool = True) -> dict[int
     return out
 
 
-def report_seeds(p: Params, trained: str | Path, progress: bool = True) -> pd.DataFrame:
-    """`seed_table` of `seed_runs`, written to tables/headline_seeds.csv."""
+def report_seeds(p: Params, trained: str | Path, baseline: list[dict] | None = None,
+                 progress: bool = True) -> pd.DataFrame:
+    """`seed_table` of `seed_runs` (with the mean's paired gain over `baseline`'s episodes, e.g.
+    few-shot ReAct's), written to tables/headline_seeds.csv."""
     from .io import atomic_write_text
 
-    table = seed_table(p, seed_runs(p, trained, progress))
+    table = seed_table(p, seed_runs(p, trained, progress), baseline)
     atomic_write_text(p.run_dir / "tables" / "headline_seeds.csv", table.to_csv(index=False))
     return table
 
 
-def seed_table(p: Params, runs: dict[int, list[dict]]) -> pd.DataFrame:
+def seed_table(p: Params, runs: dict[int, list[dict]], baseline: list[dict] | None = None) -> pd.DataFrame:
     """A row per training seed, then `mean over seeds`: EM mean and standard deviation over the
-    seeds (`em_seed_sd`) beside a bootstrap CI over questions of the per-question mean."""
+    seeds (`em_seed_sd`) beside a bootstrap CI over questions of the per-question mean. With
+    `baseline` (episodes of the same questions), the mean row also gets `gain`/`gain_lo`/`gain_hi`:
+    the per-question seed mean minus the baseline, paired by episode id."""
     table = results_table({f"seed {s}": recs for s, recs in runs.items()}, p.evaluate.bootstrap)
     if len(runs) < 2:
         return table
@@ -178,6 +182,13 @@ def seed_table(p: Params, runs: dict[int, list[dict]]) -> pd.DataFrame:
     summary = {"condition": f"mean over {len(runs)} seeds", "n": per_seed.shape[1], "em": mean, "em_lo": lo,
                "em_hi": hi, "em_seed_sd": float(ems.std(ddof=1)), "em_seed_min": float(ems.min()),
                "em_seed_max": float(ems.max())}
+    if baseline is not None:
+        by_id = {r["id"]: float(r["em"]) for r in baseline}
+        if set(by_id) != set(ids[0]):
+            raise ValueError("the baseline must cover the seed runs' questions")
+        base = [by_id[i] for i in ids[0]]
+        summary["gain"], summary["gain_lo"], summary["gain_hi"] = paired_bootstrap_diff(
+            base, per_seed.mean(axis=0), p.evaluate.bootstrap)
     import pandas as pd
 
     return pd.concat([table, pd.DataFrame([summary])], ignore_index=True)

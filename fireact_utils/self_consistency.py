@@ -72,11 +72,13 @@ def vote_curve(runs: list[list[dict]], ks: list[int], seconds_per_episode: list[
 
 
 def curve(p: Params, trained: str | Path, progress: bool = True) -> pd.DataFrame:
-    """The self-consistency curve of the few-shot base and the fine-tuned agent (`agent` column)."""
+    """The self-consistency curve of study.sc_agents, the few-shot base and/or the fine-tuned agent
+    (`agent` column)."""
     import pandas as pd
 
     parts = []
-    for who, model in (("fewshot", None), ("finetuned", trained)):
+    for who in p.study.sc_agents:
+        model = trained if who == "finetuned" else None
         runs = samples(p, who, model, progress)
         secs = [_seconds_per_episode(condition_meta(p, f"sc_{who}_s{j}")) for j in range(len(runs))]
         parts.append(vote_curve(runs, p.study.sc_ks, secs, p.evaluate.bootstrap).assign(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 
 from fireact_utils.cli import main
@@ -78,8 +79,8 @@ def test_select_consistency_mistakes_and_resumed_tables(tmp_path, capsys, multih
     assert main(["consistency", "params/smoke.yaml", "--trained", str(tmp_path), f"output_root={tmp_path}",
                  "study.sc_ks=[]"]) == 2
     assert "study.sc_ks is empty" in _error_line(capsys)
-    with pytest.raises(SystemExit):  # argparse: --trained is required
-        main(["consistency", "params/smoke.yaml"])
+    assert main(["consistency", "params/smoke.yaml", "study.sc_ks=[1]"]) == 2
+    assert "name it with --trained" in _error_line(capsys)
     task = load_task("hotpotqa-wiki", "val", multihop_dir=multihop_dir)
     ov = [f"output_root={tmp_path}", "study.select_n=2", "study.fewshot_variants={}",
           "study.recipes={a: {train.lora_r: 4}, b: {train.lora_r: 8}}"]
@@ -92,6 +93,21 @@ def test_select_consistency_mistakes_and_resumed_tables(tmp_path, capsys, multih
     chosen = json.loads((tmp_path / "smoke" / "tables" / "recipes_chosen.json").read_text())
     assert chosen["label"] == "b" and chosen["overrides"] == {"train.lora_r": 8} and chosen["em"] == 0.5
     assert not (tmp_path / "smoke" / "recipes").exists()  # nothing trained
+
+
+def test_consistency_of_the_fewshot_base_alone(tmp_path, capsys, model_path):
+    """`study.sc_agents=[fewshot]` needs no fine-tuned model and samples nothing else: the real
+    model, 2 questions, 2 samples each."""
+    ov = [f"output_root={tmp_path}", f"model.name={model_path}", "study.sc_ks=[1,2]", "study.sc_n=2",
+          "study.sc_agents=[fewshot]", "agent.n_exemplars=1", "agent.max_turns=2", "agent.max_new_tokens=24"]
+    assert main(["consistency", "params/smoke.yaml", *ov]) == 0
+    table = pd.read_csv(tmp_path / "smoke" / "tables" / "self_consistency.csv")
+    assert list(zip(table["agent"], table["k"], table["n"], strict=True)) == [("fewshot ReAct", 1, 2), ("fewshot ReAct", 2, 2)]
+    assert table["tokens_per_question"].iloc[1] > table["tokens_per_question"].iloc[0]
+    assert sorted(f.name for f in (tmp_path / "smoke" / "eval").glob("*.jsonl")) == ["sc_fewshot_s0.jsonl", "sc_fewshot_s1.jsonl"]
+    capsys.readouterr()
+    assert main(["params", "params/smoke.yaml", "study.sc_agents=[]"]) == 2  # nothing to sample
+    assert "study.sc_agents" in _error_line(capsys)
 
 
 def test_beyond_with_nothing_to_run_and_a_group_of_one(tmp_path, capsys):

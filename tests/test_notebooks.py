@@ -194,6 +194,8 @@ def test_chain_tables(chain):
         assert chosen["overrides"] == getattr(p.study, which)[chosen["label"]] and chosen["split"] == "val"
     seeds = pd.read_csv(tables / "headline_seeds.csv")
     assert list(seeds["condition"]) == [f"seed {s}" for s in p.study.seeds] + [f"mean over {len(p.study.seeds)} seeds"]
+    mean = seeds.iloc[-1]  # its paired gain over few-shot ReAct, on the same questions
+    assert mean["gain_lo"] <= mean["gain"] <= mean["gain_hi"] and pd.isna(seeds["gain"].iloc[0])
     sc = pd.read_csv(tables / "self_consistency.csv")
     assert sorted(zip(sc["agent"], sc["k"], strict=True)) == sorted(
         (a, k) for a in ("fewshot ReAct", "finetuned ReAct") for k in p.study.sc_ks)

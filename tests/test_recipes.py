@@ -114,6 +114,15 @@ def test_seed_table_and_chosen_by_hand():
     mean = table.loc["mean over 3 seeds"]
     assert mean["em"] == pytest.approx(0.5) and mean["em_seed_sd"] == pytest.approx(0.5)
     assert (mean["em_seed_min"], mean["em_seed_max"]) == (0.0, 1.0)
+    assert "gain" not in table
+    # Per-question seed means are q0 2/3, q1 1/3. Against a baseline right on q0 only, listed in
+    # reverse, the paired differences are -1/3 and +1/3 (paired by file order: +2/3 and -2/3).
+    baseline = [_rec(1, "b", False), _rec(0, "a", True)]
+    mean = recipes.seed_table(p, runs, baseline).set_index("condition").loc["mean over 3 seeds"]
+    assert mean["gain"] == pytest.approx(0.0)
+    assert (mean["gain_lo"], mean["gain_hi"]) == (pytest.approx(-1 / 3), pytest.approx(1 / 3))
+    with pytest.raises(ValueError, match="baseline must cover"):
+        recipes.seed_table(p, runs, baseline[:1])
     assert recipes.chosen({"x": runs[1], "y": runs[2], "z": runs[2]}) == "y"  # ties: the first listed
 
 
