@@ -142,21 +142,17 @@ def _headline(p) -> None:
     print(json.dumps(pipeline.paired_gain(p, conds)))
     if p.study.seeds:
         seeds = recipes.report_seeds(p, trained, conds.get("base_fewshot_react"))
-        cols = ("condition", "n", "em", "em_lo", "em_hi", "em_seed_sd", "gain", "gain_lo", "gain_hi")
-        print(seeds[[c for c in cols if c in seeds]].to_string(index=False))
+        print(seeds[[c for c in recipes.SEED_COLUMNS if c in seeds]].to_string(index=False))
     if p.study.sc_ks:
         _consistency(p, trained)
 
 
 def _consistency(p, trained) -> None:
-    """The self-consistency curve of the few-shot base and `trained` (study.sc_ks), saved with its figure."""
+    """The self-consistency curve of study.sc_agents (few-shot base, `trained`) over study.sc_ks, saved with its figure."""
     from .self_consistency import report
 
     if not p.study.sc_ks:
         raise ValueError("study.sc_ks is empty: name the k values to vote over, e.g. 'study.sc_ks=[1,3,5]'")
-    if "finetuned" in p.study.sc_agents and not trained:
-        raise ValueError("study.sc_agents samples the fine-tuned agent: name it with --trained "
-                         "(or sample the few-shot base alone: 'study.sc_agents=[fewshot]')")
     print(report(p, trained).to_string(index=False))
 
 

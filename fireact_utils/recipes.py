@@ -154,6 +154,9 @@ def seed_runs(p: Params, trained: str | Path, progress: bool = True) -> dict[int
     return out
 
 
+SEED_COLUMNS = ("condition", "n", "em", "em_lo", "em_hi", "em_seed_sd", "gain", "gain_lo", "gain_hi")  # shown of seed_table
+
+
 def report_seeds(p: Params, trained: str | Path, baseline: list[dict] | None = None,
                  progress: bool = True) -> pd.DataFrame:
     """`seed_table` of `seed_runs` (with the mean's paired gain over `baseline`'s episodes, e.g.

@@ -71,11 +71,14 @@ def vote_curve(runs: list[list[dict]], ks: list[int], seconds_per_episode: list[
     return pd.DataFrame(rows)
 
 
-def curve(p: Params, trained: str | Path, progress: bool = True) -> pd.DataFrame:
+def curve(p: Params, trained: str | Path | None, progress: bool = True) -> pd.DataFrame:
     """The self-consistency curve of study.sc_agents, the few-shot base and/or the fine-tuned agent
-    (`agent` column)."""
+    `trained` (`agent` column)."""
     import pandas as pd
 
+    if "finetuned" in p.study.sc_agents and not trained:  # else `samples` would run the few-shot agent
+        raise ValueError("study.sc_agents samples the fine-tuned agent: name it with --trained "
+                         "(or sample the few-shot base alone: 'study.sc_agents=[fewshot]')")
     parts = []
     for who in p.study.sc_agents:
         model = trained if who == "finetuned" else None
@@ -86,7 +89,7 @@ def curve(p: Params, trained: str | Path, progress: bool = True) -> pd.DataFrame
     return pd.concat(parts, ignore_index=True)
 
 
-def report(p: Params, trained: str | Path, progress: bool = True) -> pd.DataFrame:
+def report(p: Params, trained: str | Path | None, progress: bool = True) -> pd.DataFrame:
     """`curve`, written to tables/self_consistency.csv with its figure (figures/self_consistency)."""
     from .io import atomic_write_text
     from .plots import plot_self_consistency
