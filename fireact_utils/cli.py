@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--trained", "--adapter", dest="trained",
                            help="what fine-tuning wrote (finetune/final): a LoRA adapter or a full model"
                                 + {"beyond": "; default: the run's own fine-tune",
-                                   "consistency": "; needed unless study.sc_agents=[fewshot]"}.get(name, ""))
+                                   "consistency": "; needed unless study.sc_agents=[fewshot] or its samples are all saved"}.get(name, ""))
         if name == "evaluate":
             s.add_argument("--model", help="model spec (HF id, path, alias); default params model.name")
             s.add_argument("--task", help="task name or question file (.json/.jsonl)")

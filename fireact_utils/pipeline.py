@@ -14,6 +14,7 @@ work already saved there, so any stage (and the whole chain) can be killed and r
 
 from __future__ import annotations
 
+import os
 import platform
 import random
 import time
@@ -41,7 +42,7 @@ def provenance(p: Params) -> dict:
 
     return {"params": p.dump(), "fireact_utils": __version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
-            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "machine": machine_label(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def save_provenance(p: Params, stage: str) -> None:
@@ -172,8 +173,13 @@ def run_condition(p: Params, name: str, llm, agent: AgentParams, search: SearchP
     recs = run_episodes(t, idx, llm, tool, agent, path, progress=progress, fewshot=fewshot_text(p, agent, t))
     ran = _count_lines(path) - before
     if ran or "environment" not in meta:
-        meta["wall_s"] += time.time() - t0
+        dt = time.time() - t0
+        meta["wall_s"] += dt
         meta["episodes_run"] += ran
+        if ran:  # a condition resumed elsewhere mixes machines: its seconds say so (`table_extras`)
+            here = meta.setdefault("machines", {}).setdefault(machine_label(), {"episodes": 0, "wall_s": 0.0})
+            here["episodes"] += ran
+            here["wall_s"] += dt
         if tool is not None:
             meta["tool"] = merge_tool_stats(meta.get("tool"), tool.stats())
             meta["environment"] = tool.card()
@@ -185,6 +191,13 @@ def run_condition(p: Params, name: str, llm, agent: AgentParams, search: SearchP
         meta.update(condition=name, model=llm.name, agent=agent.model_dump(), task=t.name, split=t.split)
         atomic_write_json(meta_path, meta)
     return recs
+
+
+def machine_label() -> str:
+    """Where this process computes: the GPU's name, else the CPU's core count."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu x{os.cpu_count()}"
 
 
 def condition_questions(p: Params, task: str | None = None, split: str | None = None, n: int | None = None):
@@ -310,6 +323,8 @@ def table_extras(p: Params, names) -> dict[str, dict]:
         row = {}
         if m.get("episodes_run"):
             row["seconds_per_episode"] = m["wall_s"] / m["episodes_run"]
+        if m.get("machines"):
+            row["machine"] = " + ".join(m["machines"])  # seconds compare only within one machine
         tool = m.get("tool") or {}
         if "hit_rate" in tool:
             row["search_exact_hit_rate"] = tool["hit_rate"]

@@ -5,7 +5,8 @@ each seeded with j, so a k-vote uses samples 0..k-1 and every point of the curve
 samples with the next. Answers are compared normalized as the task scores them (`pred`: SQuAD
 normalization, the leading yes/no, the option letter); an episode that never answered does not
 vote; a tie goes to the answer given first (lowest j). Cost per question is what the k samples
-spent: tokens, and seconds (each sample condition's wall time over its episodes).
+spent: tokens, and seconds (each sample condition's wall time over its episodes), with the
+machine(s) that spent them (a sample resumed on another machine names both).
 
     df = self_consistency.report(p, "outputs/runs/cpu/finetune/final")  # a row per agent and k, saved
 """
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .evaluate import bootstrap_ci
-from .pipeline import condition_meta, fewshot_react, finetuned_agent, local_llm, run_condition
+from .pipeline import condition_meta, fewshot_react, finetuned_agent, local_llm, run_condition, saved_condition
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -52,6 +53,12 @@ def samples(p: Params, who: str, trained: str | Path | None, progress: bool = Tr
     return out
 
 
+def saved_samples(p: Params, who: str) -> list[list[dict]] | None:
+    """Every sample of `who` as saved, if all are complete; else None."""
+    runs = [saved_condition(p, f"sc_{who}_s{j}", n=p.study.sc_n or None) for j in range(max(p.study.sc_ks))]
+    return None if any(r is None for r in runs) else runs
+
+
 def vote_curve(runs: list[list[dict]], ks: list[int], seconds_per_episode: list[float],
                n_boot: int) -> pd.DataFrame:
     """EM of the k-vote for each k (CI over questions), with tokens and seconds per question."""
@@ -76,16 +83,19 @@ def curve(p: Params, trained: str | Path | None, progress: bool = True) -> pd.Da
     `trained` (`agent` column)."""
     import pandas as pd
 
-    if "finetuned" in p.study.sc_agents and not trained:  # else `samples` would run the few-shot agent
+    saved = {who: saved_samples(p, who) for who in p.study.sc_agents}  # a finished curve needs no model
+    if saved.get("finetuned", []) is None and not trained:  # else `samples` would run the few-shot agent
         raise ValueError("study.sc_agents samples the fine-tuned agent: name it with --trained "
                          "(or sample the few-shot base alone: 'study.sc_agents=[fewshot]')")
     parts = []
-    for who in p.study.sc_agents:
-        model = trained if who == "finetuned" else None
-        runs = samples(p, who, model, progress)
+    for who, runs in saved.items():
+        if runs is None:
+            runs = samples(p, who, trained if who == "finetuned" else None, progress)
         secs = [_seconds_per_episode(condition_meta(p, f"sc_{who}_s{j}")) for j in range(len(runs))]
-        parts.append(vote_curve(runs, p.study.sc_ks, secs, p.evaluate.bootstrap).assign(
-            agent=f"{who} ReAct", temperature=p.study.sc_temperature))
+        df = vote_curve(runs, p.study.sc_ks, secs, p.evaluate.bootstrap)
+        machines = [list(condition_meta(p, f"sc_{who}_s{j}").get("machines", {})) for j in range(len(runs))]
+        df["machine"] = [" + ".join(dict.fromkeys(m for ms in machines[:k] for m in ms)) for k in df["k"]]
+        parts.append(df.assign(agent=f"{who} ReAct", temperature=p.study.sc_temperature))
     return pd.concat(parts, ignore_index=True)
 
 

@@ -4,11 +4,13 @@ answered by one `error:` line and exit code 2, never a traceback."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
 
 from fireact_utils.cli import main
+from fireact_utils.pipeline import machine_label
 
 
 def _error_line(capsys) -> str:
@@ -104,7 +106,16 @@ def test_consistency_of_the_fewshot_base_alone(tmp_path, capsys, model_path):
     table = pd.read_csv(tmp_path / "smoke" / "tables" / "self_consistency.csv")
     assert list(zip(table["agent"], table["k"], table["n"], strict=True)) == [("fewshot ReAct", 1, 2), ("fewshot ReAct", 2, 2)]
     assert table["tokens_per_question"].iloc[1] > table["tokens_per_question"].iloc[0]
-    assert sorted(f.name for f in (tmp_path / "smoke" / "eval").glob("*.jsonl")) == ["sc_fewshot_s0.jsonl", "sc_fewshot_s1.jsonl"]
+    assert set(table["machine"]) == {machine_label()}  # the seconds' machine
+    eval_dir = tmp_path / "smoke" / "eval"
+    assert sorted(f.name for f in eval_dir.glob("*.jsonl")) == ["sc_fewshot_s0.jsonl", "sc_fewshot_s1.jsonl"]
+    # complete saved samples re-draw the curve without --trained and without loading a model
+    for f in eval_dir.glob("sc_fewshot_*"):
+        shutil.copy(f, eval_dir / f.name.replace("fewshot", "finetuned"))
+    capsys.readouterr()
+    assert main(["consistency", "params/smoke.yaml", *ov, "study.sc_agents=[finetuned]", "model.name=/no/such/model"]) == 0
+    again = pd.read_csv(tmp_path / "smoke" / "tables" / "self_consistency.csv")
+    assert set(again["agent"]) == {"finetuned ReAct"} and again["em"].tolist() == table["em"].tolist()
     capsys.readouterr()
     assert main(["params", "params/smoke.yaml", "study.sc_agents=[]"]) == 2  # nothing to sample
     assert "study.sc_agents" in _error_line(capsys)

@@ -12,8 +12,8 @@ from scripted import ScriptedLLM, by_question
 from fireact_utils.agent import run_episodes
 from fireact_utils.config import AgentParams, SearchParams, load_params
 from fireact_utils.evaluate import markdown_table
-from fireact_utils.io import DataFileError, read_json
-from fireact_utils.pipeline import merge_tool_stats, outcome_table, run_condition, table_extras
+from fireact_utils.io import DataFileError, atomic_write_json, read_json
+from fireact_utils.pipeline import machine_label, merge_tool_stats, outcome_table, run_condition, table_extras
 from fireact_utils.tasks import WIKI_TASKS, load_task
 from fireact_utils.tools import EMPTY_QUERY, NO_RESULTS, NoisyTool, make_search, noise_pool
 from fireact_utils.wiki import WikiSearch, cut_words, evidence, fidelity, outcome
@@ -188,6 +188,16 @@ def test_wiki_condition_through_the_pipeline(tmp_path):
     assert extras["environment"].startswith("wiki: hotpotqa (10,708 paragraphs); BM25")
     assert extras["gold_top_rate"] == fid["gold_top_rate"] and "saw_all_gold_rate" in extras
     assert outcome_table(p)["condition"].tolist() == ["wiki scripted"]
+    here = machine_label()
+    assert meta["machines"] == {here: {"episodes": 3, "wall_s": pytest.approx(meta["wall_s"])}}
+    assert extras["machine"] == here
+    # resumed on another machine: each keeps its episodes and seconds, and the table names both
+    meta["machines"] = {"NVIDIA H200": meta["machines"].pop(here)}
+    atomic_write_json(p.run_dir / "eval" / "wiki_scripted.meta.json", meta)
+    run_condition(p, "wiki_scripted", ScriptedLLM(reply), AgentParams(max_turns=4), task="hotpotqa-wiki", n=4)
+    machines = read_json(p.run_dir / "eval" / "wiki_scripted.meta.json")["machines"]
+    assert [(k, v["episodes"]) for k, v in machines.items()] == [("NVIDIA H200", 3), (here, 1)]
+    assert table_extras(p, ["wiki_scripted"])["wiki scripted"]["machine"] == f"NVIDIA H200 + {here}"
 
 
 def test_scripted_episode_sees_the_gold(hotpot_wiki, multihop_dir):
