@@ -290,17 +290,18 @@ def plot_selection(table: pd.DataFrame, title: str, stem: str | Path | None = No
 
 
 def plot_self_consistency(df: pd.DataFrame, stem: str | Path | None = None):
-    """Self-consistency: EM of the majority vote against k, and against seconds per question."""
+    """Self-consistency: EM of the majority vote against k, and against tokens per question (the
+    cost that compares across machines; seconds, in the table, hold only within one)."""
     if _empty(df, "self-consistency"):
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
     for agent, g in df.groupby("agent", sort=False):
         color = MODE_COLORS["finetuned" if agent.startswith("finetuned") else "fewshot"]
-        for ax, x in zip(axes, ("k", "seconds_per_question"), strict=True):
+        for ax, x in zip(axes, ("k", "tokens_per_question"), strict=True):
             ax.plot(g[x], g["em"] * 100, "o-", color=color, label=agent)
             ax.fill_between(g[x], g["em_lo"] * 100, g["em_hi"] * 100, color=color, alpha=0.15)
     axes[0].set(xlabel="episodes voted per question (k)", ylabel="EM (%)", xticks=sorted(df["k"].unique()))
-    axes[1].set(xlabel="seconds per question (k episodes)")
+    axes[1].set(xlabel="tokens per question (k episodes, prompt + generated)")
     axes[0].legend(frameon=False)
     for ax in axes:
         ax.grid(alpha=0.3)
