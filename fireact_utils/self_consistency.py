@@ -84,17 +84,17 @@ def curve(p: Params, trained: str | Path | None, progress: bool = True) -> pd.Da
     import pandas as pd
 
     saved = {who: saved_samples(p, who) for who in p.study.sc_agents}  # a finished curve needs no model
-    if saved.get("finetuned", []) is None and not trained:  # else `samples` would run the few-shot agent
+    if "finetuned" in saved and saved["finetuned"] is None and not trained:  # else `samples` would run the few-shot agent
         raise ValueError("study.sc_agents samples the fine-tuned agent: name it with --trained "
                          "(or sample the few-shot base alone: 'study.sc_agents=[fewshot]')")
     parts = []
     for who, runs in saved.items():
         if runs is None:
             runs = samples(p, who, trained if who == "finetuned" else None, progress)
-        secs = [_seconds_per_episode(condition_meta(p, f"sc_{who}_s{j}")) for j in range(len(runs))]
-        df = vote_curve(runs, p.study.sc_ks, secs, p.evaluate.bootstrap)
-        machines = [list(condition_meta(p, f"sc_{who}_s{j}").get("machines", {})) for j in range(len(runs))]
-        df["machine"] = [" + ".join(dict.fromkeys(m for ms in machines[:k] for m in ms)) for k in df["k"]]
+        metas = [condition_meta(p, f"sc_{who}_s{j}") for j in range(len(runs))]
+        df = vote_curve(runs, p.study.sc_ks, [_seconds_per_episode(m) for m in metas], p.evaluate.bootstrap)
+        df["machine"] = [" + ".join(dict.fromkeys(name for m in metas[:k] for name in m.get("machines", {})))
+                         for k in df["k"]]
         parts.append(df.assign(agent=f"{who} ReAct", temperature=p.study.sc_temperature))
     return pd.concat(parts, ignore_index=True)
 
