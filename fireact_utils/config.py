@@ -175,6 +175,8 @@ class StudyParams(Section):
     sc_n: int = Field(0, ge=0, description="self-consistency questions (0: evaluate.n_questions)")
     sc_agents: list[Literal["fewshot", "finetuned"]] = Field(
         ["fewshot", "finetuned"], min_length=1, description="self-consistency: the agents sampled")
+    sc_seeds: bool = Field(False, description="self-consistency of the fine-tuned agent of every one of study.seeds "
+                                              "(missing ones are trained) and their mean: a seed spread per k")
 
     @field_validator("recipes", "fewshot_variants")
     @classmethod
@@ -185,6 +187,12 @@ class StudyParams(Section):
             if bad:
                 raise ValueError(f"{label}: {bad[0]!r} is not a {' or '.join(allowed)} key")
         return v
+
+    @model_validator(mode="after")
+    def _sc_seeds_need_seeds(self) -> StudyParams:
+        if self.sc_seeds and not self.seeds:
+            raise ValueError("study.sc_seeds needs the training seeds in study.seeds")
+        return self
 
 
 class TrainingQuestions(Section):

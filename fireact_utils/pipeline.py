@@ -134,12 +134,17 @@ def training_records(p: Params) -> list[dict]:
 
 
 def finetune(p: Params, records: list[dict] | None = None, out: str | Path | None = None) -> Path:
+    """Fine-tune on `records` (default: the run's dataset) into `out` (default <run>/finetune);
+    provenance/<out's path in the run, joined by _>.json says with what."""
     from .train import finetune as sft
 
     if records is None:
         records = training_records(p)
-    save_provenance(p, "finetune")
-    return sft(records, out or p.run_dir / "finetune", p.train, p.model)
+    out = Path(out or p.run_dir / "finetune")
+    # One record per fine-tune: a seed's, a recipe's or a sweep's must not overwrite the main one's.
+    where = out.relative_to(p.run_dir).parts if out.is_relative_to(p.run_dir) else (out.name,)
+    save_provenance(p, "_".join(where))
+    return sft(records, out, p.train, p.model)
 
 
 # ---------------------------------------------------------------- evaluation

@@ -297,9 +297,12 @@ def plot_self_consistency(df: pd.DataFrame, stem: str | Path | None = None):
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
     for agent, g in df.groupby("agent", sort=False):
         color = MODE_COLORS["finetuned" if agent.startswith("finetuned") else "fewshot"]
+        one_seed = ", seed " in agent  # beside their mean: thin lines, no band
         for ax, x in zip(axes, ("k", "tokens_per_question"), strict=True):
-            ax.plot(g[x], g["em"] * 100, "o-", color=color, label=agent)
-            ax.fill_between(g[x], g["em_lo"] * 100, g["em_hi"] * 100, color=color, alpha=0.15)
+            ax.plot(g[x], g["em"] * 100, ".-" if one_seed else "o-", color=color, label=agent,
+                    alpha=0.45 if one_seed else 1.0, lw=0.8 if one_seed else 1.5)
+            if not one_seed:
+                ax.fill_between(g[x], g["em_lo"] * 100, g["em_hi"] * 100, color=color, alpha=0.15)
     axes[0].set(xlabel="episodes voted per question (k)", ylabel="EM (%)", xticks=sorted(df["k"].unique()))
     axes[1].set(xlabel="tokens per question (k episodes, prompt + generated)")
     axes[0].legend(frameon=False)

@@ -144,14 +144,19 @@ def seed_runs(p: Params, trained: str | Path, progress: bool = True) -> dict[int
     main fine-tune `trained` itself), each evaluated like finetuned_react on evaluate.task."""
     out = {}
     for seed in p.study.seeds:
-        if seed == p.train.seed:
-            out[seed] = run_condition(p, "finetuned_react", local_llm(p, trained), finetuned_agent(p), progress=progress)
-            continue
-        q = p.model_copy(update={"train": p.train.model_copy(update={"seed": seed})})
-        t = finetune(q, None, p.run_dir / "seeds" / f"s{seed}")
-        out[seed] = run_condition(p, f"finetuned_react_seed{seed}", local_llm(q, t), finetuned_agent(q),
+        name = "finetuned_react" if seed == p.train.seed else f"finetuned_react_seed{seed}"
+        out[seed] = run_condition(p, name, local_llm(p, seed_model(p, seed, trained)), finetuned_agent(p),
                                   progress=progress)
     return out
+
+
+def seed_model(p: Params, seed: int, trained: str | Path) -> Path:
+    """The main recipe trained with `seed`: `trained` itself for train.seed, else seeds/s<seed>/final
+    (fine-tuned now if it is not there yet)."""
+    if seed == p.train.seed:
+        return Path(trained)
+    q = p.model_copy(update={"train": p.train.model_copy(update={"seed": seed})})
+    return finetune(q, None, p.run_dir / "seeds" / f"s{seed}")
 
 
 SEED_COLUMNS = ("condition", "n", "em", "em_lo", "em_hi", "em_seed_sd", "gain", "gain_lo", "gain_hi")  # shown of seed_table
@@ -168,6 +173,15 @@ def report_seeds(p: Params, trained: str | Path, baseline: list[dict] | None = N
     return table
 
 
+def seed_mean(per_seed: np.ndarray, n_boot: int) -> dict[str, float]:
+    """EM over training seeds from a seeds x questions array of 0/1: the mean with a bootstrap CI
+    over questions of the per-question mean, and the seeds' EM standard deviation, min and max."""
+    mean, lo, hi = bootstrap_ci(per_seed.mean(axis=0), n_boot)
+    ems = per_seed.mean(axis=1)
+    return {"n": per_seed.shape[1], "em": mean, "em_lo": lo, "em_hi": hi, "em_seed_sd": float(ems.std(ddof=1)),
+            "em_seed_min": float(ems.min()), "em_seed_max": float(ems.max())}
+
+
 def seed_table(p: Params, runs: dict[int, list[dict]], baseline: list[dict] | None = None) -> pd.DataFrame:
     """A row per training seed, then `mean over seeds`: EM mean and standard deviation over the
     seeds (`em_seed_sd`) beside a bootstrap CI over questions of the per-question mean. With
@@ -180,11 +194,7 @@ def seed_table(p: Params, runs: dict[int, list[dict]], baseline: list[dict] | No
     ids = [[r["id"] for r in recs] for recs in runs.values()]
     if any(i != ids[0] for i in ids):
         raise ValueError("seed runs must cover the same questions in the same order")
-    mean, lo, hi = bootstrap_ci(per_seed.mean(axis=0), p.evaluate.bootstrap)
-    ems = per_seed.mean(axis=1)
-    summary = {"condition": f"mean over {len(runs)} seeds", "n": per_seed.shape[1], "em": mean, "em_lo": lo,
-               "em_hi": hi, "em_seed_sd": float(ems.std(ddof=1)), "em_seed_min": float(ems.min()),
-               "em_seed_max": float(ems.max())}
+    summary = {"condition": f"mean over {len(runs)} seeds", **seed_mean(per_seed, p.evaluate.bootstrap)}
     if baseline is not None:
         by_id = {r["id"]: float(r["em"]) for r in baseline}
         if set(by_id) != set(ids[0]):

@@ -6,7 +6,9 @@ samples with the next. Answers are compared normalized as the task scores them (
 normalization, the leading yes/no, the option letter); an episode that never answered does not
 vote; a tie goes to the answer given first (lowest j). Cost per question is what the k samples
 spent: tokens, and seconds (each sample condition's wall time over its episodes), with the
-machine(s) that spent them (a sample resumed on another machine names both).
+machine(s) that spent them (a sample resumed on another machine names both). With study.sc_seeds
+the fine-tuned agent of every training seed is sampled (`sc_finetuned_seed<s>_s<j>`; the main
+fine-tune keeps `sc_finetuned_s<j>`) and a mean-over-seeds row per k gives the vote's seed spread.
 
     df = self_consistency.report(p, "outputs/runs/cpu/finetune/final")  # a row per agent and k, saved
 """
@@ -19,8 +21,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .evaluate import bootstrap_ci
+from .evaluate import bootstrap_ci, paired_bootstrap_diff
 from .pipeline import condition_meta, fewshot_react, finetuned_agent, local_llm, run_condition, saved_condition
+from .recipes import seed_mean, seed_model
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -59,44 +62,96 @@ def saved_samples(p: Params, who: str) -> list[list[dict]] | None:
     return None if any(r is None for r in runs) else runs
 
 
+def votes(runs: list[list[dict]], k: int) -> list[dict]:
+    """The k-vote's record for each question (runs aligned by question)."""
+    ids = [r["id"] for r in runs[0]]
+    if any([r["id"] for r in run] != ids for run in runs):
+        raise ValueError("self-consistency samples must cover the same questions in the same order")
+    return [majority_vote([run[q] for run in runs[:k]]) for q in range(len(ids))]
+
+
 def vote_curve(runs: list[list[dict]], ks: list[int], seconds_per_episode: list[float],
                n_boot: int) -> pd.DataFrame:
     """EM of the k-vote for each k (CI over questions), with tokens and seconds per question."""
     import pandas as pd
 
-    ids = [r["id"] for r in runs[0]]
-    if any([r["id"] for r in run] != ids for run in runs):
-        raise ValueError("self-consistency samples must cover the same questions in the same order")
     rows = []
     for k in sorted(ks):
-        votes = [majority_vote([run[q] for run in runs[:k]]) for q in range(len(ids))]
-        em, lo, hi = bootstrap_ci([float(v["em"]) for v in votes], n_boot)
+        em, lo, hi = bootstrap_ci([float(v["em"]) for v in votes(runs, k)], n_boot)
         tokens = np.sum([[r["prompt_tokens"] + r["completion_tokens"] for r in run] for run in runs[:k]], axis=0)
-        rows.append({"k": k, "n": len(ids), "em": em, "em_lo": lo, "em_hi": hi,
+        rows.append({"k": k, "n": len(runs[0]), "em": em, "em_lo": lo, "em_hi": hi,
                      "tokens_per_question": float(tokens.mean()),
                      "seconds_per_question": float(sum(seconds_per_episode[:k]))})
     return pd.DataFrame(rows)
 
 
-def curve(p: Params, trained: str | Path | None, progress: bool = True) -> pd.DataFrame:
-    """The self-consistency curve of study.sc_agents, the few-shot base and/or the fine-tuned agent
-    `trained` (`agent` column)."""
+def seed_mean_curve(by_seed: dict[int, list[list[dict]]], curves: list[pd.DataFrame], ks: list[int],
+                    n_boot: int, baseline: list[list[dict]] | None = None) -> pd.DataFrame:
+    """Per k, the k-vote's EM over training seeds (`recipes.seed_mean`: mean, CI over questions, the
+    seeds' spread); tokens and seconds per question are the seeds' means (`curves`: each seed's
+    `vote_curve`). With `baseline` (another agent's samples of the same questions), `gain` and its
+    CI: the per-question seed mean minus the baseline's k-vote, paired by question."""
     import pandas as pd
 
-    saved = {who: saved_samples(p, who) for who in p.study.sc_agents}  # a finished curve needs no model
+    ids = [[r["id"] for r in runs[0]] for runs in [*by_seed.values(), *([baseline] if baseline else [])]]
+    if any(i != ids[0] for i in ids):
+        raise ValueError("the seeds' self-consistency samples must cover the same questions in the same order")
+    rows = []
+    for k in sorted(ks):
+        per_seed = np.array([[float(v["em"]) for v in votes(runs, k)] for runs in by_seed.values()])
+        at_k = [c[c["k"] == k].iloc[0] for c in curves]
+        gain = {}
+        if baseline:
+            base = [float(v["em"]) for v in votes(baseline, k)]
+            gain = dict(zip(("gain", "gain_lo", "gain_hi"), paired_bootstrap_diff(base, per_seed.mean(axis=0), n_boot),
+                            strict=True))
+        rows.append({"k": k, **seed_mean(per_seed, n_boot), **gain,
+                     "tokens_per_question": float(np.mean([r["tokens_per_question"] for r in at_k])),
+                     "seconds_per_question": float(np.mean([r["seconds_per_question"] for r in at_k])),
+                     "machine": " + ".join(dict.fromkeys(m for r in at_k for m in r["machine"].split(" + ")))})
+    return pd.DataFrame(rows)
+
+
+def finetuned_samplers(p: Params) -> dict[str, int | None]:
+    """Sample-name stem -> training seed of the fine-tuned agents voted: `finetuned` (the main
+    fine-tune, seed None unless study.sc_seeds), `finetuned_seed<s>` for the other study.seeds."""
+    if not p.study.sc_seeds:
+        return {"finetuned": None}
+    return {("finetuned" if s == p.train.seed else f"finetuned_seed{s}"): s for s in p.study.seeds}
+
+
+def curve(p: Params, trained: str | Path | None, progress: bool = True) -> pd.DataFrame:
+    """The self-consistency curve of study.sc_agents, the few-shot base and/or the fine-tuned agent
+    `trained` (`agent` column); with study.sc_seeds a curve per training seed and their mean."""
+    import pandas as pd
+
+    whos = {"fewshot": None} if "fewshot" in p.study.sc_agents else {}
+    if "finetuned" in p.study.sc_agents:
+        whos |= finetuned_samplers(p)
+    saved = {who: saved_samples(p, who) for who in whos}  # a finished curve needs no model
     if "finetuned" in saved and saved["finetuned"] is None and not trained:  # else `samples` would run the few-shot agent
         raise ValueError("study.sc_agents samples the fine-tuned agent: name it with --trained "
                          "(or sample the few-shot base alone: 'study.sc_agents=[fewshot]')")
-    parts = []
-    for who, runs in saved.items():
+    parts, by_seed, fewshot = [], {}, None
+    for who, seed in whos.items():
+        runs = saved[who]
         if runs is None:
-            runs = samples(p, who, trained if who == "finetuned" else None, progress)
+            model = None if who == "fewshot" else trained if seed is None else seed_model(p, seed, trained)
+            runs = samples(p, who, model, progress)
+        if who == "fewshot":
+            fewshot = runs
         metas = [condition_meta(p, f"sc_{who}_s{j}") for j in range(len(runs))]
         df = vote_curve(runs, p.study.sc_ks, [_seconds_per_episode(m) for m in metas], p.evaluate.bootstrap)
         df["machine"] = [" + ".join(dict.fromkeys(name for m in metas[:k] for name in m.get("machines", {})))
                          for k in df["k"]]
-        parts.append(df.assign(agent=f"{who} ReAct", temperature=p.study.sc_temperature))
-    return pd.concat(parts, ignore_index=True)
+        label = "fewshot ReAct" if who == "fewshot" else "finetuned ReAct" + ("" if seed is None else f", seed {seed}")
+        parts.append(df.assign(agent=label))
+        if seed is not None:
+            by_seed[seed] = runs
+    if len(by_seed) > 1:
+        mean = seed_mean_curve(by_seed, parts[-len(by_seed):], p.study.sc_ks, p.evaluate.bootstrap, fewshot)
+        parts.append(mean.assign(agent=f"finetuned ReAct, mean over {len(by_seed)} seeds"))
+    return pd.concat(parts, ignore_index=True).assign(temperature=p.study.sc_temperature)
 
 
 def report(p: Params, trained: str | Path | None, progress: bool = True) -> pd.DataFrame:

@@ -97,11 +97,13 @@ def test_select_consistency_mistakes_and_resumed_tables(tmp_path, capsys, multih
     assert not (tmp_path / "smoke" / "recipes").exists()  # nothing trained
 
 
-def test_consistency_of_the_fewshot_base_alone(tmp_path, capsys, model_path):
+def test_consistency_of_the_fewshot_base_alone_then_over_seeds(tmp_path, capsys, model_path):
     """`study.sc_agents=[fewshot]` needs no fine-tuned model and samples nothing else: the real
-    model, 2 questions, 2 samples each."""
+    model, 2 questions, 2 samples each. Its saved samples, copied under the fine-tuned agents'
+    names, are then re-drawn without a model: one agent, and with study.sc_seeds every seed and their mean."""
     ov = [f"output_root={tmp_path}", f"model.name={model_path}", "study.sc_ks=[1,2]", "study.sc_n=2",
-          "study.sc_agents=[fewshot]", "agent.n_exemplars=1", "agent.max_turns=2", "agent.max_new_tokens=24"]
+          "study.sc_agents=[fewshot]", "study.sc_seeds=false", "agent.n_exemplars=1", "agent.max_turns=2",
+          "agent.max_new_tokens=24"]
     assert main(["consistency", "params/smoke.yaml", *ov]) == 0
     table = pd.read_csv(tmp_path / "smoke" / "tables" / "self_consistency.csv")
     assert list(zip(table["agent"], table["k"], table["n"], strict=True)) == [("fewshot ReAct", 1, 2), ("fewshot ReAct", 2, 2)]
@@ -116,7 +118,37 @@ def test_consistency_of_the_fewshot_base_alone(tmp_path, capsys, model_path):
     assert main(["consistency", "params/smoke.yaml", *ov, "study.sc_agents=[finetuned]", "model.name=/no/such/model"]) == 0
     again = pd.read_csv(tmp_path / "smoke" / "tables" / "self_consistency.csv")
     assert set(again["agent"]) == {"finetuned ReAct"} and again["em"].tolist() == table["em"].tolist()
+    # Seeds 42 and 7: the same episodes, except one question that both of seed 42's samples answer
+    # wrong and both of seed 7's right, so seed 7's vote scores 0.5 more at every k.
+    for j in range(2):
+        recs = [json.loads(line) for line in (eval_dir / f"sc_fewshot_s{j}.jsonl").read_text().splitlines()]
+        target = min(r["id"] for r in recs)
+        for who, answer, em in (("finetuned", "Rome", 0.0), ("finetuned_seed7", "Paris", 1.0)):
+            for r in recs:
+                if r["id"] == target:
+                    r |= {"answer": answer, "pred": answer.lower(), "em": em}
+            (eval_dir / f"sc_{who}_s{j}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        shutil.copy(eval_dir / f"sc_fewshot_s{j}.meta.json", eval_dir / f"sc_finetuned_seed7_s{j}.meta.json")
     capsys.readouterr()
+    seeds_ov = ["study.sc_agents=[fewshot,finetuned]", "model.name=/no/such/model", "study.seeds=[42,7]",
+                "study.sc_seeds=true"]
+    assert main(["consistency", "params/smoke.yaml", *ov, *seeds_ov]) == 0
+    both = pd.read_csv(tmp_path / "smoke" / "tables" / "self_consistency.csv").set_index(["agent", "k"])
+    assert list(dict.fromkeys(both.index.get_level_values(0))) == [
+        "fewshot ReAct", "finetuned ReAct, seed 42", "finetuned ReAct, seed 7", "finetuned ReAct, mean over 2 seeds"]
+    for k in (1, 2):
+        s42, s7 = both.loc[("finetuned ReAct, seed 42", k), "em"], both.loc[("finetuned ReAct, seed 7", k), "em"]
+        mean = both.loc[("finetuned ReAct, mean over 2 seeds", k)]
+        assert s7 == s42 + 0.5
+        assert mean["em"] == pytest.approx((s42 + s7) / 2) and mean["em_lo"] <= mean["em"] <= mean["em_hi"]
+        assert mean["em_seed_sd"] == pytest.approx(abs(s7 - s42) / 2 ** 0.5)
+        assert (mean["em_seed_min"], mean["em_seed_max"]) == (min(s42, s7), max(s42, s7))
+        # paired over the same questions, the gain over the few-shot vote is the difference of means
+        assert mean["gain"] == pytest.approx(mean["em"] - both.loc[("fewshot ReAct", k), "em"])
+        assert mean["gain_lo"] <= mean["gain"] <= mean["gain_hi"]
+    capsys.readouterr()
+    assert main(["params", "params/smoke.yaml", "study.seeds=[]", "study.sc_seeds=true"]) == 2
+    assert "study.sc_seeds needs the training seeds" in _error_line(capsys)
     assert main(["params", "params/smoke.yaml", "study.sc_agents=[]"]) == 2  # nothing to sample
     assert "study.sc_agents" in _error_line(capsys)
 

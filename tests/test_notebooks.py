@@ -131,7 +131,9 @@ def test_chain_eval_records(chain):
     scaling = {f"scaling_n{n}" for n in p.study.data_sizes}
     select = {f"recipe_{r}" for r in p.study.recipes} | {f"fewshot_{v}" for v in p.study.fewshot_variants}
     seeds = {f"finetuned_react_seed{s}" for s in p.study.seeds if s != p.train.seed}
-    sc = {f"sc_{who}_s{j}" for who in ("fewshot", "finetuned") for j in range(max(p.study.sc_ks))}
+    sc_whos = ["fewshot", "finetuned"] + [f"finetuned_seed{s}" for s in p.study.seeds if s != p.train.seed]
+    assert p.study.sc_seeds and len(sc_whos) == 3  # the smoke run votes with every training seed
+    sc = {f"sc_{who}_s{j}" for who in sc_whos for j in range(max(p.study.sc_ks))}
     si = {f"si_r{r}_s{j}" for r in range(1, p.self_improve.rounds + 1) for j in range(p.self_improve.k)}
     students = [f"si_round{r}" for r in range(1, p.self_improve.rounds + 1)] + [
         f"si_control{r}" for r in p.self_improve.controls]
@@ -197,8 +199,12 @@ def test_chain_tables(chain):
     mean = seeds.iloc[-1]  # its paired gain over few-shot ReAct, on the same questions
     assert mean["gain_lo"] <= mean["gain"] <= mean["gain_hi"] and pd.isna(seeds["gain"].iloc[0])
     sc = pd.read_csv(tables / "self_consistency.csv")
-    assert sorted(zip(sc["agent"], sc["k"], strict=True)) == sorted(
-        (a, k) for a in ("fewshot ReAct", "finetuned ReAct") for k in p.study.sc_ks)
+    agents = ["fewshot ReAct", *(f"finetuned ReAct, seed {s}" for s in p.study.seeds),
+              f"finetuned ReAct, mean over {len(p.study.seeds)} seeds"]
+    assert list(zip(sc["agent"], sc["k"], strict=True)) == [(a, k) for a in agents for k in p.study.sc_ks]
+    mean = sc[sc["agent"] == agents[-1]]
+    assert (mean["em_seed_min"] <= mean["em"]).all() and (mean["em"] <= mean["em_seed_max"]).all()
+    assert ((mean["gain_lo"] <= mean["gain"]) & (mean["gain"] <= mean["gain_hi"])).all()  # over few-shot's vote
     assert (sc.groupby("agent")["tokens_per_question"].diff().dropna() > 0).all()  # more samples cost more
     si = pd.read_csv(tables / "self_improve.csv")  # notebook 05
     assert list(si["round"]) == [0, 1, 1] and list(si["control"]) == [False, False, True]  # round 1 and its control

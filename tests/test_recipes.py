@@ -1,5 +1,6 @@
 """Choosing on validation (recipes, few-shot prompts), training seeds and self-consistency voting."""
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -153,3 +154,16 @@ def test_recipe_search_reuses_a_complete_evaluation(tmp_path, multihop_dir):
     assert not (p.run_dir / "recipes").exists()
     write_jsonl(p.run_dir / "eval" / "recipe_r8.jsonl", recs[:2])  # one missing: not complete
     assert recipes.saved_selection(p, "recipe_r8") is None
+
+
+def test_seed_model_trains_once_with_its_own_provenance(tmp_path):
+    """A training seed's model: the main fine-tune for train.seed, else trained under seeds/s<seed>
+    (the real model, 2 LoRA steps) with its own provenance record, and found, not retrained, after."""
+    p = load_params(SMOKE, [f"output_root={tmp_path}"])
+    assert recipes.seed_model(p, p.train.seed, tmp_path / "main") == tmp_path / "main"
+    model = recipes.seed_model(p, 7, tmp_path / "main")
+    assert model == p.run_dir / "seeds" / "s7" / "final" and (model / "train_done.json").is_file()
+    prov = json.loads((p.run_dir / "provenance" / "seeds_s7.json").read_text())
+    assert prov["params"]["train"]["seed"] == 7 and not (p.run_dir / "provenance" / "finetune.json").exists()
+    stamp = (model / "train_done.json").stat().st_mtime_ns
+    assert recipes.seed_model(p, 7, tmp_path / "main") == model and (model / "train_done.json").stat().st_mtime_ns == stamp
