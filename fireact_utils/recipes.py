@@ -173,15 +173,6 @@ def report_seeds(p: Params, trained: str | Path, baseline: list[dict] | None = N
     return table
 
 
-def seed_mean(per_seed: np.ndarray, n_boot: int) -> dict[str, float]:
-    """EM over training seeds from a seeds x questions array of 0/1: the mean with a bootstrap CI
-    over questions of the per-question mean, and the seeds' EM standard deviation, min and max."""
-    mean, lo, hi = bootstrap_ci(per_seed.mean(axis=0), n_boot)
-    ems = per_seed.mean(axis=1)
-    return {"n": per_seed.shape[1], "em": mean, "em_lo": lo, "em_hi": hi, "em_seed_sd": float(ems.std(ddof=1)),
-            "em_seed_min": float(ems.min()), "em_seed_max": float(ems.max())}
-
-
 def seed_table(p: Params, runs: dict[int, list[dict]], baseline: list[dict] | None = None) -> pd.DataFrame:
     """A row per training seed, then `mean over seeds`: EM mean and standard deviation over the
     seeds (`em_seed_sd`) beside a bootstrap CI over questions of the per-question mean. With
@@ -194,7 +185,11 @@ def seed_table(p: Params, runs: dict[int, list[dict]], baseline: list[dict] | No
     ids = [[r["id"] for r in recs] for recs in runs.values()]
     if any(i != ids[0] for i in ids):
         raise ValueError("seed runs must cover the same questions in the same order")
-    summary = {"condition": f"mean over {len(runs)} seeds", **seed_mean(per_seed, p.evaluate.bootstrap)}
+    mean, lo, hi = bootstrap_ci(per_seed.mean(axis=0), p.evaluate.bootstrap)
+    ems = per_seed.mean(axis=1)
+    summary = {"condition": f"mean over {len(runs)} seeds", "n": per_seed.shape[1], "em": mean, "em_lo": lo,
+               "em_hi": hi, "em_seed_sd": float(ems.std(ddof=1)), "em_seed_min": float(ems.min()),
+               "em_seed_max": float(ems.max())}
     if baseline is not None:
         by_id = {r["id"]: float(r["em"]) for r in baseline}
         if set(by_id) != set(ids[0]):

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .evaluate import bootstrap_ci, paired_bootstrap_diff
+from .evaluate import bootstrap_ci
 from .pipeline import condition_meta, fewshot_react, finetuned_agent, local_llm, run_condition, saved_condition
-from .recipes import seed_mean, seed_model
+from .recipes import seed_model, seed_table
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -85,27 +85,20 @@ def vote_curve(runs: list[list[dict]], ks: list[int], seconds_per_episode: list[
     return pd.DataFrame(rows)
 
 
-def seed_mean_curve(by_seed: dict[int, list[list[dict]]], curves: list[pd.DataFrame], ks: list[int],
-                    n_boot: int, baseline: list[list[dict]] | None = None) -> pd.DataFrame:
-    """Per k, the k-vote's EM over training seeds (`recipes.seed_mean`: mean, CI over questions, the
-    seeds' spread); tokens and seconds per question are the seeds' means (`curves`: each seed's
-    `vote_curve`). With `baseline` (another agent's samples of the same questions), `gain` and its
-    CI: the per-question seed mean minus the baseline's k-vote, paired by question."""
+def seed_mean_curve(p: Params, by_seed: dict[int, list[list[dict]]], curves: list[pd.DataFrame],
+                    baseline: list[list[dict]] | None = None) -> pd.DataFrame:
+    """Per k, the mean row of `recipes.seed_table` over the seeds' k-votes (mean EM, CI over
+    questions, the seeds' spread, and with `baseline`, another agent's samples, the paired `gain`
+    over its k-vote); tokens and seconds per question are the seeds' means (`curves`: each seed's
+    `vote_curve`)."""
     import pandas as pd
 
-    ids = [[r["id"] for r in runs[0]] for runs in [*by_seed.values(), *([baseline] if baseline else [])]]
-    if any(i != ids[0] for i in ids):
-        raise ValueError("the seeds' self-consistency samples must cover the same questions in the same order")
     rows = []
-    for k in sorted(ks):
-        per_seed = np.array([[float(v["em"]) for v in votes(runs, k)] for runs in by_seed.values()])
+    for k in sorted(p.study.sc_ks):
+        table = seed_table(p, {s: votes(runs, k) for s, runs in by_seed.items()},
+                           votes(baseline, k) if baseline else None)
         at_k = [c[c["k"] == k].iloc[0] for c in curves]
-        gain = {}
-        if baseline:
-            base = [float(v["em"]) for v in votes(baseline, k)]
-            gain = dict(zip(("gain", "gain_lo", "gain_hi"), paired_bootstrap_diff(base, per_seed.mean(axis=0), n_boot),
-                            strict=True))
-        rows.append({"k": k, **seed_mean(per_seed, n_boot), **gain,
+        rows.append({"k": k, **table.iloc[-1].drop("condition").dropna().to_dict(),
                      "tokens_per_question": float(np.mean([r["tokens_per_question"] for r in at_k])),
                      "seconds_per_question": float(np.mean([r["seconds_per_question"] for r in at_k])),
                      "machine": " + ".join(dict.fromkeys(m for r in at_k for m in r["machine"].split(" + ")))})
@@ -149,7 +142,7 @@ def curve(p: Params, trained: str | Path | None, progress: bool = True) -> pd.Da
         if seed is not None:
             by_seed[seed] = runs
     if len(by_seed) > 1:
-        mean = seed_mean_curve(by_seed, parts[-len(by_seed):], p.study.sc_ks, p.evaluate.bootstrap, fewshot)
+        mean = seed_mean_curve(p, by_seed, parts[-len(by_seed):], fewshot)
         parts.append(mean.assign(agent=f"finetuned ReAct, mean over {len(by_seed)} seeds"))
     return pd.concat(parts, ignore_index=True).assign(temperature=p.study.sc_temperature)
 
