@@ -1,12 +1,14 @@
-"""Fine-tuning throughput: our SFT setup vs naive padded batches, side by side in one run.
+"""Fine-tuning throughput: our SFT setup vs stock TRL and naive padded batches, side by side in one run.
 
-    python benchmarks/sft.py              # 64 FireAct HotpotQA trajectories, built-in model, LoRA, 1 epoch
-    python benchmarks/sft.py --n 16       # quicker
+    python benchmarks/sft.py                  # 64 FireAct HotpotQA trajectories, built-in model, full FT, 1 epoch
+    python benchmarks/sft.py --method lora --n 16
 
 "ours": length-grouped batches padded only to the batch's longest row (padding-free rows where
-flash-attention exists), loss on the agent's tokens. "naive": FireAct's alpaca-lora recipe,
-every row cut/padded to 512 tokens, random order. Each runs in its own process so peak RSS is
-its own. Reported: non-pad tokens per second (the work that matters), the ratio, final loss.
+flash-attention exists), loss on the agent's tokens, the LM head projecting only the labelled
+positions on the CPU (`train.labelled_positions_only`). "trl": the same batches through stock
+TRL, which projects every position on a CPU. "naive": FireAct's alpaca-lora recipe, every row
+cut/padded to 512 tokens, random order. Each runs in its own process so peak RSS is its own.
+Reported: non-pad tokens per second (the work that matters), the ratios, final loss.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import sys
 import time
 
 
-def run_one(kind: str, n: int, out: str) -> dict:
+def run_one(kind: str, n: int, method: str, out: str) -> dict:
+    from contextlib import nullcontext
+
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTTrainer
@@ -27,13 +31,13 @@ def run_one(kind: str, n: int, out: str) -> dict:
     from fireact_utils.config import TrainParams
     from fireact_utils.data import load_fireact
     from fireact_utils.models import resolve_model
-    from fireact_utils.train import IGNORE, build_dataset, lora_config, make_sft_config
+    from fireact_utils.train import IGNORE, build_dataset, labelled_positions_only, lora_config, make_sft_config
 
     path = resolve_model("smollm2-135m")
     tok = AutoTokenizer.from_pretrained(path)
     recs = load_fireact("hotpotqa")[:n]
-    p = TrainParams(method="lora", epochs=1, batch_size=8, logging_steps=1, save_steps=10_000,
-                    max_length=512, group_by_length=(kind == "ours"))
+    p = TrainParams(method=method, epochs=1, batch_size=8, logging_steps=1, save_steps=10_000,
+                    max_length=512, group_by_length=(kind != "naive"))
     ds = build_dataset(recs, tok, p)
     real_tokens = sum(len(x) for x in ds["input_ids"])
     if kind == "naive":
@@ -42,9 +46,10 @@ def run_one(kind: str, n: int, out: str) -> dict:
                                  "labels": r["labels"] + [IGNORE] * (512 - len(r["labels"]))} for r in ds])
     model = AutoModelForCausalLM.from_pretrained(path)
     trainer = SFTTrainer(model=model, args=make_sft_config(p, __import__("pathlib").Path(out), "cpu"),
-                         train_dataset=ds, processing_class=tok, peft_config=lora_config(p))
+                         train_dataset=ds, processing_class=tok, peft_config=lora_config(p) if method == "lora" else None)
     t0 = time.time()
-    trainer.train()
+    with labelled_positions_only() if kind == "ours" else nullcontext():
+        trainer.train()
     dt = time.time() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"kind": kind, "seconds": dt, "real_tokens": real_tokens, "tokens_per_s": real_tokens / dt,
@@ -54,21 +59,25 @@ def run_one(kind: str, n: int, out: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=64)
-    ap.add_argument("--one", choices=["ours", "naive"])
+    ap.add_argument("--method", choices=["full", "lora"], default="full")
+    ap.add_argument("--one", choices=["ours", "trl", "naive"])
     ap.add_argument("--out", default="/tmp/fireact_bench_sft")
     a = ap.parse_args()
     if a.one:
-        print("RESULT " + json.dumps(run_one(a.one, a.n, f"{a.out}/{a.one}")))
+        print("RESULT " + json.dumps(run_one(a.one, a.n, a.method, f"{a.out}/{a.one}")))
         return
     res = {}
-    for kind in ("ours", "naive"):
-        proc = subprocess.run([sys.executable, __file__, "--one", kind, "--n", str(a.n), "--out", a.out],
+    for kind in ("ours", "trl", "naive"):
+        proc = subprocess.run([sys.executable, __file__, "--one", kind, "--n", str(a.n), "--method", a.method,
+                               "--out", a.out],
                               capture_output=True, text=True, check=True)
         res[kind] = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
     print(f"{'setup':8} {'seconds':>8} {'tok/s':>8} {'final loss':>10} {'peak RSS MB':>12}")
     for kind, r in res.items():
         print(f"{kind:8} {r['seconds']:8.1f} {r['tokens_per_s']:8.1f} {r['final_loss']:10.3f} {r['peak_rss_mb']:12.0f}")
-    print(f"throughput ratio ours/naive (non-pad tokens/s): {res['ours']['tokens_per_s'] / res['naive']['tokens_per_s']:.2f}x")
+    for other in ("trl", "naive"):
+        print(f"throughput ratio ours/{other} (non-pad tokens/s): "
+              f"{res['ours']['tokens_per_s'] / res[other]['tokens_per_s']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -171,7 +171,8 @@ class StudyParams(Section):
     select_n: int = Field(0, ge=0, description="questions of the selection split (0: all)")
     seeds: list[int] = Field(default_factory=list, description="training seeds of the main recipe (headline spread)")
     sc_ks: list[int] = Field(default_factory=list, description="self-consistency: episodes voted per question (empty: skip)")
-    sc_temperature: float = Field(0.7, gt=0, description="self-consistency sampling temperature")
+    sc_temperature: float = Field(0.4, gt=0, description="self-consistency sampling temperature (chosen on "
+                                  "HotpotQA-wiki val: 0.4 beat 0.7 by 7 points at k = 3)")
     sc_n: int = Field(0, ge=0, description="self-consistency questions (0: evaluate.n_questions)")
     sc_agents: list[Literal["fewshot", "finetuned"]] = Field(
         ["fewshot", "finetuned"], min_length=1, description="self-consistency: the agents sampled")

@@ -174,6 +174,8 @@ def run_condition(p: Params, name: str, llm, agent: AgentParams, search: SearchP
     meta_path = path.with_suffix(".meta.json")
     meta = read_json(meta_path) if meta_path.is_file() else {"wall_s": 0.0, "episodes_run": 0}
     before = _count_lines(path)
+    if before:
+        check_same_agent(meta.get("agent", {}), agent, path)
     t0 = time.time()
     recs = run_episodes(t, idx, llm, tool, agent, path, progress=progress, fewshot=fewshot_text(p, agent, t))
     ran = _count_lines(path) - before
@@ -196,6 +198,17 @@ def run_condition(p: Params, name: str, llm, agent: AgentParams, search: SearchP
         meta.update(condition=name, model=llm.name, agent=agent.model_dump(), task=t.name, split=t.split)
         atomic_write_json(meta_path, meta)
     return recs
+
+
+def check_same_agent(saved: dict, agent: AgentParams, path: Path) -> None:
+    """A condition continues only with the agent settings it began with (`saved`: its meta's), so
+    one name never mixes two; the batch size, which only reorders float sums, may change."""
+    now = agent.model_dump()
+    differ = [k for k in now if k != "batch_size" and k in saved and saved[k] != now[k]]
+    if differ:
+        changes = ", ".join(f"agent.{k} {saved[k]!r} -> {now[k]!r}" for k in differ)
+        raise ValueError(f"{path} was run with other agent settings ({changes}): "
+                         "run it with its own, or pick a new run name")
 
 
 def machine_label() -> str:

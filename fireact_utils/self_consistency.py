@@ -22,13 +22,21 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .evaluate import bootstrap_ci
-from .pipeline import condition_meta, fewshot_react, finetuned_agent, local_llm, run_condition, saved_condition
+from .pipeline import (
+    check_same_agent,
+    condition_meta,
+    fewshot_react,
+    finetuned_agent,
+    local_llm,
+    run_condition,
+    saved_condition,
+)
 from .recipes import seed_model, seed_table
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from .config import Params
+    from .config import AgentParams, Params
 
 
 def majority_vote(records: list[dict]) -> dict:
@@ -42,13 +50,18 @@ def majority_vote(records: list[dict]) -> dict:
     return next(r for r in answered if counts[r["pred"]] == top)
 
 
+def sample_agent(p: Params, finetuned: bool) -> AgentParams:
+    """The agent settings of every sample: the fine-tuned agent's or the few-shot base's, at study.sc_temperature."""
+    return (finetuned_agent(p) if finetuned else fewshot_react(p)).model_copy(
+        update={"temperature": p.study.sc_temperature})
+
+
 def samples(p: Params, who: str, trained: str | Path | None, progress: bool = True) -> list[list[dict]]:
     """max(study.sc_ks) sampled runs of one agent (few-shot base if `trained` is None), aligned by question."""
     import torch
 
     llm = local_llm(p, trained)
-    agent = (finetuned_agent(p) if trained else fewshot_react(p)).model_copy(
-        update={"temperature": p.study.sc_temperature})
+    agent = sample_agent(p, finetuned=trained is not None)
     out = []
     for j in range(max(p.study.sc_ks)):
         torch.manual_seed(j)  # sample j draws the same tokens when re-run from scratch (a resumed one continues)
@@ -134,6 +147,9 @@ def curve(p: Params, trained: str | Path | None, progress: bool = True) -> pd.Da
         if who == "fewshot":
             fewshot = runs
         metas = [condition_meta(p, f"sc_{who}_s{j}") for j in range(len(runs))]
+        for j, meta in enumerate(metas):  # a saved sample re-drawn under other settings would be mislabelled
+            check_same_agent(meta.get("agent", {}), sample_agent(p, who != "fewshot"),
+                             p.run_dir / "eval" / f"sc_{who}_s{j}.jsonl")
         df = vote_curve(runs, p.study.sc_ks, [_seconds_per_episode(m) for m in metas], p.evaluate.bootstrap)
         df["machine"] = [" + ".join(dict.fromkeys(name for m in metas[:k] for name in m.get("machines", {})))
                          for k in df["k"]]

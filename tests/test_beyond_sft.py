@@ -108,6 +108,8 @@ def test_grpo_loss_never_reaches_observation_tokens(rl_params):
     import torch
     from trl import GRPOTrainer
 
+    from fireact_utils.train import labelled_positions_only
+
     seen: dict = {}
 
     class Probe(GRPOTrainer):
@@ -135,7 +137,8 @@ def test_grpo_loss_never_reaches_observation_tokens(rl_params):
         return out
 
     trainer.rollout_func = spy
-    trainer.train()
+    with labelled_positions_only():  # as `rl.train_grpo` trains on a CPU: the head sees only completion tokens
+        trainer.train()
     x, grad = seen["inputs"], seen["logps"].grad
     tool = (x["tool_mask"] == 0) & (x["completion_mask"] == 1)
     model_tokens = (x["tool_mask"] == 1) & (x["completion_mask"] == 1)

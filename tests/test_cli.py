@@ -111,9 +111,17 @@ def test_consistency_of_the_fewshot_base_alone_then_over_seeds(tmp_path, capsys,
     assert set(table["machine"]) == {machine_label()}  # the seconds' machine
     eval_dir = tmp_path / "smoke" / "eval"
     assert sorted(f.name for f in eval_dir.glob("*.jsonl")) == ["sc_fewshot_s0.jsonl", "sc_fewshot_s1.jsonl"]
+    # saved samples re-drawn under another temperature would be mislabelled: a one-line error
+    capsys.readouterr()
+    assert main(["consistency", "params/smoke.yaml", *ov, "study.sc_temperature=0.9"]) == 2
+    assert "other agent settings (agent.temperature 0.4 -> 0.9)" in _error_line(capsys)
     # complete saved samples re-draw the curve without --trained and without loading a model
-    for f in eval_dir.glob("sc_fewshot_*"):
-        shutil.copy(f, eval_dir / f.name.replace("fewshot", "finetuned"))
+    # (copied as the fine-tuned agent's, their meta names its settings)
+    for j in range(2):
+        shutil.copy(eval_dir / f"sc_fewshot_s{j}.jsonl", eval_dir / f"sc_finetuned_s{j}.jsonl")
+        meta = json.loads((eval_dir / f"sc_fewshot_s{j}.meta.json").read_text())
+        meta["agent"] |= {"mode": "finetuned", "format": "alpaca"}
+        (eval_dir / f"sc_finetuned_s{j}.meta.json").write_text(json.dumps(meta))
     capsys.readouterr()
     assert main(["consistency", "params/smoke.yaml", *ov, "study.sc_agents=[finetuned]", "model.name=/no/such/model"]) == 0
     again = pd.read_csv(tmp_path / "smoke" / "tables" / "self_consistency.csv")
@@ -128,7 +136,7 @@ def test_consistency_of_the_fewshot_base_alone_then_over_seeds(tmp_path, capsys,
                 if r["id"] == target:
                     r |= {"answer": answer, "pred": answer.lower(), "em": em}
             (eval_dir / f"sc_{who}_s{j}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-        shutil.copy(eval_dir / f"sc_fewshot_s{j}.meta.json", eval_dir / f"sc_finetuned_seed7_s{j}.meta.json")
+        shutil.copy(eval_dir / f"sc_finetuned_s{j}.meta.json", eval_dir / f"sc_finetuned_seed7_s{j}.meta.json")
     capsys.readouterr()
     seeds_ov = ["study.sc_agents=[fewshot,finetuned]", "model.name=/no/such/model", "study.seeds=[42,7]",
                 "study.sc_seeds=true"]

@@ -51,6 +51,51 @@ def test_truncation(tok, records):
     assert len(ex["input_ids"]) == len(ex["labels"]) == 40
 
 
+def test_labelled_positions_only_scores_fewer_rows_same_loss_and_grads(tok, records, model_path):
+    """The CPU switch of TRL's fused LM head: only the labelled positions reach the head, and the
+    loss and every gradient are those of the stock path (real model, two real trajectories)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer import utils
+
+    from fireact_utils.train import labelled_positions_only
+
+    rows = [tokenize_alpaca(r, tok, "agent") for r in records[:2]]
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.tensor([r["input_ids"] + [0] * (width - len(r["input_ids"])) for r in rows])
+    labels = torch.tensor([r["labels"] + [IGNORE] * (width - len(r["labels"])) for r in rows])
+    mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows])
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    scored, apply = [], utils._ChunkedLogProbFunction.apply
+
+    def spy(hidden, *args):
+        scored.append(hidden.shape[0])
+        return apply(hidden, *args)
+
+    def step():
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+        out.loss.backward()
+        return out, {n: w.grad.clone() for n, w in model.named_parameters()}
+
+    utils._ChunkedLogProbFunction.apply = spy
+    try:
+        stock, stock_grads = step()
+        with labelled_positions_only():
+            compact, compact_grads = step()
+        after, _ = step()  # the switch is undone on leaving
+    finally:
+        utils._ChunkedLogProbFunction.apply = apply
+    n_labelled = int((labels[:, 1:] != IGNORE).sum())
+    assert scored == [ids.numel() - len(rows), n_labelled, ids.numel() - len(rows)]
+    assert n_labelled < 0.7 * scored[0]  # the prompt and observations are most of the text
+    torch.testing.assert_close(compact.loss, stock.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compact.is_top1, stock.is_top1)
+    for name, grad in stock_grads.items():
+        torch.testing.assert_close(compact_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.slow
 def test_lora_finetune_lowers_loss_saves_and_changes_agent(tmp_path, records, data_dir):
     from fireact_utils.agent import run_episodes

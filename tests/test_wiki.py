@@ -12,7 +12,7 @@ from scripted import ScriptedLLM, by_question
 from fireact_utils.agent import run_episodes
 from fireact_utils.config import AgentParams, SearchParams, load_params
 from fireact_utils.evaluate import markdown_table
-from fireact_utils.io import DataFileError, atomic_write_json, read_json
+from fireact_utils.io import DataFileError, atomic_write_json, read_json, read_jsonl
 from fireact_utils.pipeline import machine_label, merge_tool_stats, outcome_table, run_condition, table_extras
 from fireact_utils.tasks import WIKI_TASKS, load_task
 from fireact_utils.tools import EMPTY_QUERY, NO_RESULTS, NoisyTool, make_search, noise_pool
@@ -194,7 +194,11 @@ def test_wiki_condition_through_the_pipeline(tmp_path):
     # resumed on another machine: each keeps its episodes and seconds, and the table names both
     meta["machines"] = {"NVIDIA H200": meta["machines"].pop(here)}
     atomic_write_json(p.run_dir / "eval" / "wiki_scripted.meta.json", meta)
-    run_condition(p, "wiki_scripted", ScriptedLLM(reply), AgentParams(max_turns=4), task="hotpotqa-wiki", n=4)
+    # other agent settings may not continue it (nothing is lost); another batch size may
+    with pytest.raises(ValueError, match=r"other agent settings \(agent.max_turns 4 -> 3\)"):
+        run_condition(p, "wiki_scripted", ScriptedLLM(reply), AgentParams(max_turns=3), task="hotpotqa-wiki", n=4)
+    assert len(read_jsonl(p.run_dir / "eval" / "wiki_scripted.jsonl")) == 3
+    run_condition(p, "wiki_scripted", ScriptedLLM(reply), AgentParams(max_turns=4, batch_size=2), task="hotpotqa-wiki", n=4)
     machines = read_json(p.run_dir / "eval" / "wiki_scripted.meta.json")["machines"]
     assert [(k, v["episodes"]) for k, v in machines.items()] == [("NVIDIA H200", 3), (here, 1)]
     assert table_extras(p, ["wiki_scripted"])["wiki scripted"]["machine"] == f"NVIDIA H200 + {here}"
