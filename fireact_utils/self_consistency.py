@@ -70,9 +70,16 @@ def samples(p: Params, who: str, trained: str | Path | None, progress: bool = Tr
 
 
 def saved_samples(p: Params, who: str) -> list[list[dict]] | None:
-    """Every sample of `who` as saved, if all are complete; else None."""
-    runs = [saved_condition(p, f"sc_{who}_s{j}", n=p.study.sc_n or None) for j in range(max(p.study.sc_ks))]
-    return None if any(r is None for r in runs) else runs
+    """Every sample of `who` as saved, if all are complete; else None. A sample saved under other
+    agent settings (a temperature) is an error: its curve would carry this run's labels."""
+    names = [f"sc_{who}_s{j}" for j in range(max(p.study.sc_ks))]
+    runs = [saved_condition(p, name, n=p.study.sc_n or None) for name in names]
+    if any(r is None for r in runs):
+        return None
+    for name in names:
+        check_same_agent(condition_meta(p, name).get("agent", {}), sample_agent(p, who != "fewshot"),
+                         p.run_dir / "eval" / f"{name}.jsonl")
+    return runs
 
 
 def votes(runs: list[list[dict]], k: int) -> list[dict]:
@@ -147,9 +154,6 @@ def curve(p: Params, trained: str | Path | None, progress: bool = True) -> pd.Da
         if who == "fewshot":
             fewshot = runs
         metas = [condition_meta(p, f"sc_{who}_s{j}") for j in range(len(runs))]
-        for j, meta in enumerate(metas):  # a saved sample re-drawn under other settings would be mislabelled
-            check_same_agent(meta.get("agent", {}), sample_agent(p, who != "fewshot"),
-                             p.run_dir / "eval" / f"sc_{who}_s{j}.jsonl")
         df = vote_curve(runs, p.study.sc_ks, [_seconds_per_episode(m) for m in metas], p.evaluate.bootstrap)
         df["machine"] = [" + ".join(dict.fromkeys(name for m in metas[:k] for name in m.get("machines", {})))
                          for k in df["k"]]
