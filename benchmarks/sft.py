@@ -19,6 +19,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 def run_one(kind: str, n: int, method: str, out: str) -> dict:
@@ -45,7 +46,7 @@ def run_one(kind: str, n: int, method: str, out: str) -> dict:
         ds = Dataset.from_list([{"input_ids": r["input_ids"] + [pad] * (512 - len(r["input_ids"])),
                                  "labels": r["labels"] + [IGNORE] * (512 - len(r["labels"]))} for r in ds])
     model = AutoModelForCausalLM.from_pretrained(path)
-    trainer = SFTTrainer(model=model, args=make_sft_config(p, __import__("pathlib").Path(out), "cpu"),
+    trainer = SFTTrainer(model=model, args=make_sft_config(p, Path(out), "cpu"),
                          train_dataset=ds, processing_class=tok, peft_config=lora_config(p) if method == "lora" else None)
     t0 = time.time()
     with labelled_positions_only() if kind == "ours" else nullcontext():
