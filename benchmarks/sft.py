@@ -5,7 +5,9 @@
 
 "ours": length-grouped batches padded only to the batch's longest row (padding-free rows where
 flash-attention exists), loss on the agent's tokens, the LM head projecting only the labelled
-positions on the CPU (`train.labelled_positions_only`). "trl": the same batches through stock
+positions on the CPU (`train.labelled_positions_only`), big freed blocks kept in glibc's heap
+(`train.keep_freed_memory`). "ours-mmap": ours with glibc's default allocator settings (a fresh
+mmap, page-faulted anew, for every tensor over 32 MB). "trl": the same batches through stock
 TRL, which projects every position on a CPU. "naive": FireAct's alpaca-lora recipe, every row
 cut/padded to 512 tokens, random order. Each runs in its own process so peak RSS is its own.
 Reported: non-pad tokens per second (the work that matters), the ratios, final loss.
@@ -23,7 +25,7 @@ from pathlib import Path
 
 
 def run_one(kind: str, n: int, method: str, out: str) -> dict:
-    from contextlib import nullcontext
+    from contextlib import ExitStack
 
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -32,7 +34,14 @@ def run_one(kind: str, n: int, method: str, out: str) -> dict:
     from fireact_utils.config import TrainParams
     from fireact_utils.data import load_fireact
     from fireact_utils.models import resolve_model
-    from fireact_utils.train import IGNORE, build_dataset, labelled_positions_only, lora_config, make_sft_config
+    from fireact_utils.train import (
+        IGNORE,
+        build_dataset,
+        keep_freed_memory,
+        labelled_positions_only,
+        lora_config,
+        make_sft_config,
+    )
 
     path = resolve_model("smollm2-135m")
     tok = AutoTokenizer.from_pretrained(path)
@@ -49,7 +58,11 @@ def run_one(kind: str, n: int, method: str, out: str) -> dict:
     trainer = SFTTrainer(model=model, args=make_sft_config(p, Path(out), "cpu"),
                          train_dataset=ds, processing_class=tok, peft_config=lora_config(p) if method == "lora" else None)
     t0 = time.time()
-    with labelled_positions_only() if kind == "ours" else nullcontext():
+    with ExitStack() as stack:
+        if kind.startswith("ours"):
+            stack.enter_context(labelled_positions_only())
+        if kind == "ours":
+            stack.enter_context(keep_freed_memory())
         trainer.train()
     dt = time.time() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -57,26 +70,29 @@ def run_one(kind: str, n: int, method: str, out: str) -> dict:
             "final_loss": losses[-1], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+KINDS = ("ours", "ours-mmap", "trl", "naive")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--method", choices=["full", "lora"], default="full")
-    ap.add_argument("--one", choices=["ours", "trl", "naive"])
+    ap.add_argument("--one", choices=KINDS)
     ap.add_argument("--out", default="/tmp/fireact_bench_sft")
     a = ap.parse_args()
     if a.one:
         print("RESULT " + json.dumps(run_one(a.one, a.n, a.method, f"{a.out}/{a.one}")))
         return
     res = {}
-    for kind in ("ours", "trl", "naive"):
+    for kind in KINDS:
         proc = subprocess.run([sys.executable, __file__, "--one", kind, "--n", str(a.n), "--method", a.method,
                                "--out", a.out],
                               capture_output=True, text=True, check=True)
         res[kind] = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
-    print(f"{'setup':8} {'seconds':>8} {'tok/s':>8} {'final loss':>10} {'peak RSS MB':>12}")
+    print(f"{'setup':9} {'seconds':>8} {'tok/s':>8} {'final loss':>10} {'peak RSS MB':>12}")
     for kind, r in res.items():
-        print(f"{kind:8} {r['seconds']:8.1f} {r['tokens_per_s']:8.1f} {r['final_loss']:10.3f} {r['peak_rss_mb']:12.0f}")
-    for other in ("trl", "naive"):
+        print(f"{kind:9} {r['seconds']:8.1f} {r['tokens_per_s']:8.1f} {r['final_loss']:10.3f} {r['peak_rss_mb']:12.0f}")
+    for other in KINDS[1:]:
         print(f"throughput ratio ours/{other} (non-pad tokens/s): "
               f"{res['ours']['tokens_per_s'] / res[other]['tokens_per_s']:.2f}x")
 

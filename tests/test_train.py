@@ -1,6 +1,9 @@
 """Fine-tuning on real FireAct trajectories with the real built-in model (a few CPU steps)."""
 
 import csv
+import os
+import platform
+from pathlib import Path
 
 import pytest
 
@@ -49,6 +52,38 @@ def test_agent_only_mask_chat(tok, records):
 def test_truncation(tok, records):
     ex = tokenize_alpaca(records[0], tok, "agent", max_length=40)
     assert len(ex["input_ids"]) == len(ex["labels"]) == 40
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists() or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_keep_freed_memory_serves_big_tensors_from_the_heap():
+    import ctypes
+
+    import torch
+
+    from fireact_utils.train import keep_freed_memory
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(f, ctypes.c_size_t) for f in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+
+    def mmapped_bytes_while_alive() -> int:
+        x = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MB: over glibc's largest mmap threshold
+        held = libc.mallinfo2().hblkhd
+        assert int(x.sum()) == 64 << 20
+        return held
+
+    def rss() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    base = libc.mallinfo2().hblkhd
+    assert mmapped_bytes_while_alive() >= base + (64 << 20)  # glibc's default: a fresh mmap per big tensor
+    with keep_freed_memory():
+        assert mmapped_bytes_while_alive() < base + (64 << 20)  # from the heap, kept for the next step
+        kept = rss()
+    assert rss() < kept - (32 << 20)  # handed back to the kernel after
 
 
 def test_labelled_positions_only_scores_fewer_rows_same_loss_and_grads(tok, records, model_path):
