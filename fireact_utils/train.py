@@ -176,9 +176,10 @@ def labelled_positions_only():
 def keep_freed_memory():
     """Keep glibc from handing big freed blocks back to the kernel while training. By default every
     tensor over 32 MB is its own mmap, and each step's activations and gradients are page-faulted
-    (zeroed by the kernel) afresh; reusing the heap instead cut the demo's CPU step from 9.8 to 7.2 s
-    with the same loss and peak RSS (`benchmarks/sft.py`, "ours" vs "ours-mmap"). Restored after,
-    and the heap trimmed. A no-op off glibc."""
+    (zeroed by the kernel) afresh. Reusing the heap instead, with the same loss: 1.17x the tokens per
+    second (`benchmarks/sft.py`, "ours" vs "ours-mmap") and 1.09x on the demo's whole training for
+    0.8 GB more peak RSS (`benchmarks/sft_allocator.py`), on a 2-core CPU. glibc's defaults come back
+    after, and the heap is trimmed. A no-op off glibc."""
     import ctypes
     import ctypes.util
 
