@@ -195,7 +195,7 @@ def keep_freed_memory():
     try:
         yield
     finally:
-        mallopt(M_MMAP_MAX, 65536)  # glibc's defaults
+        mallopt(M_MMAP_MAX, 65536)  # glibc's default values (setting them leaves its sliding mmap threshold fixed)
         mallopt(M_TRIM_THRESHOLD, 128 * 1024)
         malloc_trim(0)
 

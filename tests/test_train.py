@@ -55,7 +55,7 @@ def test_truncation(tok, records):
 
 
 KEEP_FREED_CHECK = """
-import ctypes, os, sys
+import ctypes, os
 from pathlib import Path
 import torch
 from fireact_utils.train import keep_freed_memory
