@@ -31,6 +31,7 @@ from .pipeline import (
     table_extras,
 )
 from .tasks import load_task
+from .train import read_train_meta
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -152,10 +153,15 @@ def seed_runs(p: Params, trained: str | Path, progress: bool = True) -> dict[int
 
 def seed_model(p: Params, seed: int, trained: str | Path) -> Path:
     """The main recipe trained with `seed`: `trained` itself for train.seed, else seeds/s<seed>/final
-    (fine-tuned now if it is not there yet)."""
+    (fine-tuned now if it is not there yet). A seed trains in the weight dtype `trained` trained in
+    (its train_done.json), so model.dtype may set a decoding precision (bf16 sampling on an AMX CPU)
+    without turning the seeds' fp32-master training into pure-bf16 training."""
     if seed == p.train.seed:
         return Path(trained)
-    q = p.model_copy(update={"train": p.train.model_copy(update={"seed": seed})})
+    model = p.model
+    if (Path(trained) / "train_done.json").is_file():
+        model = model.model_copy(update={"dtype": read_train_meta(trained)["model"]["dtype"]})
+    q = p.model_copy(update={"train": p.train.model_copy(update={"seed": seed}), "model": model})
     return finetune(q, None, p.run_dir / "seeds" / f"s{seed}")
 
 
