@@ -208,9 +208,11 @@ def load_done(out_path: str | Path | None) -> dict[str, dict]:
 
 def run_episodes(task: Task, indices: Iterable[int], llm: LLM, search: Callable[[str], str] | None,
                  params: AgentParams, out_path: str | Path | None = None, redo: bool = False,
-                 progress: bool = True, fewshot: str | None = None) -> list[dict]:
+                 progress: bool = True, fewshot: str | None = None,
+                 on_saved: Callable[[dict], None] | None = None) -> list[dict]:
     """Roll out one episode per index; return records in index order (saved ones included).
-    `fewshot` replaces the kit's few-shot prompt (instruction + exemplars)."""
+    `fewshot` replaces the kit's few-shot prompt (instruction + exemplars); `on_saved` sees each
+    record once it is written."""
     indices = list(dict.fromkeys(indices))  # a repeated index would write a duplicate record
     # api_error episodes are re-run: an outage must not leave permanent failures (the newest record wins).
     done = {} if redo else {k: r for k, r in load_done(out_path).items() if r["status"] != "api_error"}
@@ -233,6 +235,8 @@ def run_episodes(task: Task, indices: Iterable[int], llm: LLM, search: Callable[
             if out_path:
                 append_jsonl(out_path, rec)
             finished[ep.id] = rec
+            if on_saved:
+                on_saved(rec)
             bar.update(1)
         return not ep.done
 

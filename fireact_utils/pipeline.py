@@ -14,6 +14,7 @@ work already saved there, so any stage (and the whole chain) can be killed and r
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import random
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 NOTEBOOKS = ("00_walkthrough", "01_generate_trajectories", "02_finetune", "03_evaluate", "04_scaling_and_robustness",
              "05_beyond_sft")
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+META_EVERY_S = 30.0  # a condition's meta is rewritten this often while episodes finish: a kill loses at most this
 
 
 def provenance(p: Params) -> dict:
@@ -160,8 +162,9 @@ def run_condition(p: Params, name: str, llm, agent: AgentParams, search: SearchP
     """Evaluate one condition on the first n questions of the seeded shuffle; resumable by name.
     `task` (default evaluate.task and split) runs `split`, or its default split.
 
-    `<name>.meta.json` holds wall time and tool counts summed over resumed runs, the environment
-    card, and for wiki tasks the fidelity of all episodes (`wiki.fidelity`). A wiki task is always
+    `<name>.meta.json` holds wall time and tool counts summed over resumed runs (rewritten every
+    META_EVERY_S while episodes finish, so a killed run's are kept), the environment card, and
+    for wiki tasks the fidelity of all episodes (`wiki.fidelity`). A wiki task is always
     searched in its own corpus; `search` (default p.search) sets k, observation length and noise.
     """
     from .tools import NoisyTool, make_search
@@ -172,14 +175,15 @@ def run_condition(p: Params, name: str, llm, agent: AgentParams, search: SearchP
     tool = make_search(sp, p.data_dir, t.corpus, p.multihop_dir) if agent.method in ("react", "reflexion") else None
     path = p.run_dir / "eval" / f"{name}.jsonl"
     meta_path = path.with_suffix(".meta.json")
-    meta = read_json(meta_path) if meta_path.is_file() else {"wall_s": 0.0, "episodes_run": 0}
-    before = _count_lines(path)
-    if before:
-        check_same_agent(meta.get("agent", {}), agent, path)
-    t0 = time.time()
-    recs = run_episodes(t, idx, llm, tool, agent, path, progress=progress, fewshot=fewshot_text(p, agent, t))
-    ran = _count_lines(path) - before
-    if ran or "environment" not in meta:
+    base = read_json(meta_path) if meta_path.is_file() else {"wall_s": 0.0, "episodes_run": 0}
+    if path.is_file() and path.stat().st_size:  # a saved episode: continue only with its settings
+        check_same_agent(base.get("agent", {}), agent, path)
+    t0 = flushed = time.time()
+    ran = 0
+
+    def write_meta(recs: list[dict] | None = None) -> None:
+        """`base` plus this run so far; fidelity (all episodes) only once `recs` are in."""
+        meta = copy.deepcopy(base)
         dt = time.time() - t0
         meta["wall_s"] += dt
         meta["episodes_run"] += ran
@@ -188,15 +192,28 @@ def run_condition(p: Params, name: str, llm, agent: AgentParams, search: SearchP
             here["episodes"] += ran
             here["wall_s"] += dt
         if tool is not None:
-            meta["tool"] = merge_tool_stats(meta.get("tool"), tool.stats())
+            meta["tool"] = merge_tool_stats(base.get("tool"), tool.stats())
             meta["environment"] = tool.card()
             wiki = tool.tool if isinstance(tool, NoisyTool) else tool
-            if t.gold_titles is not None and isinstance(wiki, WikiSearch):
+            if recs is not None and t.gold_titles is not None and isinstance(wiki, WikiSearch):
                 meta["fidelity"] = fidelity(recs, t.gold_titles, wiki)
         else:
             meta["environment"] = {"search": "none"}
         meta.update(condition=name, model=llm.name, agent=agent.model_dump(), task=t.name, split=t.split)
         atomic_write_json(meta_path, meta)
+
+    def saved(_rec: dict) -> None:
+        """Counts a saved episode; rewrites the meta now and then, so a killed run keeps its seconds."""
+        nonlocal ran, flushed
+        ran += 1
+        if time.time() - flushed >= META_EVERY_S:
+            write_meta()
+            flushed = time.time()
+
+    recs = run_episodes(t, idx, llm, tool, agent, path, progress=progress, fewshot=fewshot_text(p, agent, t),
+                        on_saved=saved)
+    if ran or "environment" not in base:
+        write_meta(recs)
     return recs
 
 
@@ -267,10 +284,6 @@ def merge_tool_stats(old: dict | None, new: dict) -> dict:
         elif isinstance(v, int) and k != "recorded_pairs":  # a size, not a count of calls
             out[k] = old[k] + v
     return out
-
-
-def _count_lines(path: Path) -> int:
-    return sum(1 for _ in open(path)) if path.is_file() else 0
 
 
 def condition_meta(p: Params, name: str) -> dict:

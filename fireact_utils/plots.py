@@ -290,8 +290,8 @@ def plot_selection(table: pd.DataFrame, title: str, stem: str | Path | None = No
 
 
 def plot_self_consistency(df: pd.DataFrame, stem: str | Path | None = None):
-    """Self-consistency: EM of the majority vote against k, and against tokens per question (the
-    cost that compares across machines; seconds, in the table, hold only within one)."""
+    """Self-consistency: EM of the majority vote against k (dotted: pass@k, its ceiling), and against
+    tokens per question (the cost that compares across machines; seconds, in the table, hold only within one)."""
     if _empty(df, "self-consistency"):
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
@@ -303,9 +303,12 @@ def plot_self_consistency(df: pd.DataFrame, stem: str | Path | None = None):
                     alpha=0.45 if one_seed else 1.0, lw=0.8 if one_seed else 1.5)
             if not one_seed:
                 ax.fill_between(g[x], g["em_lo"] * 100, g["em_hi"] * 100, color=color, alpha=0.15)
+        if not one_seed and "pass_at_k" in g:  # tables saved before pass@k have none
+            axes[0].plot(g["k"], g["pass_at_k"] * 100, ":", color=color, label=f"{agent}: pass@k (the vote's ceiling)")
     axes[0].set(xlabel="episodes voted per question (k)", ylabel="EM (%)", xticks=sorted(df["k"].unique()))
     axes[1].set(xlabel="tokens per question (k episodes, prompt + generated)")
-    axes[0].legend(frameon=False)
+    handles, labels = axes[0].get_legend_handles_labels()  # below the panels: pass@k climbs into any corner
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, frameon=False)
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.suptitle(f"Self-consistency: majority vote over k sampled episodes ({int(df['n'].max())} questions; "

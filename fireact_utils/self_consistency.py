@@ -4,7 +4,8 @@ Samples are conditions `sc_<agent>_s<j>` (j = 0..max(study.sc_ks)-1) at study.sc
 each seeded with j, so a k-vote uses samples 0..k-1 and every point of the curve shares its
 samples with the next. Answers are compared normalized as the task scores them (`pred`: SQuAD
 normalization, the leading yes/no, the option letter); an episode that never answered does not
-vote; a tie goes to the answer given first (lowest j). Cost per question is what the k samples
+vote; a tie goes to the answer given first (lowest j). pass@k, the share of questions some one
+of the k samples gets right, is the vote's ceiling. Cost per question is what the k samples
 spent: tokens, and seconds (each sample condition's wall time over its episodes), with the
 machine(s) that spent them (a sample resumed on another machine names both). With study.sc_seeds
 the fine-tuned agent of every training seed is sampled (`sc_finetuned_seed<s>_s<j>`; the main
@@ -92,7 +93,8 @@ def votes(runs: list[list[dict]], k: int) -> list[dict]:
 
 def vote_curve(runs: list[list[dict]], ks: list[int], seconds_per_episode: list[float],
                n_boot: int) -> pd.DataFrame:
-    """EM of the k-vote for each k (CI over questions), with tokens and seconds per question."""
+    """EM of the k-vote for each k (CI over questions), its ceiling `pass_at_k` (some one of the k
+    samples is right), and tokens and seconds per question."""
     import pandas as pd
 
     rows = []
@@ -100,6 +102,7 @@ def vote_curve(runs: list[list[dict]], ks: list[int], seconds_per_episode: list[
         em, lo, hi = bootstrap_ci([float(v["em"]) for v in votes(runs, k)], n_boot)
         tokens = np.sum([[r["prompt_tokens"] + r["completion_tokens"] for r in run] for run in runs[:k]], axis=0)
         rows.append({"k": k, "n": len(runs[0]), "em": em, "em_lo": lo, "em_hi": hi,
+                     "pass_at_k": float(np.mean([any(run[q]["em"] for run in runs[:k]) for q in range(len(runs[0]))])),
                      "tokens_per_question": float(tokens.mean()),
                      "seconds_per_question": float(sum(seconds_per_episode[:k]))})
     return pd.DataFrame(rows)
@@ -109,8 +112,8 @@ def seed_mean_curve(p: Params, by_seed: dict[int, list[list[dict]]], curves: lis
                     baseline: list[list[dict]] | None = None) -> pd.DataFrame:
     """Per k, the mean row of `recipes.seed_table` over the seeds' k-votes (mean EM, CI over
     questions, the seeds' spread, and with `baseline`, another agent's samples, the paired `gain`
-    over its k-vote); tokens and seconds per question are the seeds' means (`curves`: each seed's
-    `vote_curve`)."""
+    over its k-vote); pass@k, tokens and seconds per question are the seeds' means (`curves`:
+    each seed's `vote_curve`)."""
     import pandas as pd
 
     rows = []
@@ -119,6 +122,7 @@ def seed_mean_curve(p: Params, by_seed: dict[int, list[list[dict]]], curves: lis
                            votes(baseline, k) if baseline else None)
         at_k = [c[c["k"] == k].iloc[0] for c in curves]
         rows.append({"k": k, **table.iloc[-1].drop("condition").dropna().to_dict(),
+                     "pass_at_k": float(np.mean([r["pass_at_k"] for r in at_k])),
                      "tokens_per_question": float(np.mean([r["tokens_per_question"] for r in at_k])),
                      "seconds_per_question": float(np.mean([r["seconds_per_question"] for r in at_k])),
                      "machine": " + ".join(dict.fromkeys(m for r in at_k for m in r["machine"].split(" + ")))})

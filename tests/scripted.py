@@ -102,3 +102,13 @@ def staged_reply(text: str) -> str:
 
 def staged_search(query: str) -> str:
     return f"Observation text for {query}."
+
+
+def wiki_reply(text: str) -> str:
+    """Stateless, for a real wiki task: search the question's own words until turn len(question) % 4,
+    then a wrong answer, so a batch's episodes finish on different turns."""
+    episode = text.rsplit("Question:", 1)[1]
+    question = episode.strip().split("\n")[0]
+    if episode.count("Observation:") >= len(question) % 4:
+        return "Thought: I give up.\nAction: finish[no idea]"
+    return f"Thought: search it.\nAction: search[{question}]"

@@ -97,6 +97,7 @@ def test_vote_curve_by_hand():
             [_rec(0, "b", True), _rec(1, "y", False)]]
     df = vote_curve(runs, [3, 1], [2.0, 3.0, 5.0], n_boot=200).set_index("k")
     assert df.loc[1, "em"] == 0.5 and df.loc[3, "em"] == 0.5
+    assert df.loc[1, "pass_at_k"] == 0.5 and df.loc[3, "pass_at_k"] == 1.0  # q1's right answer is outvoted
     assert df.loc[1, "tokens_per_question"] == 11 and df.loc[3, "tokens_per_question"] == 33
     assert df.loc[1, "seconds_per_question"] == 2.0 and df.loc[3, "seconds_per_question"] == 10.0
     runs[2] = runs[2][::-1]

@@ -12,13 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
-from scripted import ScriptedLLM, staged_reply, staged_search, staged_task
+from scripted import ScriptedLLM, staged_reply, staged_search, staged_task, wiki_reply
 from servers import Fault, FaultServer
 
 from fireact_utils.agent import run_episodes
 from fireact_utils.config import AgentParams, LLMParams, ParamsError, load_params
 from fireact_utils.io import DataFileError, iter_jsonl, read_jsonl
 from fireact_utils.llm import OpenAIBackend
+from fireact_utils.pipeline import run_condition
 
 TESTS_DIR = Path(__file__).resolve().parent
 FAKE_KEY = "sk-test-fake-0123456789abcdef"
@@ -37,7 +38,7 @@ def _backend(fs: FaultServer, **kw) -> OpenAIBackend:
 ROLLOUT_SCRIPT = """
 import sys
 sys.path.insert(0, {tests_dir!r})
-from scripted import ScriptedLLM, staged_reply, staged_search, staged_task
+from scripted import ScriptedLLM, staged_reply, staged_search, staged_task, wiki_reply
 from fireact_utils.agent import run_episodes
 from fireact_utils.config import AgentParams
 
@@ -86,6 +87,48 @@ def test_killed_rollout_resumes_without_loss_or_duplicates(tmp_path):
     assert saved[: len(before)] == before  # saved episodes are kept as they were
     redone = {int(p.split("Question #", 1)[1].split(":")[0]) for p in llm.prompts}
     assert redone == {r["idx"] for r in saved[len(before):]}  # only unsaved episodes were generated
+
+
+CONDITION_SCRIPT = """
+import sys
+sys.path.insert(0, {tests_dir!r})
+from scripted import ScriptedLLM, wiki_reply
+from fireact_utils import pipeline
+from fireact_utils.config import AgentParams, load_params
+
+pipeline.META_EVERY_S = 0.0  # rewrite the meta at every saved episode
+p = load_params("params/smoke.yaml", {{"output_root": {root!r}}})
+pipeline.run_condition(p, "killed", ScriptedLLM(wiki_reply, delay_s={delay}), AgentParams(max_turns=6),
+                       task="hotpotqa-wiki", n={n}, progress=False)
+"""
+
+
+def test_killed_condition_keeps_its_seconds_and_tool_calls(tmp_path):
+    """A condition killed mid-run has already written what its saved episodes cost, so a resumed
+    sample's seconds per episode are not those of its last few episodes alone."""
+    n, root = 8, tmp_path / "runs"
+    script = tmp_path / "condition.py"
+    script.write_text(CONDITION_SCRIPT.format(tests_dir=str(TESTS_DIR), root=str(root), n=n, delay=0.5))
+    out = root / "smoke" / "eval" / "killed.jsonl"
+    proc = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, cwd=TESTS_DIR.parent)
+    try:
+        _wait_for_lines(out, 2, proc, timeout_s=120)
+        time.sleep(0.2)  # past the meta write that follows the second record
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    killed = json.loads(out.with_suffix(".meta.json").read_text())
+    saved = read_jsonl(out, skip_bad=True)
+    assert 2 <= killed["episodes_run"] == len(saved) < n, "the kill should land mid-run, after a meta write"
+    assert killed["wall_s"] >= 0.5 and killed["tool"]["calls"] >= len(saved)
+
+    p = load_params("params/smoke.yaml", {"output_root": str(root)})
+    run_condition(p, "killed", ScriptedLLM(wiki_reply), AgentParams(max_turns=6), task="hotpotqa-wiki", n=n,
+                  progress=False)
+    meta = json.loads(out.with_suffix(".meta.json").read_text())
+    assert meta["episodes_run"] == n == len(read_jsonl(out))
+    assert meta["wall_s"] > killed["wall_s"] and meta["tool"]["calls"] > killed["tool"]["calls"]
+    assert "fidelity" in meta  # the resumed run's final write covers every episode
 
 
 def test_complete_last_record_without_newline_is_kept(tmp_path):
