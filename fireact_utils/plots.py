@@ -290,8 +290,9 @@ def plot_selection(table: pd.DataFrame, title: str, stem: str | Path | None = No
 
 
 def plot_self_consistency(df: pd.DataFrame, stem: str | Path | None = None):
-    """Self-consistency: EM of the majority vote against k (dotted: pass@k, its ceiling), and against
-    tokens per question (the cost that compares across machines; seconds, in the table, hold only within one)."""
+    """Self-consistency: EM of the majority vote against k (dotted: pass@k, its ceiling), and
+    against tokens per question (the cost that compares across machines; seconds, in the table,
+    hold only within one)."""
     if _empty(df, "self-consistency"):
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)

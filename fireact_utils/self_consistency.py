@@ -102,7 +102,7 @@ def vote_curve(runs: list[list[dict]], ks: list[int], seconds_per_episode: list[
         em, lo, hi = bootstrap_ci([float(v["em"]) for v in votes(runs, k)], n_boot)
         tokens = np.sum([[r["prompt_tokens"] + r["completion_tokens"] for r in run] for run in runs[:k]], axis=0)
         rows.append({"k": k, "n": len(runs[0]), "em": em, "em_lo": lo, "em_hi": hi,
-                     "pass_at_k": float(np.mean([any(run[q]["em"] for run in runs[:k]) for q in range(len(runs[0]))])),
+                     "pass_at_k": float(np.mean([any(r["em"] for r in q) for q in zip(*runs[:k], strict=True)])),
                      "tokens_per_question": float(tokens.mean()),
                      "seconds_per_question": float(sum(seconds_per_episode[:k]))})
     return pd.DataFrame(rows)

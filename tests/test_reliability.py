@@ -38,7 +38,7 @@ def _backend(fs: FaultServer, **kw) -> OpenAIBackend:
 ROLLOUT_SCRIPT = """
 import sys
 sys.path.insert(0, {tests_dir!r})
-from scripted import ScriptedLLM, staged_reply, staged_search, staged_task, wiki_reply
+from scripted import ScriptedLLM, staged_reply, staged_search, staged_task
 from fireact_utils.agent import run_episodes
 from fireact_utils.config import AgentParams
 
