@@ -13,7 +13,6 @@ one at a time on idle cores (~20 min each on 2 cores):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import resource
 import shutil
@@ -29,9 +28,8 @@ def main() -> None:
     ap.add_argument("--no-keep", action="store_true", help="train with glibc's default allocator settings")
     ap.add_argument("--out", default="/tmp/fireact_bench_allocator")
     a = ap.parse_args()
-    if a.no_keep:
-        train.keep_freed_memory = contextlib.nullcontext  # `train_timed` looks it up at call time
-    p = load_params("params/cpu.yaml").train.model_copy(update={"max_steps": a.steps, "save_steps": 10_000, "logging_steps": 1})
+    p = load_params("params/cpu.yaml").train.model_copy(update={"max_steps": a.steps, "save_steps": 10_000, "logging_steps": 1,
+                                                                "keep_freed_memory": not a.no_keep})
     shutil.rmtree(a.out, ignore_errors=True)
     meta = json.loads((train.finetune(load_fireact("hotpotqa"), a.out, p) / "train_done.json").read_text())
     print(json.dumps({"keep_freed_memory": not a.no_keep, "steps": a.steps, "train_s": round(meta["train_runtime_s"], 1),

@@ -37,6 +37,7 @@ ACTION_LINE_END = re.compile(r"^[ \t]*(?:Action[ \t\d]*:|(?:search|finish)\[)[^\
 STOP = ["\nObservation", "\nQuestion:", ACTION_LINE_END]
 MAX_TOOL_ERRORS = 3  # consecutive tool failures before an episode ends with `tool_error`
 EXIT_STATUSES = ("finished", "max_turns", "parse_error", "tool_error", "api_error")
+SEARCH_FIRST = "Search before you answer: reply with 'Action: search[query]'."  # agent.min_searches
 INVALID_ACTION = "Invalid action. Reply with one line 'Action: search[query]' or 'Action: finish[answer]'."
 REFLECT_PROMPT = (
     "You tried to answer the question below and your answer was wrong. In two sentences, say what went wrong "
@@ -151,11 +152,15 @@ class Agent:
                 return
         step = {"thought": parsed["thought"], "action": parsed["action"], "arg": parsed["arg"], "observation": None}
         ep.steps.append(step)
-        if parsed["action"] == "finish" or (self.base_method != "react" and parsed["action"] == "search"):
+        if parsed["action"] == "finish" and self.base_method == "react" and ep.tool_calls < self.p.min_searches:
+            # The ReAct game enforced: an answer before the tool was used is refused, as an invalid action is.
+            step["observation"] = SEARCH_FIRST
+            ep.errors.append("finish before search")
+        elif parsed["action"] == "finish" or (self.base_method != "react" and parsed["action"] == "search"):
             # CoT/IO have no tool: whatever they act on is their answer.
             step["action"] = "finish"
             return self.finish(ep, parsed["arg"], "finished")
-        if parsed["error"] or parsed["action"] != "search":
+        elif parsed["error"] or parsed["action"] != "search":
             step["observation"] = INVALID_ACTION if parsed["error"] else f"Unknown tool {parsed['action']!r}. {INVALID_ACTION}"
             ep.errors.append(parsed["error"] or f"unknown tool {parsed['action']}")
             if self.base_method != "react":

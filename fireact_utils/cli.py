@@ -92,7 +92,9 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(p.dump(), indent=2))
     elif args.cmd == "run":
         chosen = [nb for nb in pipeline.NOTEBOOKS if nb in (args.only or pipeline.NOTEBOOKS)]
-        pipeline.run_chain(args.params_file, args.overrides, chosen, html=not args.no_html, redo=args.redo)
+        run_dir = pipeline.run_chain(args.params_file, args.overrides, chosen, html=not args.no_html, redo=args.redo)
+        print(f"results: {run_dir}/notebooks/*.html (executed notebooks), {run_dir}/tables/ "
+              f"(main.md: the headline table), {run_dir}/figures/")
     elif args.cmd == "generate":
         print(json.dumps(pipeline.generate(p), indent=2))
         print(f"dataset: {len(pipeline.build_dataset(p))} trajectories in {p.run_dir / 'dataset'}")
@@ -130,10 +132,12 @@ def _run(args: argparse.Namespace) -> int:
 
 def _headline(p) -> None:
     """The main recipe on evaluate.task: few-shot baselines and the fine-tuned agent, the recipe
-    over study.seeds, and the self-consistency curve of both agents (study.sc_ks)."""
+    over study.seeds, every seed's agent in the held-out environments of study.transfer_tasks,
+    and the self-consistency curve of both agents (study.sc_ks). study.preregistered freezes it."""
     from . import pipeline, recipes
     from .evaluate import write_table
 
+    recipes.preregister(p)
     trained = pipeline.finetune(p)
     conds = pipeline.evaluate(p, trained)
     table = pipeline.condition_table(p, conds)
@@ -143,6 +147,9 @@ def _headline(p) -> None:
     if p.study.seeds:
         seeds = recipes.report_seeds(p, trained, conds.get("base_fewshot_react"))
         print(seeds[[c for c in recipes.SEED_COLUMNS if c in seeds]].to_string(index=False))
+    if p.study.transfer_tasks:
+        transfer = recipes.report_transfer(p, trained)
+        print(transfer[["task", *[c for c in recipes.SEED_COLUMNS if c in transfer]]].to_string(index=False))
     if p.study.sc_ks:
         _consistency(p, trained)
 

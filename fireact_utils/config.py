@@ -18,7 +18,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SECRET_FIELDS = ("api_key",)  # never stored: keys come from the environment only
 
 
 class Section(BaseModel):
@@ -85,6 +84,8 @@ class AgentParams(Section):
         "trajectories (for ReAct on qa tasks; IO, CoT and other kinds keep the kit's)")
     n_exemplars: int = Field(3, ge=1, description="few-shot exemplars in the prompt (at most what the source holds)")
     chat_template: bool = Field(False, description="few-shot: send the prompt as one user message in the model's chat template")
+    min_searches: int = Field(0, ge=0, description="react: a finish before this many searches is refused with an "
+                              "observation asking to search (the ReAct game enforced; 0: free)")
 
 
 class EvalParams(Section):
@@ -93,7 +94,17 @@ class EvalParams(Section):
     n_questions: int = Field(100, ge=1, description="first n of the seeded shuffle (FireAct: 500 of dev)")
     seed: int = Field(233, description="shuffle seed; 233 reproduces FireAct's dev-500")
     methods: list[Literal["io", "cot", "react"]] = Field(["io", "cot", "react"], description="few-shot baselines to run")
+    searching_baseline: dict[str, Any] = Field(
+        default_factory=dict, description="agent.* overrides of a second few-shot ReAct baseline that must search "
+        "(base_fewshot_react_searching), chosen on validation by study.fewshot_rule (empty: none)")
     bootstrap: int = Field(1000, ge=10, description="bootstrap resamples for confidence intervals")
+
+    @field_validator("searching_baseline")
+    @classmethod
+    def _agent_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if bad := [k for k in v if not k.startswith("agent.")]:
+            raise ValueError(f"{bad[0]!r} is not an agent.* key")
+        return v
 
 
 class GenerateParams(Section):
@@ -114,6 +125,8 @@ class DatasetParams(Section):
     mixture: dict[str, float] = Field(default_factory=dict, description="task:method -> count (>=1) or ratio (<1); empty = all")
     tasks: list[str] = Field(default_factory=list, description="keep only these tasks' trajectories (empty: all)")
     n_trajectories: int | None = Field(None, ge=1, description="keep the first N (data-scaling study)")
+    drop_held_out: bool = Field(False, description="drop training records whose question the run holds out "
+                                "(FireAct's multitask data holds 37 StrategyQA dev questions) instead of refusing them")
     seed: int = Field(0, description="mixing seed")
 
     @field_validator("mixture")
@@ -149,6 +162,12 @@ class TrainParams(Section):
     logging_steps: int = Field(5, ge=1, description="log loss every N steps")
     save_steps: int = Field(50, ge=1, description="checkpoint every N steps (resume point)")
     seed: int = Field(42, description="training seed")
+    labelled_positions_only: bool = Field(True, description="CPU: TRL's fused LM head scores only positions with a "
+                                          "label (same loss and gradients, 1.40x; `benchmarks/sft.py`)")
+    keep_freed_memory: bool = Field(True, description="glibc keeps big freed blocks in its heap while training "
+                                    "(1.09-1.17x on a 2-core CPU; its sliding mmap threshold stays fixed afterwards)")
+    report_to: list[str] = Field(default_factory=list, description="TRL/transformers loggers, e.g. [trackio], "
+                                 "[tensorboard], [wandb] (installed separately); empty: none")
 
 
 class StudyParams(Section):
@@ -169,6 +188,14 @@ class StudyParams(Section):
     select_task: str = Field("hotpotqa-wiki", description="where recipes and prompts are chosen (never dev-500)")
     select_split: str = Field("val", description="split of select_task")
     select_n: int = Field(0, ge=0, description="questions of the selection split (0: all)")
+    fewshot_rule: Literal["em", "grounded_em"] = Field(
+        "grounded_em", description="how a few-shot prompt is chosen: EM, or grounded EM (an answer counts only if "
+        "its episode searched), which does not reward skipping the tool")
+    preregistered: bool = Field(False, description="`headline` records every setting at its first run and refuses "
+                                "to resume under other settings: the final evaluation is run once, as registered")
+    transfer_tasks: list[str] = Field(
+        ["2wikimultihopqa", "strategyqa-wiki"], description="held-out Wikipedia environments where `headline` also "
+        "scores every fine-tuned agent it reports (whole default splits), so a gain that holds only on dev-500 shows")
     seeds: list[int] = Field(default_factory=list, description="training seeds of the main recipe (headline spread)")
     sc_ks: list[int] = Field(default_factory=list, description="self-consistency: episodes voted per question (empty: skip)")
     sc_temperature: float = Field(0.4, gt=0, description="self-consistency sampling temperature (chosen on "

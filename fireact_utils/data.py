@@ -171,10 +171,16 @@ def dataset_card(records: list[dict], tok=None, environments: dict[str, dict] | 
 
 
 def save_dataset(records: list[dict], out_dir: str | Path, tok=None, environments: dict[str, dict] | None = None) -> Path:
-    """Write records + both FireAct formats + the dataset card into `out_dir`."""
+    """Write records + both FireAct formats + the dataset card into `out_dir`; the two formats also
+    as a Hugging Face `DatasetDict` (splits `alpaca`, `chat`) in `out_dir/hf`, for
+    `datasets.load_from_disk`."""
+    from datasets import Dataset, DatasetDict
+
     out = Path(out_dir)
+    alpaca, chat = [to_alpaca(r) for r in records], [to_chat(r) for r in records]
     write_jsonl(out / "trajectories.jsonl", records)
-    atomic_write_json(out / "alpaca.json", [to_alpaca(r) for r in records])
-    write_jsonl(out / "chat.jsonl", [to_chat(r) for r in records])
+    atomic_write_json(out / "alpaca.json", alpaca)
+    write_jsonl(out / "chat.jsonl", chat)
+    DatasetDict({"alpaca": Dataset.from_list(alpaca), "chat": Dataset.from_list(chat)}).save_to_disk(str(out / "hf"))
     atomic_write_json(out / "card.json", dataset_card(records, tok, environments))
     return out

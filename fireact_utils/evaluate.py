@@ -17,9 +17,13 @@ import pandas as pd
 
 from .config import EvalParams, default
 from .io import atomic_write_text
+from .tasks import normalize_answer
 
 N_BOOT = default(EvalParams, "bootstrap")
 METRICS = ("em", "f1", "turns", "finish", "prompt_tokens", "completion_tokens")
+# What a blind guess scores per question type: two-option questions ("A or B?", yes/no) are half
+# won by a coin; multiple choice a quarter; open questions have no chance rate.
+CHANCE = {"two_option": 0.5, "four_option": 0.25, "open": None}
 
 
 def bootstrap_ci(values, n_boot: int = N_BOOT, seed: int = 0, alpha: float = 0.05) -> tuple[float, float, float]:
@@ -41,10 +45,52 @@ def paired_bootstrap_diff(a, b, n_boot: int = N_BOOT, seed: int = 0) -> tuple[fl
     return bootstrap_ci(b - a, n_boot, seed)
 
 
+def question_type(rec: dict) -> str:
+    """'two_option' (gold yes/no, or an "A or B?" question whose gold is one of the two),
+    'four_option' (a lettered multiple-choice question) or 'open', read off the record alone."""
+    gold, question = normalize_answer(rec["gold"]), rec["question"]
+    if gold in ("yes", "no"):
+        return "two_option"
+    if rec["gold"] in tuple("ABCD") and "\nA. " in question:
+        return "four_option"
+    words, asked = gold.split(), set(normalize_answer(question).split())
+    if " or " in question and words and sum(w in asked for w in words) >= len(words) / 2:
+        return "two_option"
+    return "open"
+
+
+def searches(rec: dict) -> int:
+    return sum(s.get("action") == "search" for s in rec.get("steps") or [])
+
+
 def episode_values(records: list[dict], metric: str) -> list[float]:
+    """Per-episode values of `metric`: a record field, `finish` (finished at all) or `grounded_em`
+    (right and searched at least once: an answer from the prompt alone does not count)."""
     if metric == "finish":
         return [float(r["status"] == "finished") for r in records]
+    if metric == "grounded_em":
+        return [float(bool(r["em"]) and searches(r) > 0) for r in records]
     return [float(r[metric]) for r in records]
+
+
+def behaviour(records: list[dict], n_boot: int = N_BOOT) -> dict:
+    """What a condition's EM is made of: EM per question type (with CI and count), the share of
+    episodes that searched, searches per episode, and the most frequent answer with its count."""
+    out: dict = {}
+    for qtype in CHANCE:
+        recs = [r for r in records if question_type(r) == qtype]
+        if recs:
+            out[f"n_{qtype}"] = len(recs)
+            out[f"em_{qtype}"], out[f"em_{qtype}_lo"], out[f"em_{qtype}_hi"] = bootstrap_ci(
+                episode_values(recs, "em"), n_boot)
+    if per := [searches(r) for r in records]:
+        out["searched"] = float(np.mean([k > 0 for k in per]))
+        out["searches_per_episode"] = float(np.mean(per))
+    answers = pd.Series([r["pred"] for r in records if r.get("answer") is not None], dtype=object)
+    if len(answers):
+        counts = answers.value_counts()
+        out["top_answer"], out["top_answer_count"] = str(counts.index[0]), int(counts.iloc[0])
+    return out
 
 
 def condition_row(name: str, records: list[dict], n_boot: int = N_BOOT, wall_s: float | None = None) -> dict:
@@ -54,6 +100,8 @@ def condition_row(name: str, records: list[dict], n_boot: int = N_BOOT, wall_s: 
         row[m], row[f"{m}_lo"], row[f"{m}_hi"] = mean, lo, hi
     statuses = pd.Series([r["status"] for r in records]).value_counts().to_dict()
     row["statuses"] = ", ".join(f"{k}:{v}" for k, v in sorted(statuses.items()))
+    if records and "gold" in records[0]:  # episode records (not hand-built rows)
+        row.update(behaviour(records, n_boot))
     if wall_s is not None and records:
         row["seconds_per_episode"] = wall_s / len(records)
     return row
@@ -74,6 +122,9 @@ def fmt_ci(mean: float, lo: float, hi: float, scale: float = 100.0, digits: int 
     return f"{mean * scale:.{digits}f} [{lo * scale:.{digits}f}, {hi * scale:.{digits}f}]"
 
 
+TYPE_HEADERS = {"two_option": "two-option EM %", "four_option": "four-option EM %", "open": "open EM %"}
+
+
 def _pct(x) -> str:
     return "" if pd.isna(x) else f"{x * 100:.0f}"
 
@@ -86,19 +137,51 @@ def markdown_table(df: pd.DataFrame) -> str:
     fid = [(c, h) for c, h in (("search_exact_hit_rate", "exact hit %"), ("gold_top_rate", "gold top %"),
                                ("saw_all_gold_rate", "saw all gold %")) if c in df]
     envs = list(dict.fromkeys(e for e in df.get("environment", pd.Series(dtype=str)).dropna()))
-    cols = [*lead, "condition", "n", "EM % [95% CI]", "F1 %", "finish %", "turns", "prompt tok", "completion tok",
-            *(h for _, h in fid), *(["env"] if envs else [])]
+    types = [t for t in CHANCE if f"em_{t}" in df]  # EM by question type, with its count
+    tool = [c for c in ("searched", "top_answer") if c in df]
+    cols = [*lead, "condition", "n", "EM % [95% CI]", *(TYPE_HEADERS[t] for t in types), "F1 %", "finish %", "turns",
+            "prompt tok", "completion tok", *(["searched %", "searches/ep"] if "searched" in tool else []),
+            *(["top answer (count)"] if "top_answer" in tool else []), *(h for _, h in fid), *(["env"] if envs else [])]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in df.iterrows():
-        cells = [*(str(r[c]) for c in lead), str(r["condition"]), str(r["n"]), fmt_ci(r["em"], r["em_lo"], r["em_hi"]),
-                 f"{r['f1'] * 100:.1f}", f"{r['finish'] * 100:.0f}", f"{r['turns']:.2f}",
-                 f"{r['prompt_tokens']:.0f}", f"{r['completion_tokens']:.0f}", *(_pct(r[c]) for c, _ in fid)]
+        by_type = ["" if pd.isna(r[f"em_{t}"]) else f"{r[f'em_{t}'] * 100:.1f} ({r[f'n_{t}']:.0f})" for t in types]
+        acts = [_pct(r["searched"]), f"{r['searches_per_episode']:.2f}"] if "searched" in tool else []
+        if "top_answer" in tool:
+            acts.append("" if pd.isna(r["top_answer"]) else f"{r['top_answer']} ({r['top_answer_count']:.0f})")
+        edited = isinstance(r.get("edited_by_hand"), str)
+        cells = [*(str(r[c]) for c in lead), str(r["condition"]) + (" †" if edited else ""), str(r["n"]),
+                 fmt_ci(r["em"], r["em_lo"], r["em_hi"]),
+                 *by_type, f"{r['f1'] * 100:.1f}", f"{r['finish'] * 100:.0f}", f"{r['turns']:.2f}",
+                 f"{r['prompt_tokens']:.0f}", f"{r['completion_tokens']:.0f}", *acts, *(_pct(r[c]) for c, _ in fid)]
         if envs:
             env = r.get("environment")
             cells.append(f"[{envs.index(env) + 1}]" if isinstance(env, str) else "")
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"\n[{i}] {e}" for i, e in enumerate(envs, 1)]
+    notes += [f"\n† {r['condition']}: edited by hand ({r['edited_by_hand']})" for _, r in df.iterrows()
+              if isinstance(r.get("edited_by_hand"), str)]
+    if types:
+        notes.insert(0, "\nEM by question type: % (questions). " + "; ".join(
+            f"{TYPE_HEADERS[t].split(' EM')[0]}: chance {CHANCE[t] * 100:.0f}%" for t in types if CHANCE[t]) + ".")
     return "\n".join(lines) + "\n" + "".join(notes) + ("\n" if notes else "")
+
+
+def behaviour_summary(df: pd.DataFrame) -> str:
+    """A Markdown line per condition saying what its EM is made of: how often it searched, its
+    most frequent answer, and its EM on two-option questions against the coin's 50%."""
+    lines = []
+    for _, r in df.iterrows():
+        parts = []
+        if not pd.isna(r.get("searched")):
+            parts.append(f"searched in {r['searched'] * 100:.0f}% of episodes ({r['searches_per_episode']:.2f} "
+                         "searches per episode)")
+        if isinstance(r.get("top_answer"), str):
+            parts.append(f"most frequent answer {r['top_answer']!r}, {r['top_answer_count']:.0f} of {r['n']:.0f}")
+        if not pd.isna(r.get("em_two_option")):
+            parts.append(f"EM {r['em_two_option'] * 100:.0f}% on the {r['n_two_option']:.0f} two-option questions "
+                         f"(a coin: 50%) and {r.get('em_open', float('nan')) * 100:.0f}% on the {r.get('n_open', 0):.0f} open ones")
+        lines.append(f"- **{r['condition']}**: " + "; ".join(parts) + ".")
+    return "\n".join(lines)
 
 
 def write_table(df: pd.DataFrame, stem: str | Path) -> tuple[Path, Path]:

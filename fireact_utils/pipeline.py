@@ -18,12 +18,13 @@ import copy
 import os
 import platform
 import random
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .agent import run_episodes, summarize
-from .config import AgentParams, Params, SearchParams, load_params
+from .config import AgentParams, Params, SearchParams, load_params, override
 from .io import atomic_write_json, read_json
 from .tasks import eval_indices, load_task
 
@@ -53,23 +54,22 @@ def save_provenance(p: Params, stage: str) -> None:
 
 # ---------------------------------------------------------------- generation + dataset
 
-def generation_indices(task, n: int, seed: int, held_out: set[int] = frozenset()) -> list[int]:
-    """Training questions: a seeded sample of the task's indices outside `held_out`."""
-    pool = [i for i in range(len(task)) if i not in held_out]
+def generation_indices(task, n: int, seed: int, held_out: frozenset[str] = frozenset()) -> list[int]:
+    """Training questions: a seeded sample of the task's indices whose question (`holdout.question_key`)
+    is not in `held_out`."""
+    from .holdout import question_key
+
+    pool = [i for i in range(len(task)) if question_key(task.questions[i]) not in held_out]
     return sorted(random.Random(seed).sample(pool, min(n, len(pool))))
-
-
-def evaluation_held_out(p: Params, task) -> set[int]:
-    """Indices of `task` that the evaluation uses (same task and split): never training questions."""
-    if task.name != p.evaluate.task or task.split != p.evaluate.split:
-        return set()
-    return set(eval_indices(task, p.evaluate.n_questions, p.evaluate.seed))
 
 
 def generate(p: Params, progress: bool = True) -> dict:
     """Run the teacher on training questions; return per task/method yield, turns and cost.
 
-    A wiki task's teacher searches its Wikipedia corpus, so any question can get trajectories."""
+    Training questions are drawn outside every held-out set of the run (`holdout.reserved_keys`:
+    its evaluation sets, the choice split, dev-500, HotpotQA-wiki val and test). A wiki task's
+    teacher searches its Wikipedia corpus, so any question can get trajectories."""
+    from .holdout import reserved_keys
     from .llm import make_llm
     from .tools import make_search
 
@@ -78,10 +78,11 @@ def generate(p: Params, progress: bool = True) -> dict:
     if g.n_questions == 0:
         return out
     teacher = make_llm(g.teacher, p.model, p.agent.batch_size)
+    held_out = reserved_keys(p)
     for task_name in g.tasks:
         task = load_task(task_name, g.split, p.data_dir, p.multihop_dir)
         search = make_search(p.search, p.data_dir, task.corpus, p.multihop_dir)
-        idx = generation_indices(task, g.n_questions, g.seed, evaluation_held_out(p, task))
+        idx = generation_indices(task, g.n_questions, g.seed, held_out)
         for method in g.methods:
             ap = p.agent.model_copy(update={"method": method, "mode": "fewshot"})
             recs = run_episodes(task, idx, teacher, search, ap, p.run_dir / "generate" / f"{task_name}_{method}.jsonl",
@@ -137,11 +138,16 @@ def training_records(p: Params) -> list[dict]:
 
 def finetune(p: Params, records: list[dict] | None = None, out: str | Path | None = None) -> Path:
     """Fine-tune on `records` (default: the run's dataset) into `out` (default <run>/finetune);
-    provenance/<out's path in the run, joined by _>.json says with what."""
+    provenance/<out's path in the run, joined by _>.json says with what. Refused when a record's
+    question is held out (`holdout.check_training`): every fine-tune of the kit passes here."""
+    from .holdout import check_training, without_held_out
     from .train import finetune as sft
 
     if records is None:
         records = training_records(p)
+    if p.dataset.drop_held_out:
+        records = without_held_out(p, records)
+    check_training(p, [r["question"] for r in records], f"fine-tuning data of {Path(out or p.run_dir / 'finetune')}")
     out = Path(out or p.run_dir / "finetune")
     # One record per fine-tune: a seed's, a recipe's or a sweep's must not overwrite the main one's.
     where = out.relative_to(p.run_dir).parts if out.is_relative_to(p.run_dir) else (out.name,)
@@ -286,6 +292,13 @@ def merge_tool_stats(old: dict | None, new: dict) -> dict:
     return out
 
 
+def hand_edit(meta: dict) -> str | None:
+    """A condition meta's note that a person edited it (`edited_by_hand`; older metas: `repaired`),
+    so every table and figure showing its numbers can mark them."""
+    note = meta.get("edited_by_hand") or meta.get("repaired")
+    return None if not note else note if isinstance(note, str) else "meta repaired by hand"
+
+
 def condition_meta(p: Params, name: str) -> dict:
     f = p.run_dir / "eval" / f"{name}.meta.json"
     return read_json(f) if f.is_file() else {}
@@ -308,38 +321,81 @@ def fewshot_react(p: Params) -> AgentParams:
     return p.agent.model_copy(update={"method": "react", "mode": "fewshot"})
 
 
+def searching_react(p: Params) -> AgentParams:
+    """Few-shot ReAct with evaluate.searching_baseline's overrides: the baseline that must search."""
+    return fewshot_react(override(p, p.evaluate.searching_baseline, "evaluate.searching_baseline"))
+
+
+SEARCHING = "base_fewshot_searching_react"  # the few-shot ReAct baseline of evaluate.searching_baseline
+
+
 def evaluate(p: Params, trained: str | Path, progress: bool = True) -> dict[str, list[dict]]:
-    """Few-shot baselines of the base model and the fine-tuned agent, on the same questions."""
+    """Few-shot baselines of the base model (and evaluate.searching_baseline's ReAct prompt, which
+    must search) and the fine-tuned agent, on the same questions; its EM goes on its model card."""
+    from .train import record_results
+
     conds: dict[str, list[dict]] = {}
     base = local_llm(p)
     for m in p.evaluate.methods:
         ap = p.agent.model_copy(update={"method": m, "mode": "fewshot"})
         conds[f"base_fewshot_{m}"] = run_condition(p, f"base_fewshot_{m}", base, ap, progress=progress)
+    if p.evaluate.searching_baseline:
+        conds[SEARCHING] = run_condition(p, SEARCHING, base, searching_react(p), progress=progress)
     del base
     ft = local_llm(p, trained)
     conds["finetuned_react"] = run_condition(p, "finetuned_react", ft, finetuned_agent(p), progress=progress)
+    record_results(trained, "finetuned_react", f"{p.evaluate.task} {p.evaluate.split}", conds["finetuned_react"])
     save_provenance(p, "evaluate")
     return conds
 
 
 def paired_gain(p: Params, conds: dict[str, list[dict]], base: str = "base_fewshot_react",
-                ft: str = "finetuned_react") -> dict:
-    """EM of `ft` minus `base` on the same questions with a paired bootstrap 95% CI, saved to
-    tables/paired_gain.json."""
-    from .evaluate import episode_values, paired_bootstrap_diff
+                ft: str = "finetuned_react", save: bool = True) -> dict:
+    """EM of `ft` minus `base` on the same questions with a paired bootstrap 95% CI, overall and
+    per question type (`by_type`: two-option questions are half won by a coin), saved to
+    tables/paired_gain.json when `save`."""
+    from .evaluate import episode_values, paired_bootstrap_diff, question_type
 
-    mean, lo, hi = paired_bootstrap_diff(episode_values(conds[base], "em"), episode_values(conds[ft], "em"),
-                                         p.evaluate.bootstrap)
-    out = {"metric": "em", "baseline": base, "treatment": ft, "n": len(conds[ft]), "gain": mean, "lo": lo, "hi": hi,
-           "bootstrap": p.evaluate.bootstrap}
-    atomic_write_json(p.run_dir / "tables" / "paired_gain.json", out)
+    def gain(keep) -> dict:
+        pairs = [(a, b) for a, b in zip(conds[base], conds[ft], strict=True) if keep(b)]
+        mean, lo, hi = paired_bootstrap_diff(*(episode_values(list(x), "em") for x in zip(*pairs, strict=True)),
+                                             p.evaluate.bootstrap)
+        return {"n": len(pairs), "gain": mean, "lo": lo, "hi": hi}
+
+    if [r["id"] for r in conds[base]] != [r["id"] for r in conds[ft]]:
+        raise ValueError(f"{base} and {ft} must cover the same questions in the same order")
+    types = sorted({question_type(r) for r in conds[ft]})
+    out = {"metric": "em", "baseline": base, "treatment": ft, **gain(lambda r: True), "bootstrap": p.evaluate.bootstrap,
+           "by_type": {t: gain(lambda r, t=t: question_type(r) == t) for t in types}}
+    if save:
+        atomic_write_json(p.run_dir / "tables" / "paired_gain.json", out)
     return out
 
 
+def gain_summary(gain: dict) -> str:
+    """`paired_gain`'s result as Markdown: the gain with its CI, then per question type."""
+    from .evaluate import TYPE_HEADERS, fmt_ci
+
+    head = (f"**{condition_label(gain['treatment'])} minus {condition_label(gain['baseline'])}**: "
+            f"{fmt_ci(gain['gain'], gain['lo'], gain['hi'])} EM points (95% CI, {gain['n']} questions)")
+    return head + "".join(f"\n- {TYPE_HEADERS[t].split(' EM')[0]} questions ({g['n']}): "
+                          f"{fmt_ci(g['gain'], g['lo'], g['hi'])}" for t, g in gain.get("by_type", {}).items())
+
+
+NOISE_SAYS = {"none": '"None"', "random": "random other obs"}  # what a corrupted observation becomes
+
+
 def condition_label(name: str) -> str:
-    """'gen_hotpotqa-wiki_ft' -> 'hotpotqa-wiki: FireAct fine-tuned ReAct'; other names spelled out."""
+    """'gen_hotpotqa-wiki_ft' -> 'hotpotqa-wiki: FireAct fine-tuned ReAct'; a noisy condition says what
+    happened to the observations ('finetuned_react_noise_none_0.5' -> 'FireAct fine-tuned ReAct, 50% of
+    obs -> "None"'), since 'noise none 0.5' read as no noise; other names spelled out."""
     labels = {"base_fewshot_io": "base few-shot IO", "base_fewshot_cot": "base few-shot CoT",
-              "base_fewshot_react": "base few-shot ReAct", "finetuned_react": "FireAct fine-tuned ReAct"}
+              "base_fewshot_react": "base few-shot ReAct", SEARCHING: "base few-shot ReAct, must search",
+              "finetuned_react": "FireAct fine-tuned ReAct"}
+    if m := re.fullmatch(r"(base_fewshot_searching|base_fewshot|finetuned)_react(?:_(.+))?_noise_(none|random)_([0-9.e-]+)", name):
+        who, task, kind, rate = m.groups()
+        agent = f"{labels[who + '_react']}, {float(rate) * 100:g}% of obs -> {NOISE_SAYS[kind]}"
+        return f"{task}: {agent}" if task else agent
     if name.startswith("gen_") and name.endswith(("_base", "_ft")):
         task, _, who = name[4:].rpartition("_")
         return f"{task}: " + labels["base_fewshot_react" if who == "base" else "finetuned_react"]
@@ -356,6 +412,8 @@ def table_extras(p: Params, names) -> dict[str, dict]:
             row["seconds_per_episode"] = m["wall_s"] / m["episodes_run"]
         if m.get("machines"):
             row["machine"] = " + ".join(m["machines"])  # seconds compare only within one machine
+        if note := hand_edit(m):
+            row["edited_by_hand"] = note
         tool = m.get("tool") or {}
         if "hit_rate" in tool:
             row["search_exact_hit_rate"] = tool["hit_rate"]
@@ -363,6 +421,7 @@ def table_extras(p: Params, names) -> dict[str, dict]:
         if "noise_rate" in tool:
             row["noise_rate"] = tool["noise_rate"]
             row["noise_kind"] = tool.get("noise_kind")
+            row["noise_corrupted"] = tool.get("noise_corrupted")  # observations actually corrupted
         fid = m.get("fidelity") or {}
         if fid:
             row["gold_top_rate"] = fid["gold_top_rate"]
@@ -412,15 +471,21 @@ def condition_table(p: Params, conds: dict[str, list[dict]]):
 
 # ---------------------------------------------------------------- study (notebook 04)
 
+MIN_CORRUPTED = 20  # a noisy run with fewer corrupted observations measures searching, not robustness
+
+
 def noise_conditions(p: Params, trained: str | Path, task: str | None = None,
                      progress: bool = True) -> dict[str, list[dict]]:
-    """The fine-tuned agent (and, if asked, the few-shot base) with a noisy search tool on `task`
-    (default evaluate.task; another task runs study.generalization_n of its questions)."""
+    """The fine-tuned agent (and, if asked, the few-shot base: on the main task also its prompt that
+    must search, whose episodes see the noise) with a noisy search tool on `task` (default
+    evaluate.task; another task runs study.generalization_n of its questions)."""
     conds: dict[str, list[dict]] = {}
     runs = [("finetuned", trained, finetuned_agent(p))]
+    main = task in (None, p.evaluate.task)
     if p.study.noisy_fewshot:
         runs.append(("base_fewshot", None, fewshot_react(p)))
-    main = task in (None, p.evaluate.task)
+        if main and p.evaluate.searching_baseline:
+            runs.append(("base_fewshot_searching", None, searching_react(p)))
     # The main task keeps the names it always had; another task's conditions carry its name.
     tag, n = ("", None) if main else (f"_{_slug(task)}", _n_questions(p, task))
     for label, model, ap in runs:
@@ -435,15 +500,72 @@ def noise_conditions(p: Params, trained: str | Path, task: str | None = None,
 
 def robustness(p: Params, trained: str | Path, progress: bool = True) -> dict[str, pd.DataFrame]:
     """Per task of study.noise_tasks (default: evaluate.task), e.g. the replay's HotpotQA and
-    HotpotQA-wiki: a condition table of the clean ReAct agents and each noisy condition."""
+    HotpotQA-wiki: a condition table of the clean ReAct agents and each noisy condition, with
+    `noise_effects`' columns (paired EM vs the clean agent, too few corrupted observations)."""
     tables = {}
     for task in p.study.noise_tasks or [p.evaluate.task]:
         if task == p.evaluate.task:
-            clean = {k: v for k, v in evaluate(p, trained, progress).items() if k in ("base_fewshot_react", "finetuned_react")}
+            names = {"base_fewshot": "base_fewshot_react", "base_fewshot_searching": SEARCHING,
+                     "finetuned": "finetuned_react"}
+            clean = {k: v for k, v in evaluate(p, trained, progress).items() if k in names.values()}
         else:
+            names = {"base_fewshot": f"gen_{_slug(task)}_base", "finetuned": f"gen_{_slug(task)}_ft"}
             clean = transfer_pair(p, trained, task, progress)
-        tables[task] = condition_table(p, clean | noise_conditions(p, trained, task, progress))
+        noisy = noise_conditions(p, trained, task, progress)
+        by_agent = {who: clean[n] for who, n in names.items() if n in clean}
+        tables[task] = noise_effects(condition_table(p, clean | noisy), noisy, by_agent, p.evaluate.bootstrap)
     return tables
+
+
+def noise_effects(table: pd.DataFrame, noisy: dict[str, list[dict]], clean: dict[str, list[dict]],
+                  n_boot: int) -> pd.DataFrame:
+    """`table` (`condition_table` of clean and noisy runs) plus, beside each run of `noisy` (name ->
+    records): `vs_clean` [`_lo`, `_hi`], its EM minus the clean EM of the same agent (`clean` keyed
+    'finetuned' / 'base_fewshot', the name's prefix), paired by record id with a 95% bootstrap CI;
+    and `too_few_corrupted` with a `note`: under MIN_CORRUPTED corrupted observations, a flat EM
+    says the agent barely searched, not that it is robust."""
+    import pandas as pd
+
+    from .evaluate import paired_bootstrap_diff
+
+    corrupted = dict(zip(table["condition"], table.get("noise_corrupted", [None] * len(table)), strict=True))
+    rows = {}
+    for name, recs in noisy.items():
+        ref = {r["id"]: r["em"] for r in clean.get(name.split("_react")[0], [])}
+        pairs = [(ref[r["id"]], r["em"]) for r in recs if r["id"] in ref]
+        diff = paired_bootstrap_diff([a for a, _ in pairs], [b for _, b in pairs], n_boot)  # noisy - clean
+        k = corrupted.get(condition_label(name))
+        note = ("corrupted observations not recorded" if pd.isna(k) else
+                (f"only {k:.0f} corrupted observation{'' if k == 1 else 's'} (< {MIN_CORRUPTED}) in {len(recs)} "
+                 "episodes: the agent barely searched") if k < MIN_CORRUPTED else None)
+        rows[condition_label(name)] = {"vs_clean": diff[0], "vs_clean_lo": diff[1], "vs_clean_hi": diff[2],
+                                       "too_few_corrupted": note is not None, "note": note}
+    cols = pd.DataFrame.from_dict(rows, orient="index",
+                                  columns=["vs_clean", "vs_clean_lo", "vs_clean_hi", "too_few_corrupted", "note"])
+    out = table.merge(cols, left_on="condition", right_index=True, how="left")
+    return out.assign(too_few_corrupted=out["too_few_corrupted"].eq(True))  # clean rows: False
+
+
+def robustness_markdown(table: pd.DataFrame) -> str:
+    """A `robustness` table in Markdown: EM and the paired difference vs the clean agent (points,
+    95% CIs) beside the corrupted-observation count; rows with too few corrupted observations are
+    greyed with their reason, so no one reads them as robustness."""
+    import pandas as pd
+
+    from .evaluate import fmt_ci
+
+    lines = ["| condition | n | EM % [95% CI] | corrupted obs | EM vs clean, points [95% CI] |", "|---|---|---|---|---|"]
+    for _, r in table.iterrows():
+        k, d = r.get("noise_corrupted"), r.get("vs_clean")
+        cells = [str(r["condition"]), str(r["n"]), fmt_ci(r["em"], r["em_lo"], r["em_hi"]),
+                 "clean tool" if pd.isna(k) else f"{k:.0f}",
+                 "" if pd.isna(d) else fmt_ci(d, r["vs_clean_lo"], r["vs_clean_hi"])]
+        if bool(r.get("too_few_corrupted", False)):  # a bool column (`noise_effects`)
+            cells[0] += f" (greyed: {r['note']})"
+            cells = [f'<span style="color:grey">{c}</span>' for c in cells]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + (f"\n\nGrey: fewer than {MIN_CORRUPTED} corrupted observations, too few to measure "
+                               "robustness; left out of the figure.\n")
 
 
 def _slug(task: str) -> str:
@@ -548,6 +670,7 @@ def run_chain(params_file: str | Path, overrides: list[str] | None = None, noteb
     nb_dir = p.run_dir / "notebooks"
     nb_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(p.run_dir / "params.json", provenance(p))
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the kernels inherit it: no progress-bar lines in the saved HTML
     for nb in notebooks:
         done = nb_dir / f"{nb}.done"
         if done.is_file() and not redo:
@@ -558,12 +681,20 @@ def run_chain(params_file: str | Path, overrides: list[str] | None = None, noteb
         pm.execute_notebook(str(NOTEBOOK_DIR / f"{nb}.ipynb"), str(out), cwd=str(NOTEBOOK_DIR),
                             parameters={"params_file": str(Path(params_file).resolve()),
                                         "overrides": list(overrides or [])},
-                            kernel_name="python3", progress_bar=False)
+                            kernel_name=chain_kernel(), progress_bar=False)
         if html:
             export_html(out)
         atomic_write_json(done, {"seconds": time.time() - t0})
         print(f"[done] {nb} in {time.time() - t0:.0f}s")
     return p.run_dir
+
+
+def chain_kernel() -> str:
+    """The Jupyter kernel the chain runs in: `fireact` (the .venv kernel `make setup` registers) when
+    it is installed, else the default `python3`."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    return "fireact" if "fireact" in KernelSpecManager().find_kernel_specs() else "python3"
 
 
 def export_html(ipynb: Path) -> Path:

@@ -13,6 +13,7 @@ there is no per-episode time to resample) and is drawn without an interval.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from html import escape
 from pathlib import Path
@@ -91,14 +92,43 @@ def _hbars(ax, df: pd.DataFrame, metric: str, scale: float, xlabel: str, title: 
 
 
 def plot_prompting_vs_finetuned(table: pd.DataFrame, stem: str | Path | None = None):
-    """EM (%) and turns per episode for each condition: does fine-tuning beat few-shot prompting?"""
+    """EM (%) and turns per episode for each condition: does fine-tuning beat few-shot prompting?
+    With question types in the table (`evaluate.behaviour`), a third panel splits EM into
+    two-option and open questions, with the two-option chance rate drawn: what a coin would score."""
     if _empty(table, "prompting vs fine-tuned"):
         return None
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 0.6 * len(table) + 2.2), sharey=True)
-    _mode_legend(fig, _hbars(a, table, "em", 100, "exact match, EM (% of questions)", "Answer accuracy"))
-    _hbars(b, table, "turns", 1, "Thought/Action turns per episode (mean)", "Episode length")
+    by_type = [t for t in ("two_option", "open") if f"em_{t}" in table]
+    fig, axes = plt.subplots(1, 2 + bool(by_type), figsize=(12 + 5 * bool(by_type), 0.6 * len(table) + 2.2),
+                             sharey=True)
+    _mode_legend(fig, _hbars(axes[0], table, "em", 100, "exact match, EM (% of questions)", "Answer accuracy"))
+    _hbars(axes[1], table, "turns", 1, "Thought/Action turns per episode (mean)", "Episode length")
+    if by_type:
+        _type_bars(axes[2], table, by_type)
     fig.suptitle(f"Few-shot prompting vs FireAct fine-tuning ({int(table['n'].max())} questions; {CI_NOTE})")
     return _done(fig, stem)
+
+
+TYPE_STYLE = {"two_option": ("two-option (A or B?, yes/no)", "///"), "open": ("open", "")}
+
+
+def _type_bars(ax, table: pd.DataFrame, types: list[str]) -> None:
+    """EM per question type, one bar per type and condition (hatched: two-option), the coin's
+    50% on two-option questions as a dashed line."""
+    from .evaluate import CHANCE
+
+    y, h = np.arange(len(table)), 0.8 / len(types)
+    colors = [MODE_COLORS[_mode(r)] for _, r in table.iterrows()]
+    for j, t in enumerate(types):
+        name, hatch = TYPE_STYLE[t]
+        sub = table.fillna({f"em_{t}": 0, f"em_{t}_lo": 0, f"em_{t}_hi": 0})
+        n = int(table[f"n_{t}"].max()) if table[f"n_{t}"].notna().any() else 0
+        ax.barh(y + (j - (len(types) - 1) / 2) * h, sub[f"em_{t}"] * 100, h, color=colors, hatch=hatch,
+                edgecolor="white", xerr=_err(sub, f"em_{t}", 100), capsize=3, label=f"{name} ({n} questions)")
+    if "two_option" in types:
+        ax.axvline(CHANCE["two_option"] * 100, ls="--", color="0.3", lw=1, label="chance on two-option (50%)")
+    ax.set(xlabel="EM (% of the type's questions)", title="EM by question type", xlim=(0, 100))
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
 
 
 def plot_efficiency(table: pd.DataFrame, stem: str | Path | None = None):
@@ -114,8 +144,31 @@ def plot_efficiency(table: pd.DataFrame, stem: str | Path | None = None):
     if has_time:
         _hbars(axes[2], table.fillna({"seconds_per_episode": 0}), "seconds_per_episode", 1,
                "seconds per episode (run wall time / episodes; no CI)", "Wall-clock time", ci=False)
-    fig.suptitle(f"Inference cost per episode ({CI_NOTE}): fine-tuned agents need no few-shot exemplars")
+    claim = efficiency_claim(table)
+    fig.suptitle(f"Inference cost per episode ({CI_NOTE})" + (f"\n{claim}" if claim else ""), va="bottom",
+                 y=fig.subplotpars.top + 0.3 / fig.get_figheight())  # 0.3 in above the axes: clear of panel titles
     return _done(fig, stem)
+
+
+def efficiency_claim(table: pd.DataFrame) -> str:
+    """The fine-tuned ReAct row's cost per episode as multiples of the few-shot ReAct row's, e.g.
+    'fine-tuned vs few-shot ReAct per episode: 0.91x prompt tokens, ...': no exemplars per turn
+    need not make an episode cheaper when it takes more turns, so the title states what was
+    measured. Empty when the table lacks either row."""
+    def method(r) -> str:
+        return r["method"] if isinstance(r.get("method"), str) else "react" if "react" in str(r["condition"]).lower() else ""
+
+    rows = {mode: next((r for _, r in table.iterrows() if _mode(r) == mode and method(r) == "react"), None)
+            for mode in ("finetuned", "fewshot")}
+    if rows["finetuned"] is None or rows["fewshot"] is None:
+        return ""
+    parts = []
+    for col, what in (("prompt_tokens", "prompt tokens"), ("completion_tokens", "generated tokens"),
+                      ("seconds_per_episode", "seconds")):
+        ft, fs = rows["finetuned"].get(col), rows["fewshot"].get(col)
+        if pd.notna(ft) and pd.notna(fs) and fs > 0:
+            parts.append(f"{ft / fs:.2g}x {what}")
+    return "fine-tuned vs few-shot ReAct per episode: " + ", ".join(parts) if parts else ""
 
 
 def plot_loss_curve(train_log_csv: str | Path, stem: str | Path | None = None):
@@ -164,33 +217,46 @@ def plot_data_scaling(df: pd.DataFrame, reference: pd.DataFrame | None = None, s
 
 def plot_robustness(table: pd.DataFrame, stem: str | Path | None = None):
     """EM vs noise rate of the search tool, one line per agent (prompted / fine-tuned) and noise kind.
-    Clean conditions (no `noise_rate`) sit at rate 0 and start every line of their agent."""
+    Clean conditions (no `noise_rate`) sit at rate 0 and start every line of their agent. Rows with
+    `too_few_corrupted` (`pipeline.noise_effects`) are left out, named under the axes: an agent that
+    barely searched stays flat under any noise rate, which would read as robustness."""
     if _empty(table, "robustness"):
         return None
     t = table.assign(mode=[_mode(r) for _, r in table.iterrows()],
                      **{c: table[c] if c in table else np.nan for c in ("noise_rate", "noise_kind")})
     clean = t[t["noise_rate"].isna() | (t["noise_rate"] == 0)]
     noisy = t[t["noise_rate"] > 0]
+    left_out = noisy[noisy["too_few_corrupted"].eq(True)] if "too_few_corrupted" in noisy else noisy.iloc[:0]
+    noisy = noisy.drop(left_out.index)
     if "method" in clean:  # the clean few-shot baseline to compare with is ReAct (same tool use)
         clean = clean[clean["method"].isna() | (clean["method"] == "react")]
     kinds = sorted(noisy["noise_kind"].dropna().unique()) or [None]  # None: no noisy condition yet
     kind_desc = {"none": 'observation replaced by "None"', "random": "observation replaced by a random other one",
                  None: "clean tool only"}
+    agent = lambda c: re.sub(r", [0-9.e-]+% of obs -> .*$", "", str(c))  # noqa: E731 - the clean label of a row
+    clean, noisy = clean.assign(agent=clean["condition"].map(agent)), noisy.assign(agent=noisy["condition"].map(agent))
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for mode in MODE_NAMES:
-        for j, kind in enumerate(kinds):
-            pts = pd.concat([clean[clean["mode"] == mode].assign(noise_rate=0.0),
-                             noisy[(noisy["mode"] == mode) & (noisy["noise_kind"] == kind)]]).sort_values("noise_rate")
-            if pts.empty:
-                continue
+    extra, modes_drawn = iter(sns.color_palette("deep")[2:]), set()  # a second prompted agent gets its own colour
+    for name in dict.fromkeys([*clean["agent"], *noisy["agent"]]):
+        mine = noisy[noisy["agent"] == name]
+        mode = (clean[clean["agent"] == name]["mode"].tolist() or mine["mode"].tolist())[0]
+        color = next(extra) if mode in modes_drawn else MODE_COLORS[mode]
+        modes_drawn.add(mode)
+        for kind in [k for k in kinds if (mine["noise_kind"] == k).any()] or [None]:  # no noisy rows: its clean point
+            j = kinds.index(kind) if kind in kinds else 0
+            pts = pd.concat([clean[clean["agent"] == name].assign(noise_rate=0.0),
+                             mine[mine["noise_kind"] == kind]]).sort_values("noise_rate")
             ax.errorbar(pts["noise_rate"] * 100, pts["em"] * 100, yerr=_err(pts, "em", 100), capsize=4,
-                        marker="os^"[j % 3], ls="-" if j == 0 else ":", color=MODE_COLORS[mode],
-                        label=f"{MODE_NAMES[mode]}: {kind_desc.get(kind, kind)}")
+                        marker="os^"[j % 3], ls="-" if j == 0 else ":", color=color,
+                        label=f"{name}: {kind_desc.get(kind, kind)}")
     ax.set(xlabel="noisy observations (% of search calls); 0 = clean tool", ylabel="exact match, EM (% of questions)",
            ylim=(-0.5, max(ax.get_ylim()[1], 10)), xlim=(-3, max(ax.get_xlim()[1], 55)),
            title=f"Robustness to a noisy search tool ({CI_NOTE})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    if len(left_out):
+        fig.text(0.01, -0.01, "Left out, too few corrupted observations to measure robustness:\n" + "\n".join(
+            f"  {r['condition']}: {r['note']}" for _, r in left_out.iterrows()), va="top", fontsize=7)
     return _done(fig, stem)
 
 
@@ -312,8 +378,10 @@ def plot_self_consistency(df: pd.DataFrame, stem: str | Path | None = None):
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, frameon=False)
     for ax in axes:
         ax.grid(alpha=0.3)
+    edited = "edited_by_hand" in df and df["edited_by_hand"].notna().any()
     fig.suptitle(f"Self-consistency: majority vote over k sampled episodes ({int(df['n'].max())} questions; "
-                 f"band: 95% bootstrap CI)")
+                 f"band: 95% bootstrap CI)" + ("\n† a sample's seconds were edited by hand (table: edited_by_hand)"
+                                               if edited else ""))
     return _done(fig, stem)
 
 

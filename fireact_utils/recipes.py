@@ -19,6 +19,7 @@ import numpy as np
 
 from .config import Params, override
 from .evaluate import bootstrap_ci, episode_values, paired_bootstrap_diff, results_table, write_table
+from .holdout import check_choice
 from .io import atomic_write_json
 from .pipeline import (
     condition_label,
@@ -59,9 +60,10 @@ def saved_selection(p: Params, name: str) -> list[dict] | None:
 
 def recipe_search(p: Params, progress: bool = True) -> dict[str, list[dict]]:
     """Fine-tune each recipe of study.recipes into recipes/<label>/ and evaluate it on the
-    selection split (condition recipe_<label>); both resume."""
+    selection split (condition recipe_<label>); both resume. Refused on a test split (`holdout`)."""
     from .data import mix
 
+    check_choice(p)
     out = {}
     for label, q in variants(p, "recipes").items():
         if (recs := saved_selection(p, f"recipe_{label}")) is not None:
@@ -77,6 +79,7 @@ def recipe_search(p: Params, progress: bool = True) -> dict[str, list[dict]]:
 def fewshot_search(p: Params, progress: bool = True) -> dict[str, list[dict]]:
     """Each few-shot prompt of study.fewshot_variants (e.g. exemplars, their number, the chat
     template) with the base model on the selection split (condition fewshot_<label>)."""
+    check_choice(p)
     out, llm = {}, None
     for label, q in variants(p, "fewshot_variants").items():
         if (recs := saved_selection(p, f"fewshot_{label}")) is None:
@@ -86,9 +89,10 @@ def fewshot_search(p: Params, progress: bool = True) -> dict[str, list[dict]]:
     return out
 
 
-def chosen(conds: dict[str, list[dict]]) -> str:
-    """The label with the highest mean EM; a tie goes to the one listed first."""
-    ems = {label: float(np.mean(episode_values(recs, "em"))) for label, recs in conds.items()}
+def chosen(conds: dict[str, list[dict]], metric: str = "em") -> str:
+    """The label with the highest mean `metric` (em, or grounded_em: right after searching at
+    least once); a tie goes to the one listed first."""
+    ems = {label: float(np.mean(episode_values(recs, metric))) for label, recs in conds.items()}
     return max(ems, key=lambda k: (ems[k], -list(ems).index(k)))
 
 
@@ -101,15 +105,18 @@ def selection_table(p: Params, conds: dict[str, list[dict]], settings: dict[str,
     """One row per variant: EM etc. with CIs on the selection split, its settings, the
     `pipeline.table_extras` columns (seconds per episode, search fidelity, environment), `chosen`
     on the best row, and `vs_chosen` (+_lo/_hi): each row's paired EM gain over the chosen one,
-    so a reader sees how clearly the choice won."""
-    best = chosen(conds) if conds else None
+    so a reader sees how clearly the choice won. Few-shot prompts are chosen by study.fewshot_rule
+    (`grounded_em` by default: a prompt that answers without searching wins nothing by it)."""
+    rule = rule_of(p, prefix)
+    best = chosen(conds, rule) if conds else None
     ref = {r["id"]: float(r["em"]) for r in conds[best]} if conds else {}  # paired by episode id, whatever the file order
     extra = {}
     for label in conds:
         name = prefix + label
         extra[label] = {**table_extras(p, [name])[condition_label(name)],
                         "settings": ", ".join(f"{k}={v}" for k, v in settings[label].items()) or "(run's params)",
-                        "chosen": label == best, "split": f"{p.study.select_task} {p.study.select_split}"}
+                        "chosen": label == best, "split": f"{p.study.select_task} {p.study.select_split}",
+                        "rule": rule, "grounded_em": float(np.mean(episode_values(conds[label], "grounded_em")))}
         if label != best:
             pairs = [(ref[r["id"]], float(r["em"])) for r in conds[label]]
             gain = paired_bootstrap_diff(*zip(*pairs, strict=True), p.evaluate.bootstrap)
@@ -118,6 +125,11 @@ def selection_table(p: Params, conds: dict[str, list[dict]], settings: dict[str,
 
 
 PREFIX = {"recipes": "recipe_", "fewshot_variants": "fewshot_"}
+
+
+def rule_of(p: Params, prefix: str) -> str:
+    """The metric a selection maximizes: study.fewshot_rule for prompts, EM for recipes."""
+    return p.study.fewshot_rule if prefix == PREFIX["fewshot_variants"] else "em"
 TITLES = {"recipes": "Fine-tuning recipes", "fewshot_variants": "Few-shot prompts of the base model"}
 
 
@@ -126,16 +138,17 @@ def report_selection(p: Params, conds: dict[str, list[dict]], which: str) -> pd.
     figure, and the chosen variant to tables/<which>_chosen.json."""
     from .plots import plot_selection
 
+    check_choice(p)  # a choice written from saved conditions is a choice too
     settings = getattr(p.study, which)
     table = selection_table(p, conds, settings, PREFIX[which])
     if conds:
-        best = chosen(conds)
+        best = chosen(conds, rule_of(p, PREFIX[which]))
         write_table(table, p.run_dir / "tables" / f"{which}_selection")
         plot_selection(table, TITLES[which], p.run_dir / "figures" / f"{which}_selection")
         row = table[table["condition"] == best].iloc[0]
         atomic_write_json(p.run_dir / "tables" / f"{which}_chosen.json",
                           {"label": best, "overrides": settings[best], "em": row["em"], "em_lo": row["em_lo"],
-                           "em_hi": row["em_hi"], "n": int(row["n"]), "task": p.study.select_task,
+                           "em_hi": row["em_hi"], "n": int(row["n"]), "rule": row["rule"], "task": p.study.select_task,
                            "split": p.study.select_split})
     return table
 
@@ -206,3 +219,71 @@ def seed_table(p: Params, runs: dict[int, list[dict]], baseline: list[dict] | No
     import pandas as pd
 
     return pd.concat([table, pd.DataFrame([summary])], ignore_index=True)
+
+
+# ---------------------------------------------------------------- the pre-registered headline
+
+RUN_ONLY = ("agent.batch_size", "llm.concurrency", "data_dir", "multihop_dir", "output_root")  # change no number
+
+
+def preregister(p: Params) -> None:
+    """With study.preregistered, the first `headline` writes <run>/preregistration.json (every
+    resolved setting); a later call resumes only with the same settings (batch size and paths
+    aside): a pre-registered run is run once, as registered, never re-tuned under its name."""
+    from .io import read_json
+
+    if not p.study.preregistered:
+        return
+    path, now = p.run_dir / "preregistration.json", _flat(p.dump())
+    if not path.is_file():
+        atomic_write_json(path, {"params": p.dump()})
+        return
+    was = _flat(read_json(path)["params"])
+    if diff := [k for k in sorted(set(was) | set(now)) if k not in RUN_ONLY and was.get(k) != now.get(k)]:
+        changes = ", ".join(f"{k} {was.get(k)!r} -> {now.get(k)!r}" for k in diff[:3])
+        raise ValueError(f"{p.name} was pre-registered with other settings ({changes}{', ...' if len(diff) > 3 else ''}): "
+                         "a pre-registered run is run as registered; give a new study another name")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k not in ("recipes", "fewshot_variants") \
+            else {f"{prefix}{k}": v}
+    return out
+
+
+def transfer_runs(p: Params, trained: str | Path, progress: bool = True) -> dict[str, tuple[dict[int, list[dict]], list[dict]]]:
+    """task -> (training seed -> the fine-tuned agent's episodes, few-shot ReAct's episodes) on each
+    of study.transfer_tasks (whole default split, its own Wikipedia environment); every seed of
+    study.seeds (or train.seed alone) is loaded once for all tasks."""
+    from .pipeline import _n_questions, _slug, fewshot_react
+
+    tasks = {t: (_slug(t), _n_questions(p, t)) for t in p.study.transfer_tasks}
+    base = {t: saved_condition(p, f"gen_{slug}_base", t, None, n) for t, (slug, n) in tasks.items()}
+    if any(v is None for v in base.values()):
+        llm = local_llm(p)
+        base = {t: run_condition(p, f"gen_{slug}_base", llm, fewshot_react(p), task=t, n=n, progress=progress)
+                for t, (slug, n) in tasks.items()}
+    runs: dict[str, dict[int, list[dict]]] = {t: {} for t in tasks}
+    for seed in p.study.seeds or [p.train.seed]:
+        names = {t: f"gen_{slug}_ft" + ("" if seed == p.train.seed else f"_seed{seed}") for t, (slug, _) in tasks.items()}
+        saved = {t: saved_condition(p, names[t], t, None, tasks[t][1]) for t in tasks}
+        llm = None if all(v is not None for v in saved.values()) else local_llm(p, seed_model(p, seed, trained))
+        for t, (_, n) in tasks.items():
+            runs[t][seed] = saved[t] if saved[t] is not None else run_condition(
+                p, names[t], llm, finetuned_agent(p), task=t, n=n, progress=progress)
+    return {t: (runs[t], base[t]) for t in tasks}
+
+
+def report_transfer(p: Params, trained: str | Path, progress: bool = True) -> pd.DataFrame:
+    """`seed_table` per transfer task (a row per seed, their mean with its paired gain over few-shot
+    ReAct on the same questions), written to tables/headline_transfer.{csv,md}."""
+    import pandas as pd
+
+    parts = [seed_table(p, runs, base).assign(task=t) for t, (runs, base) in transfer_runs(p, trained, progress).items()]
+    table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    if len(table):
+        table = table[["task", *[c for c in table.columns if c != "task"]]]
+        write_table(table, p.run_dir / "tables" / "headline_transfer")
+    return table

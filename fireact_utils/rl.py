@@ -186,7 +186,7 @@ def train_grpo(p: Params, trained: str | Path) -> Path:
         return final
     trainer, rollouts = grpo_trainer(p, trained)
     trainer.add_callback(_rollout_log(rollouts, out / "rollouts.jsonl"))
-    train_s = train_timed(trainer, last_checkpoint(out))
+    train_s = train_timed(trainer, last_checkpoint(out), p.train)
     trainer.model.merge_and_unload().save_pretrained(str(final))
     trainer.processing_class.save_pretrained(str(final))
     _write_log(out, [h for h in trainer.state.log_history if "reward" in h])

@@ -28,6 +28,7 @@ from .pipeline import (
     condition_meta,
     fewshot_react,
     finetuned_agent,
+    hand_edit,
     local_llm,
     run_condition,
     saved_condition,
@@ -146,9 +147,10 @@ def curve(p: Params, trained: str | Path | None, progress: bool = True) -> pd.Da
     if "finetuned" in p.study.sc_agents:
         whos |= finetuned_samplers(p)
     saved = {who: saved_samples(p, who) for who in whos}  # a finished curve needs no model
-    if "finetuned" in saved and saved["finetuned"] is None and not trained:  # else `samples` would run the few-shot agent
-        raise ValueError("study.sc_agents samples the fine-tuned agent: name it with --trained "
-                         "(or sample the few-shot base alone: 'study.sc_agents=[fewshot]')")
+    unsaved = [who for who, runs in saved.items() if who != "fewshot" and runs is None]
+    if unsaved and not trained:  # else `samples` would run the few-shot agent, or a seed would train from nothing
+        raise ValueError(f"study.sc_agents samples the fine-tuned agent ({', '.join(unsaved)} not all saved): name it "
+                         "with --trained (or sample the few-shot base alone: 'study.sc_agents=[fewshot]')")
     parts, by_seed, fewshot = [], {}, None
     for who, seed in whos.items():
         runs = saved[who]
@@ -161,6 +163,8 @@ def curve(p: Params, trained: str | Path | None, progress: bool = True) -> pd.Da
         df = vote_curve(runs, p.study.sc_ks, [_seconds_per_episode(m) for m in metas], p.evaluate.bootstrap)
         df["machine"] = [" + ".join(dict.fromkeys(name for m in metas[:k] for name in m.get("machines", {})))
                          for k in df["k"]]
+        df["edited_by_hand"] = ["; ".join(f"sample {j}: {note}" for j, m in enumerate(metas[:k]) if (note := hand_edit(m)))
+                                or None for k in df["k"]]
         label = "fewshot ReAct" if who == "fewshot" else "finetuned ReAct" + ("" if seed is None else f", seed {seed}")
         parts.append(df.assign(agent=label))
         if seed is not None:

@@ -6,7 +6,7 @@ training task's own environment; the reward-1 episodes are kept, each distinct t
 the base model is fine-tuned afresh, with the run's recipe, on the run's GPT-4 data plus every
 success of rounds 1..r (re-training from the base, as STaR does, so errors do not compound
 across rounds). Training questions (default HotpotQA-wiki `train`) share no question with any
-validation or test set: `check_disjoint` refuses the round otherwise.
+validation or test set: `holdout.check_training` refuses the round otherwise.
 
 Each round's student is scored on the selection split (validation) and on evaluate.task (test),
 paired with the SFT student on the same questions. A round also trains more optimizer steps than
@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .evaluate import bootstrap_ci, episode_values, paired_bootstrap_diff
+from .holdout import check_training, question_key
 from .io import read_jsonl, write_jsonl
 from .pipeline import (
     condition_meta,
-    condition_questions,
     finetune,
     finetuned_agent,
     local_llm,
@@ -48,37 +48,13 @@ if TYPE_CHECKING:
     from .config import Params, TrainingQuestions
 
 
-def _norm(q: str) -> str:
-    return " ".join(q.lower().split())
-
-
-def held_out_questions(p: Params) -> set[str]:
-    """Every question the run reports or chooses on (normalized): evaluate.task's evaluated
-    questions, the selection split, HotpotQA-wiki val and test, the generalization and noise tasks."""
-    tasks = [condition_questions(p)]
-    named = {(p.study.select_task, p.study.select_split), ("hotpotqa-wiki", "val"), ("hotpotqa-wiki", "test")}
-    named |= {(t, None) for t in [*p.study.generalization_tasks, *p.study.noise_tasks] if t != p.evaluate.task}
-    for name, split in sorted(named, key=str):
-        t = load_task(name, split, p.data_dir, p.multihop_dir)
-        tasks.append((t, range(len(t))))
-    return {_norm(t.questions[i]) for t, idx in tasks for i in idx}
-
-
-def check_disjoint(p: Params, questions) -> None:
-    """Refuse training questions that any validation or test set holds."""
-    overlap = sorted({_norm(q) for q in questions} & held_out_questions(p))
-    if overlap:
-        raise ValueError(f"training questions overlap validation/test sets ({len(overlap)}), e.g. "
-                         f"{overlap[0]!r}: pick another task/split (self_improve.* or rl.*)")
-
-
 def training_questions(p: Params, where: TrainingQuestions | None = None):
     """(task, indices): `where`'s training questions (default p.self_improve), all of the split
-    unless n_questions, checked disjoint from every validation and test set."""
+    unless n_questions, checked disjoint from every held-out set (`holdout`)."""
     w = where or p.self_improve
     t = load_task(w.task, w.split, p.data_dir, p.multihop_dir)
     idx = list(range(min(w.n_questions or len(t), len(t))))
-    check_disjoint(p, [t.questions[i] for i in idx])
+    check_training(p, [t.questions[i] for i in idx], f"{t.name} {t.split}")
     return t, idx
 
 
@@ -104,7 +80,7 @@ def successes(runs: list[list[dict]], r: int) -> list[dict]:
     out = []
     for run in runs:
         for e in run:
-            key = (_norm(e["question"]), react_text(e["steps"]))
+            key = (question_key(e["question"]), react_text(e["steps"]))
             if e["reward"] and key not in seen:
                 seen.add(key)
                 out.append({"question": e["question"], "preamble": "", "steps": e["steps"], "task": e["task"],
@@ -119,7 +95,6 @@ def run_round(p: Params, r: int, sampler: str | Path, gpt4: list[dict], earlier:
     out = p.run_dir / "self_improve" / f"round{r}"
     runs = sample(p, r, sampler, progress)
     new = successes(runs, r)
-    check_disjoint(p, [t["question"] for t in new])
     write_jsonl(out / "trajectories.jsonl", new)
     records = [*gpt4, *earlier, *new]
     trained = finetune(p, records, out)

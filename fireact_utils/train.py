@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from io import StringIO
 from pathlib import Path
 
@@ -125,7 +125,7 @@ def make_sft_config(p: TrainParams, out_dir: Path, device: str):
         save_steps=p.save_steps,
         save_total_limit=2,
         seed=p.seed,
-        report_to=[],
+        report_to=p.report_to or "none",
         dataloader_num_workers=0,
         use_cpu=not on_gpu,
         dataset_kwargs={"skip_prepare_dataset": True},  # already tokenized and masked
@@ -203,10 +203,11 @@ def keep_freed_memory():
 WALL_CLOCK = "wall_clock.json"  # in each checkpoint: training seconds up to it
 
 
-def train_timed(trainer, ckpt: str | None) -> float | None:
-    """`trainer.train`, resumed from `ckpt`; returns the training seconds summed over every resume
-    (each checkpoint stores the total so far; the Trainer's own `train_runtime` restarts at each
-    resume), or None when `ckpt` predates that record."""
+def train_timed(trainer, ckpt: str | None, p: TrainParams) -> float | None:
+    """`trainer.train`, resumed from `ckpt`, under p's CPU speed-ups (`labelled_positions_only`,
+    `keep_freed_memory`); returns the training seconds summed over every resume (each checkpoint
+    stores the total so far; the Trainer's own `train_runtime` restarts at each resume), or None
+    when `ckpt` predates that record."""
     import time
 
     from transformers import TrainerCallback
@@ -224,7 +225,11 @@ def train_timed(trainer, ckpt: str | None) -> float | None:
                                   {"train_s": before + time.perf_counter() - t0})
 
     trainer.add_callback(SaveClock())
-    with labelled_positions_only(), keep_freed_memory():  # every training of the kit (SFT, GRPO) passes here
+    with ExitStack() as stack:  # every training of the kit (SFT, GRPO) passes here
+        if p.labelled_positions_only:
+            stack.enter_context(labelled_positions_only())
+        if p.keep_freed_memory:
+            stack.enter_context(keep_freed_memory())
         trainer.train(resume_from_checkpoint=ckpt)
     return None if before is None else before + time.perf_counter() - t0
 
@@ -247,7 +252,7 @@ def finetune(records: list[dict], out_dir: str | Path, p: TrainParams, model_par
     mp = model_params or ModelParams()
     if (final / "train_done.json").is_file():
         done = read_train_meta(final)
-        if done["params"] != p.model_dump(mode="json") or done.get("n_examples") != len(records):
+        if not same_train_params(done["params"], p) or done.get("n_examples") != len(records):
             raise ValueError(f"{final} was trained with other params or data; delete {out_dir} or pick a new run name")
         return final
     device = pick_device(mp.device)
@@ -263,7 +268,7 @@ def finetune(records: list[dict], out_dir: str | Path, p: TrainParams, model_par
     trainer = SFTTrainer(model=model, args=make_sft_config(p, out_dir, device), train_dataset=ds,
                          processing_class=tok, peft_config=lora_config(p) if p.method == "lora" else None)
     ckpt = last_checkpoint(out_dir) if resume else None
-    train_s = train_timed(trainer, ckpt)
+    train_s = train_timed(trainer, ckpt, p)
     trainer.save_model(str(final))  # gathers FSDP shards; writes on the main process only
     if not trainer.is_world_process_zero():
         return final  # under `accelerate launch`, one process writes the logs and the done marker
@@ -276,36 +281,80 @@ def finetune(records: list[dict], out_dir: str | Path, p: TrainParams, model_par
             "n_examples": len(ds), "n_tokens": n_tokens, "n_loss_tokens": n_loss,
             "train_runtime_s": train_s, "resumed_from": ckpt,
             "tokens_per_s": (log[-1].get("num_tokens", 0) if log else 0) / train_s if train_s else None,
-            "final_loss": log[-1]["loss"] if log else None, **(extra_meta or {})}
+            "final_loss": log[-1]["loss"] if log else None, "data_mix": _mix(records),
+            "data_sources": sorted({str(r.get("source", "?")).split(":round")[0] for r in records}),
+            **(extra_meta or {})}
     atomic_write_json(final / "train_done.json", meta)
-    atomic_write_text(final / "README.md", model_card(meta, records))  # TRL's card names no base model
+    for where in (final, out_dir):  # out_dir holds TRL's own card (no base model, a chat quick-start): replaced
+        atomic_write_text(where / "README.md", model_card(meta))
     return final
+
+
+def _mix(records: list[dict]) -> str:
+    from collections import Counter
+
+    return ", ".join(f"{k} {v}" for k, v in Counter(f"{r.get('task', '?')}:{r.get('method', '?')}"
+                                                    for r in records).most_common())
 
 
 def _seconds(s: float | None) -> str:
     return "unknown time (resumed from a checkpoint without its clock)" if s is None else f"{s:.0f} s"
 
 
-def model_card(meta: dict, records: list[dict]) -> str:
-    """What a fine-tune is: its base model, its data and its recipe (from `train_done.json`)."""
-    from collections import Counter
+BASE_LICENSES = {"smollm2-135m": "apache-2.0"}  # built-in aliases; other bases: see their own cards
+
+
+def model_card(meta: dict, results: dict[str, dict] | None = None) -> str:
+    """The fine-tune's model card (TRL's names no base model and offers a chat quick-start): a YAML
+    header with base_model, license, datasets and, once evaluated (`results`: name -> {em, n, task}),
+    a model-index; then its data, recipe, prompt format and measured EM, from `train_done.json`."""
+    import yaml
 
     p, mp = meta["params"], meta["model"]
-    mix = ", ".join(f"{k} {v}" for k, v in Counter(f"{r.get('task', '?')}:{r.get('method', '?')}"
-                                                   for r in records).most_common())
     recipe = (f"LoRA r={p['lora_r']}, alpha={p['lora_alpha']}, dropout={p['lora_dropout']}, "
               f"modules={p['lora_target_modules']}" if p["method"] == "lora" else "full fine-tuning")
-    return (f"# FireAct agent: {mp['name']} fine-tuned on {meta['n_examples']} agent trajectories\n\n"
-            f"- Base model: `{mp['name']}` (loaded from `{meta['base_path']}`)\n"
-            f"- Data: {meta['n_examples']} trajectories ({mix}), {meta['n_tokens']:,} tokens, "
+    head = {"base_model": mp["name"], "library_name": "peft" if p["method"] == "lora" else "transformers",
+            "license": BASE_LICENSES.get(mp["name"], "other"), "datasets": meta.get("data_sources") or [],
+            "tags": ["fireact", "react-agent", "trl", "sft"]}
+    if results:
+        head["model-index"] = [{"name": f"fireact-{mp['name']}", "results": [
+            {"task": {"type": "question-answering", "name": f"ReAct agent, {name}"},
+             "dataset": {"name": r["task"], "type": r["task"].split()[0]},
+             "metrics": [{"type": "exact_match", "value": round(100 * r["em"], 1), "name": f"EM % ({r['n']} questions)"}]}
+            for name, r in results.items()]}]
+    prompt = ("the Alpaca header and the question (`fireact_utils.trajectories.alpaca_prompt`), then ReAct "
+              "turns: `Thought: ...`, `Action: search[query]` or `Action: finish[answer]`, the tool's `Observation: ...`"
+              if p["format"] == "alpaca" else
+              "chat messages: the question as the user turn, ReAct turns as the assistant's (`trajectories.to_chat`)")
+    measured = "".join(f"\n- {name} ({r['task']}, {r['n']} questions): EM {100 * r['em']:.1f}%"
+                       for name, r in (results or {}).items()) or " not yet evaluated"
+    return (f"---\n{yaml.safe_dump(head, sort_keys=False)}---\n\n"
+            f"# FireAct agent: {mp['name']} fine-tuned on {meta['n_examples']} agent trajectories\n\n"
+            f"- Base model: `{mp['name']}` (loaded from `{meta['base_path']}`); license of its weights: "
+            f"{head['license']}\n"
+            f"- Data: {meta['n_examples']} trajectories ({meta.get('data_mix', '?')}), {meta['n_tokens']:,} tokens, "
             f"{meta['n_loss_tokens']:,} with loss\n"
             f"- Recipe: {recipe}; loss on {p['loss_on']} tokens; {p['format']} format; lr {p['learning_rate']}, "
             f"{p['epochs']} epochs (max_steps {p['max_steps']}), batch {p['batch_size']} x {p['grad_accum']}, "
             f"max_length {p['max_length']}, seed {p['seed']}\n"
-            f"- Trained in {_seconds(meta['train_runtime_s'])}; final loss {meta['final_loss']}\n\n"
-            "Made with the FireAct study kit (`fireact_utils.train`, TRL's SFTTrainer). Prompt it with the Alpaca "
-            "header and the question (`fireact_utils.trajectories.alpaca_prompt`), or load it with "
-            "`evaluate --trained <this dir>`.\n")
+            f"- Trained in {_seconds(meta['train_runtime_s'])}; final loss {meta['final_loss']}\n"
+            f"- Prompt it with {prompt}; or `python -m fireact_utils evaluate <params> --trained <this dir> --mode finetuned`\n"
+            f"- Measured:{measured}\n\n"
+            "Made with the FireAct study kit (`fireact_utils.train`, TRL's SFTTrainer).\n")
+
+
+def record_results(trained: str | Path, name: str, task: str, records: list[dict]) -> None:
+    """Add an evaluation (`name`, e.g. the condition) to the fine-tune's card and `eval_results.json`."""
+    trained = Path(trained)
+    if not (trained / "train_done.json").is_file():
+        return
+    path = trained / "eval_results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results[name] = {"task": task, "n": len(records), "em": sum(bool(r["em"]) for r in records) / max(len(records), 1)}
+    atomic_write_json(path, results)
+    card = model_card(read_train_meta(trained), results)
+    for where in (trained, trained.parent):  # the parent holds TRL's own card: replaced
+        atomic_write_text(where / "README.md", card)
 
 
 def _write_log(out_dir: Path, log: list[dict]) -> None:
@@ -315,6 +364,13 @@ def _write_log(out_dir: Path, log: list[dict]) -> None:
     w.writeheader()
     w.writerows(log)
     atomic_write_text(out_dir / "train_log.csv", buf.getvalue())
+
+
+def same_train_params(saved: dict, p: TrainParams) -> bool:
+    """A saved fine-tune's params equal `p`'s; a setting added to the schema since it trained counts
+    as equal while `p` keeps its default (older models stay usable)."""
+    now = p.model_dump(mode="json")
+    return all(saved.get(k, TrainParams.model_fields[k].get_default(call_default_factory=True)) == v for k, v in now.items()) and set(saved) <= set(now)
 
 
 def adapter_model_params(base: ModelParams, trained: str | Path) -> ModelParams:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from fireact_utils import rl, self_improve
+from fireact_utils import holdout, rl, self_improve
 from fireact_utils.config import load_params
 from fireact_utils.tasks import eval_indices, load_task
 
@@ -15,26 +15,25 @@ PARAMS = Path(__file__).resolve().parent.parent / "params"
 @pytest.mark.parametrize("params_file", ["smoke.yaml", "cpu_full.yaml", "cpu_beyond.yaml", "gpu_rl.yaml"])
 def test_training_questions_share_none_with_validation_or_test(params_file, data_dir, multihop_dir):
     p = load_params(PARAMS / params_file, {"data_dir": str(data_dir), "multihop_dir": str(multihop_dir)})
-    held = self_improve.held_out_questions(p)
+    held = holdout.reserved_keys(p)
     val = load_task("hotpotqa-wiki", "val", data_dir, multihop_dir).questions
     dev = load_task("hotpotqa", "dev", data_dir)
-    first_evaluated = dev.questions[eval_indices(dev, p.evaluate.n_questions, p.evaluate.seed)[0]]
-    assert {self_improve._norm(q) for q in val} <= held
-    assert len(held) >= len(val) + p.evaluate.n_questions
+    dev500 = [dev.questions[i] for i in eval_indices(dev, 500, 233)]
+    assert {holdout.question_key(q) for q in [*val, *dev500]} <= held  # all of dev-500, whatever n is evaluated
     for section in (p.self_improve, p.rl):
+        self_improve.training_questions(p, section)  # passes the guard
         task = load_task(section.task, section.split, data_dir, multihop_dir)
-        assert len(task) >= 200 and not {self_improve._norm(q) for q in task.questions} & held
-    self_improve.check_disjoint(p, load_task("hotpotqa-wiki", "train", data_dir, multihop_dir).questions)
-    with pytest.raises(ValueError, match="overlap validation/test"):
-        self_improve.check_disjoint(p, ["some new question?", val[3]])
-    with pytest.raises(ValueError, match="overlap validation/test"):  # whitespace and case do not hide one
-        self_improve.check_disjoint(p, ["  " + first_evaluated.upper()])
+        assert len(task) >= 200 and not {holdout.question_key(q) for q in task.questions} & held
+    with pytest.raises(ValueError, match="held-out questions of this run"):
+        holdout.check_training(p, ["some new question?", val[3]], "test")
+    with pytest.raises(ValueError, match="held-out questions of this run"):  # whitespace and case do not hide one
+        holdout.check_training(p, ["  " + dev500[-1].upper()], "test")
 
 
 def test_self_improvement_refuses_a_split_that_is_validated_on(data_dir, multihop_dir, tmp_path):
     p = load_params(PARAMS / "smoke.yaml", {"data_dir": str(data_dir), "multihop_dir": str(multihop_dir),
                                             "output_root": str(tmp_path), "self_improve.split": "val"})
-    with pytest.raises(ValueError, match="overlap validation/test"):
+    with pytest.raises(ValueError, match="held-out questions of this run"):
         self_improve.sample(p, 1, "unused: refused before any model loads")
 
 

@@ -83,6 +83,11 @@ def test_select_consistency_mistakes_and_resumed_tables(tmp_path, capsys, multih
     assert "study.sc_ks is empty" in _error_line(capsys)
     assert main(["consistency", "params/smoke.yaml", "study.sc_ks=[1]"]) == 2
     assert "name it with --trained" in _error_line(capsys)
+    dev = load_task("hotpotqa", "dev")  # the main fine-tune's sample saved, seed 7's not: still one line, no traceback
+    write_jsonl(tmp_path / "smoke" / "eval" / "sc_finetuned_s0.jsonl",
+                [{"id": episode_id(dev, i), "status": "finished", "em": True} for i in eval_indices(dev, 2)])
+    assert main(["consistency", "params/smoke.yaml", f"output_root={tmp_path}", "study.sc_ks=[1]"]) == 2
+    assert "finetuned_seed7 not all saved" in _error_line(capsys)
     task = load_task("hotpotqa-wiki", "val", multihop_dir=multihop_dir)
     ov = [f"output_root={tmp_path}", "study.select_n=2", "study.fewshot_variants={}",
           "study.recipes={a: {train.lora_r: 4}, b: {train.lora_r: 8}}"]
@@ -180,7 +185,9 @@ def test_run_only_executes_the_named_notebooks(tmp_path, capsys):
     assert main([*argv, f"output_root={tmp_path}"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out == ["[skip] 02_finetune (already executed; delete {} to redo)".format(nb_dir / "02_finetune.done"),
-                   "[skip] 05_beyond_sft (already executed; delete {} to redo)".format(nb_dir / "05_beyond_sft.done")]
+                   "[skip] 05_beyond_sft (already executed; delete {} to redo)".format(nb_dir / "05_beyond_sft.done"),
+                   f"results: {nb_dir}/*.html (executed notebooks), {nb_dir.parent}/tables/ (main.md: the headline "
+                   f"table), {nb_dir.parent}/figures/"]  # the closing line says where the results are
     with pytest.raises(SystemExit) as e:
         main(["run", "params/smoke.yaml", "--only", "06_nothing"])
     assert e.value.code == 2 and "invalid choice: '06_nothing'" in capsys.readouterr().err

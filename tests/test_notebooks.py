@@ -16,8 +16,8 @@ import pytest
 
 from fireact_utils import rl
 from fireact_utils.config import load_params
-from fireact_utils.pipeline import NOTEBOOK_DIR, NOTEBOOKS, condition_label, run_chain
-from fireact_utils.self_improve import held_out_questions
+from fireact_utils.holdout import question_key, reserved_keys
+from fireact_utils.pipeline import NOTEBOOK_DIR, NOTEBOOKS, SEARCHING, chain_kernel, condition_label, run_chain
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "params" / "smoke.yaml"
@@ -103,7 +103,9 @@ def test_chain_executes_every_notebook(chain):
     for nb in NOTEBOOKS:
         executed = run_dir / "notebooks" / f"{nb}.ipynb"
         assert executed.is_file() and (run_dir / "notebooks" / f"{nb}.html").stat().st_size > 0
-        cells = nbformat.read(str(executed), as_version=4).cells
+        executed_nb = nbformat.read(str(executed), as_version=4)
+        cells = executed_nb.cells
+        assert executed_nb.metadata["kernelspec"]["name"] == chain_kernel()  # `fireact` once `make setup` registered it
         assert any("injected-parameters" in c.metadata.get("tags", []) for c in cells)
         assert not [o for c in cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
 
@@ -122,10 +124,14 @@ def test_chain_dataset_and_model(chain):
 def test_chain_eval_records(chain):
     p, run_dir = chain
     files = sorted((run_dir / "eval").glob("*.jsonl"))
-    base = {f"base_fewshot_{m}" for m in p.evaluate.methods}
+    base = {f"base_fewshot_{m}" for m in p.evaluate.methods} | {SEARCHING}
+    assert p.evaluate.searching_baseline  # the smoke run has the baseline that must search
     grid = [(k, r) for k in p.study.noise_kinds for r in p.study.noise_rates]
-    noisy = {f"finetuned_react_noise_{k}_{r:g}" for k, r in grid}  # the main task (replay)
-    wiki_noisy = {f"finetuned_react_{t}_noise_{k}_{r:g}" for t in p.study.noise_tasks if t != p.evaluate.task
+    assert p.study.noisy_fewshot  # the prompted agents under noise too; the one that must search on the main task
+    noisy = {f"{who}_react_noise_{k}_{r:g}" for who in ("finetuned", "base_fewshot", "base_fewshot_searching")
+             for k, r in grid}  # the main task (replay)
+    wiki_noisy = {f"{who}_react_{t}_noise_{k}_{r:g}" for who in ("finetuned", "base_fewshot")
+                  for t in p.study.noise_tasks if t != p.evaluate.task
                   for k, r in grid}  # the Wikipedia environment
     gen = {f"gen_{t}_{s}" for t in p.study.generalization_tasks for s in ("base", "ft")}
     scaling = {f"scaling_n{n}" for n in p.study.data_sizes}
@@ -162,14 +168,26 @@ def test_chain_eval_records(chain):
 def test_chain_tables(chain):
     p, run_dir = chain
     tables = run_dir / "tables"
-    main = {condition_label(f"base_fewshot_{m}") for m in p.evaluate.methods} | {condition_label("finetuned_react")}
+    main = {condition_label(f"base_fewshot_{m}") for m in p.evaluate.methods} | {
+        condition_label("finetuned_react"), condition_label(SEARCHING)}
     assert _conditions(tables / "main.csv") == main
     assert (tables / "main.md").read_text().startswith("| condition")
-    noisy = {condition_label(f"finetuned_react_noise_{k}_{r:g}") for k in p.study.noise_kinds for r in p.study.noise_rates}
-    react = {condition_label("base_fewshot_react"), condition_label("finetuned_react")}
+    table = pd.read_csv(tables / "main.csv")  # what each EM is made of: question types, tool use, the modal answer
+    assert {"em_two_option", "em_open", "searched", "searches_per_episode", "top_answer_count"} <= set(table.columns)
+    assert (table["n_two_option"].fillna(0) + table["n_open"].fillna(0) == table["n"]).all()
+    answered = [r for r in map(json.loads, (run_dir / "eval" / f"{SEARCHING}.jsonl").read_text().splitlines())
+                if r["answer"] is not None]
+    assert all(any(s["action"] == "search" for s in r["steps"]) for r in answered)  # an answer only after a search
+    assert "two-option: chance 50%" in (tables / "main.md").read_text()
+    noisy = {condition_label(f"{who}_react_noise_{k}_{r:g}") for who in ("finetuned", "base_fewshot", "base_fewshot_searching")
+             for k in p.study.noise_kinds for r in p.study.noise_rates}
+    react = {condition_label("base_fewshot_react"), condition_label(SEARCHING), condition_label("finetuned_react")}
     assert _conditions(tables / "robustness.csv") == react | noisy
-    wiki_noisy = {condition_label(f"finetuned_react_hotpotqa-wiki_noise_{k}_{r:g}") for k in p.study.noise_kinds
-                  for r in p.study.noise_rates}
+    robust = pd.read_csv(tables / "robustness.csv").set_index("condition")  # corrupted counts, paired vs clean
+    assert (robust.loc[list(noisy), "noise_corrupted"] >= 0).all() and robust.loc[list(noisy), "vs_clean"].notna().all()
+    assert (robust["too_few_corrupted"] == (robust["noise_corrupted"] < 20)).all()
+    wiki_noisy = {condition_label(f"{who}_react_hotpotqa-wiki_noise_{k}_{r:g}") for who in ("finetuned", "base_fewshot")
+                  for k in p.study.noise_kinds for r in p.study.noise_rates}
     wiki_clean = {condition_label(f"gen_hotpotqa-wiki_{s}") for s in ("base", "ft")}
     assert _conditions(tables / "robustness_hotpotqa-wiki.csv") == wiki_clean | wiki_noisy
     outcomes = pd.read_csv(tables / "wiki_outcomes.csv")
@@ -217,7 +235,7 @@ def test_chain_tables(chain):
     assert si.loc[0, "val_gain"] == 0 and (si["episodes"].dropna() == p.self_improve.n_questions * p.self_improve.k).all()
     own = [json.loads(line)["question"] for line in (run_dir / "self_improve" / "round1" / "trajectories.jsonl")
            .read_text().splitlines()]
-    assert len(own) == si.loc[1, "added"] and not {" ".join(q.lower().split()) for q in own} & held_out_questions(p)
+    assert len(own) == si.loc[1, "added"] and not {question_key(q) for q in own} & reserved_keys(p)
     rl_table = pd.read_csv(tables / "rl.csv")
     assert list(rl_table["model"]) == ["SFT student", f"GRPO, {p.rl.steps} steps"]
     assert (rl_table["val_em"].iloc[0], rl_table["test_em"].iloc[0]) == (si["val_em"].iloc[0], si["test_em"].iloc[0])

@@ -15,27 +15,16 @@ def test_scaling_reuses_the_main_fine_tune(tmp_path, data_dir):
     runs = pipeline.scaling_runs(p)  # no main dataset yet: every N gets its own dir
     assert {n: d.name for n, (_, _, d) in runs.items()} == {4: "n4", 8: "n8"}
     main = pipeline.build_dataset(p)  # the released trajectories, first 8 of the seeded mix
+    from datasets import load_from_disk
+
+    from fireact_utils.trajectories import to_alpaca, to_chat
+
+    hf = load_from_disk(str(p.run_dir / "dataset" / "hf"))  # also a Hugging Face DatasetDict
+    assert hf["alpaca"][0] == to_alpaca(main[0]) and hf["chat"][7] == to_chat(main[7]) and hf.num_rows["chat"] == 8
     runs = pipeline.scaling_runs(p)
     assert runs[8][2] == p.run_dir / "finetune" and len(runs[8][1]) == len(main) == 8
     assert runs[4][2] == p.run_dir / "scaling" / "n4" and len(runs[4][1]) == 4
     assert runs[4][0].dataset.n_trajectories == 4
-
-
-def test_generation_holds_out_the_configured_evaluation_subset(data_dir):
-    """Training questions never include the evaluation's questions, as `evaluate` configures them
-    (its seed and size), and only for the same task and split."""
-    from fireact_utils.config import load_params
-    from fireact_utils.pipeline import evaluation_held_out, generation_indices
-    from fireact_utils.tasks import eval_indices, load_task
-
-    task = load_task("hotpotqa", "dev", data_dir)
-    p = load_params("params/smoke.yaml", {"evaluate.seed": 1, "evaluate.n_questions": 3000})
-    held = evaluation_held_out(p, task)
-    assert held == set(eval_indices(task, 3000, 1)) and held != set(eval_indices(task, 3000, 233))
-    picked = generation_indices(task, 4000, 0, held)
-    assert len(picked) == 4000 and not set(picked) & held
-    other = load_params("params/smoke.yaml", {"evaluate.task": "strategyqa"})
-    assert evaluation_held_out(other, task) == set()  # another task's evaluation holds nothing out here
 
 
 def test_scaling_draws_on_generated_trajectories(tmp_path, data_dir):

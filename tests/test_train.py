@@ -182,3 +182,51 @@ def test_full_finetune_honours_model_dtype(tmp_path, records):
     out = finetune(records[:2], tmp_path / "bf16", p, ModelParams(dtype="bfloat16"))
     assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
     assert "full fine-tuning" in (out / "README.md").read_text()
+
+
+def test_train_switches_are_params_and_old_fine_tunes_stay_usable(tmp_path):
+    """train.report_to reaches TRL's config ("none" when empty); the CPU speed-ups are params that
+    can be turned off; a fine-tune saved before a setting existed still counts as the same recipe
+    while that setting keeps its default, and not once it is changed."""
+    from fireact_utils.config import TrainParams
+    from fireact_utils.train import make_sft_config, same_train_params
+
+    assert make_sft_config(TrainParams(report_to=["tensorboard"]), tmp_path, "cpu").report_to == ["tensorboard"]
+    assert make_sft_config(TrainParams(), tmp_path, "cpu").report_to == []
+    old = TrainParams().model_dump(mode="json")
+    for key in ("labelled_positions_only", "keep_freed_memory", "report_to"):
+        old.pop(key)
+    assert same_train_params(old, TrainParams())
+    assert not same_train_params(old, TrainParams(keep_freed_memory=False))
+    assert not same_train_params({**old, "epochs": 3.0}, TrainParams())
+    assert not same_train_params({**old, "retired_setting": 1}, TrainParams())
+
+
+def test_model_card_has_hub_metadata_and_measured_em(tmp_path):
+    """The kit's card: base_model, license, datasets and, once evaluated, a model-index with the EM;
+    it replaces TRL's card beside the checkpoints too."""
+    import json
+
+    import yaml
+
+    from fireact_utils.config import ModelParams, TrainParams
+    from fireact_utils.train import record_results
+
+    final = tmp_path / "finetune" / "final"
+    final.mkdir(parents=True)
+    (tmp_path / "finetune" / "README.md").write_text("TRL's card: [None](https://huggingface.co/None)")
+    meta = {"params": TrainParams().model_dump(mode="json"), "model": ModelParams().model_dump(mode="json"),
+            "base_path": "/cache/smollm2-135m", "n_examples": 500, "n_tokens": 10, "n_loss_tokens": 5,
+            "train_runtime_s": 60.0, "final_loss": 0.5, "data_mix": "hotpotqa:react 500",
+            "data_sources": ["fireact:hotpotqa"]}
+    (final / "train_done.json").write_text(json.dumps(meta))
+    record_results(final, "finetuned_react", "hotpotqa dev", [{"em": True}, {"em": False}, {"em": False}, {"em": True}])
+    for card in (final / "README.md", tmp_path / "finetune" / "README.md"):
+        text = card.read_text()
+        head = yaml.safe_load(text.split("---\n")[1])
+        assert head["base_model"] == "smollm2-135m" and head["license"] == "apache-2.0"
+        assert head["datasets"] == ["fireact:hotpotqa"] and head["library_name"] == "peft"
+        metric = head["model-index"][0]["results"][0]["metrics"][0]
+        assert metric == {"type": "exact_match", "value": 50.0, "name": "EM % (4 questions)"}
+        assert "hotpotqa dev, 4 questions): EM 50.0%" in text and "huggingface.co/None" not in text
+    assert json.loads((final / "eval_results.json").read_text())["finetuned_react"]["n"] == 4

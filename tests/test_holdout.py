@@ -1,0 +1,80 @@
+"""Guards of `holdout`: no choice on a test split, no training question from a held-out set.
+Real data (FireAct's and the multihop questions), real stage functions; each refusal comes
+before any model is loaded."""
+
+from pathlib import Path
+
+import pytest
+
+from fireact_utils import holdout, pipeline, recipes
+from fireact_utils.config import load_params
+from fireact_utils.data import load_dataset_source
+from fireact_utils.tasks import eval_indices, load_task
+
+PARAMS = Path(__file__).resolve().parent.parent / "params"
+
+
+def _params(tmp_path, name="smoke.yaml", **ov):
+    return load_params(PARAMS / name, {"output_root": str(tmp_path), **ov})
+
+
+@pytest.mark.parametrize(("task", "split"), [("hotpotqa", "dev"), ("hotpotqa-wiki", "test")])
+def test_no_choice_on_a_split_the_run_is_scored_on(tmp_path, data_dir, multihop_dir, task, split):
+    """Choosing prompts or recipes on dev (the evaluated split) or on HotpotQA-wiki test (which
+    holds 58 dev-500 questions and is the kit's standing test split) is refused at once."""
+    p = _params(tmp_path, **{"study.select_task": task, "study.select_split": split})
+    with pytest.raises(holdout.HoldoutError, match="would be made on test questions") as e:
+        recipes.fewshot_search(p)
+    assert "\n" not in str(e.value) and "hotpotqa dev" in str(e.value)
+    with pytest.raises(holdout.HoldoutError):
+        recipes.recipe_search(p)
+    holdout.check_choice(_params(tmp_path))  # the default, HotpotQA-wiki val, shares nothing
+
+
+def test_a_generalization_task_cannot_be_chosen_on(tmp_path, data_dir, multihop_dir):
+    p = _params(tmp_path, **{"study.select_task": "strategyqa", "study.select_split": "dev",
+                             "study.transfer_tasks": ["strategyqa-wiki"]})  # the same 229 questions, another name
+    with pytest.raises(holdout.HoldoutError, match="229 questions of evaluated: strategyqa-wiki dev"):
+        holdout.check_choice(p)
+
+
+def test_generation_never_draws_a_held_out_question(tmp_path, data_dir, multihop_dir):
+    """params/paper.yaml generates from HotpotQA dev, which also holds HotpotQA-wiki val and test:
+    1,500 training questions drawn from it avoid those and all of dev-500, not only the first n."""
+    p = load_params(PARAMS / "paper.yaml", {"evaluate.n_questions": 100, "generate.n_questions": 1500})
+    dev = load_task("hotpotqa", "dev", data_dir)
+    picked = pipeline.generation_indices(dev, 1500, 0, holdout.reserved_keys(p))
+    keys = {holdout.question_key(dev.questions[i]) for i in picked}
+    assert len(picked) == 1500
+    dev500 = {holdout.question_key(dev.questions[i]) for i in eval_indices(dev, 500, 233)}
+    assert not keys & dev500
+    for split in ("val", "test"):
+        assert not keys & {holdout.question_key(q) for q in load_task("hotpotqa-wiki", split).questions}
+    everything = pipeline.generation_indices(dev, 1500, 0)  # without the held-out set, some would be drawn
+    assert {holdout.question_key(dev.questions[i]) for i in everything} & dev500
+
+
+def test_fine_tuning_refuses_held_out_questions(tmp_path, data_dir, multihop_dir):
+    """Every fine-tune passes `pipeline.finetune`: a record whose question is the 500th of dev-500
+    (the smoke run evaluates only 4) or a StrategyQA dev question under its wiki name is refused,
+    before any model loads."""
+    p = _params(tmp_path)
+    dev = load_task("hotpotqa", "dev", data_dir)
+    recs = load_dataset_source("fireact:hotpotqa", data_dir)[:4]
+    last = {**recs[0], "question": "  " + dev.questions[eval_indices(dev, 500, 233)[-1]].upper()}
+    with pytest.raises(holdout.HoldoutError, match=r"1 of evaluate: hotpotqa dev \(FireAct's dev-500\)"):
+        pipeline.finetune(p, [*recs, last], tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+
+
+def test_fireacts_multitask_data_holds_strategyqa_dev(tmp_path, data_dir, multihop_dir):
+    """FireAct's released multi-task mixture holds 37 StrategyQA dev questions; a run evaluated
+    there (paper.yaml's generalization) refuses it, or drops them with dataset.drop_held_out."""
+    recs = load_dataset_source("fireact:multitask", data_dir)
+    p = load_params(PARAMS / "paper.yaml", {"output_root": str(tmp_path), "dataset.drop_held_out": False})
+    with pytest.raises(holdout.HoldoutError, match="37 of evaluated: strategyqa dev"):
+        pipeline.finetune(p, recs, tmp_path / "never")
+    kept = holdout.without_held_out(p, recs)
+    assert len(kept) == len(recs) - 37
+    holdout.check_training(p, [r["question"] for r in kept], "kept")
+    holdout.check_training(p, [r["question"] for r in load_dataset_source("fireact:hotpotqa", data_dir)], "released")
