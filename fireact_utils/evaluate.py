@@ -139,7 +139,8 @@ def markdown_table(df: pd.DataFrame) -> str:
     envs = list(dict.fromkeys(e for e in df.get("environment", pd.Series(dtype=str)).dropna()))
     types = [t for t in CHANCE if f"em_{t}" in df]  # EM by question type, with its count
     tool = [c for c in ("searched", "top_answer") if c in df]
-    cols = [*lead, "condition", "n", "EM % [95% CI]", *(TYPE_HEADERS[t] for t in types), "F1 %", "finish %", "turns",
+    grounded = ["grounded EM % [95% CI]"] if "grounded_em" in df else []  # selection tables: right after a search
+    cols = [*lead, "condition", "n", "EM % [95% CI]", *grounded, *(TYPE_HEADERS[t] for t in types), "F1 %", "finish %", "turns",
             "prompt tok", "completion tok", *(["searched %", "searches/ep"] if "searched" in tool else []),
             *(["top answer (count)"] if "top_answer" in tool else []), *(h for _, h in fid), *(["env"] if envs else [])]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -151,7 +152,7 @@ def markdown_table(df: pd.DataFrame) -> str:
         edited = isinstance(r.get("edited_by_hand"), str)
         cells = [*(str(r[c]) for c in lead), str(r["condition"]) + (" †" if edited else ""), str(r["n"]),
                  fmt_ci(r["em"], r["em_lo"], r["em_hi"]),
-                 *by_type, f"{r['f1'] * 100:.1f}", f"{r['finish'] * 100:.0f}", f"{r['turns']:.2f}",
+                 *([fmt_ci(r["grounded_em"], r["grounded_em_lo"], r["grounded_em_hi"])] if grounded else []), *by_type, f"{r['f1'] * 100:.1f}", f"{r['finish'] * 100:.0f}", f"{r['turns']:.2f}",
                  f"{r['prompt_tokens']:.0f}", f"{r['completion_tokens']:.0f}", *acts, *(_pct(r[c]) for c, _ in fid)]
         if envs:
             env = r.get("environment")

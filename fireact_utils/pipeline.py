@@ -671,6 +671,7 @@ def run_chain(params_file: str | Path, overrides: list[str] | None = None, noteb
     nb_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(p.run_dir / "params.json", provenance(p))
     os.environ.setdefault("TQDM_DISABLE", "1")  # the kernels inherit it: no progress-bar lines in the saved HTML
+    kernel = chain_kernel()
     for nb in notebooks:
         done = nb_dir / f"{nb}.done"
         if done.is_file() and not redo:
@@ -681,10 +682,10 @@ def run_chain(params_file: str | Path, overrides: list[str] | None = None, noteb
         pm.execute_notebook(str(NOTEBOOK_DIR / f"{nb}.ipynb"), str(out), cwd=str(NOTEBOOK_DIR),
                             parameters={"params_file": str(Path(params_file).resolve()),
                                         "overrides": list(overrides or [])},
-                            kernel_name=chain_kernel(), progress_bar=False)
+                            kernel_name=kernel, progress_bar=False)
         if html:
             export_html(out)
-        atomic_write_json(done, {"seconds": time.time() - t0})
+        atomic_write_json(done, {"seconds": time.time() - t0, "kernel": kernel})
         print(f"[done] {nb} in {time.time() - t0:.0f}s")
     return p.run_dir
 

@@ -117,18 +117,21 @@ def _type_bars(ax, table: pd.DataFrame, types: list[str]) -> None:
     from .evaluate import CHANCE
 
     y, h = np.arange(len(table)), 0.8 / len(types)
-    colors = [MODE_COLORS[_mode(r)] for _, r in table.iterrows()]
+    colors, handles = [MODE_COLORS[_mode(r)] for _, r in table.iterrows()], []
     for j, t in enumerate(types):
         name, hatch = TYPE_STYLE[t]
         sub = table.fillna({f"em_{t}": 0, f"em_{t}_lo": 0, f"em_{t}_hi": 0})
         n = int(table[f"n_{t}"].max()) if table[f"n_{t}"].notna().any() else 0
         ax.barh(y + (j - (len(types) - 1) / 2) * h, sub[f"em_{t}"] * 100, h, color=colors, hatch=hatch,
-                edgecolor="white", xerr=_err(sub, f"em_{t}", 100), capsize=3, label=f"{name} ({n} questions)")
+                edgecolor="white", xerr=_err(sub, f"em_{t}", 100), capsize=3)
+        handles.append(plt.Rectangle((0, 0), 1, 1, facecolor="0.6", edgecolor="white", hatch=hatch,
+                                     label=f"{name} ({n} questions)"))
     if "two_option" in types:
-        ax.axvline(CHANCE["two_option"] * 100, ls="--", color="0.3", lw=1, label="chance on two-option (50%)")
+        handles.append(ax.axvline(CHANCE["two_option"] * 100, ls="--", color="0.3", lw=1,
+                                  label="a coin on two-option questions (50%)"))
     ax.set(xlabel="EM (% of the type's questions)", title="EM by question type", xlim=(0, 100))
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
 
 
 def plot_efficiency(table: pd.DataFrame, stem: str | Path | None = None):
@@ -340,17 +343,20 @@ def loss_mask_html(tok, example: dict, ignore: int = -100, max_tokens: int = 400
 
 
 def plot_selection(table: pd.DataFrame, title: str, stem: str | Path | None = None):
-    """EM on the selection split per variant (recipe or prompt), the chosen one highlighted."""
+    """The metric the choice maximized (`rule`: EM, or grounded EM for prompts) on the selection
+    split per variant (recipe or prompt), the chosen one highlighted."""
     if _empty(table, title):
         return None
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(table) + 1.6))
     y = np.arange(len(table))
     colors = [MODE_COLORS["finetuned"] if c else "0.65" for c in table["chosen"]]
-    ax.barh(y, table["em"] * 100, color=colors, xerr=_err(table, "em", 100), capsize=4)
+    rule = table["rule"].iloc[0] if "rule" in table else "em"  # the metric the choice maximized is drawn
+    ax.barh(y, table[rule] * 100, color=colors, xerr=_err(table, rule, 100), capsize=4)
     ax.set_yticks(y, table["condition"].astype(str))
     ax.invert_yaxis()
     split = table["split"].iloc[0] if "split" in table else "validation"
-    ax.set(xlabel=f"EM (%) on {split}", title=f"{title} (chosen: coloured; {CI_NOTE})")
+    what = "grounded EM (%: right after searching at least once)" if rule == "grounded_em" else "EM (%)"
+    ax.set(xlabel=f"{what} on {split}", title=f"{title} (chosen: coloured; {CI_NOTE})")
     ax.grid(axis="x", alpha=0.3)
     return _done(fig, stem)
 

@@ -116,7 +116,8 @@ def selection_table(p: Params, conds: dict[str, list[dict]], settings: dict[str,
         extra[label] = {**table_extras(p, [name])[condition_label(name)],
                         "settings": ", ".join(f"{k}={v}" for k, v in settings[label].items()) or "(run's params)",
                         "chosen": label == best, "split": f"{p.study.select_task} {p.study.select_split}",
-                        "rule": rule, "grounded_em": float(np.mean(episode_values(conds[label], "grounded_em")))}
+                        "rule": rule, **dict(zip(("grounded_em", "grounded_em_lo", "grounded_em_hi"), bootstrap_ci(
+                            episode_values(conds[label], "grounded_em"), p.evaluate.bootstrap), strict=True))}
         if label != best:
             pairs = [(ref[r["id"]], float(r["em"])) for r in conds[label]]
             gain = paired_bootstrap_diff(*zip(*pairs, strict=True), p.evaluate.bootstrap)
@@ -125,12 +126,12 @@ def selection_table(p: Params, conds: dict[str, list[dict]], settings: dict[str,
 
 
 PREFIX = {"recipes": "recipe_", "fewshot_variants": "fewshot_"}
+TITLES = {"recipes": "Fine-tuning recipes", "fewshot_variants": "Few-shot prompts of the base model"}
 
 
 def rule_of(p: Params, prefix: str) -> str:
     """The metric a selection maximizes: study.fewshot_rule for prompts, EM for recipes."""
     return p.study.fewshot_rule if prefix == PREFIX["fewshot_variants"] else "em"
-TITLES = {"recipes": "Fine-tuning recipes", "fewshot_variants": "Few-shot prompts of the base model"}
 
 
 def report_selection(p: Params, conds: dict[str, list[dict]], which: str) -> pd.DataFrame:
@@ -142,7 +143,7 @@ def report_selection(p: Params, conds: dict[str, list[dict]], which: str) -> pd.
     settings = getattr(p.study, which)
     table = selection_table(p, conds, settings, PREFIX[which])
     if conds:
-        best = chosen(conds, rule_of(p, PREFIX[which]))
+        best = chosen_label(table)
         write_table(table, p.run_dir / "tables" / f"{which}_selection")
         plot_selection(table, TITLES[which], p.run_dir / "figures" / f"{which}_selection")
         row = table[table["condition"] == best].iloc[0]

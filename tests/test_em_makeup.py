@@ -99,6 +99,8 @@ def test_grounded_rule_does_not_reward_skipping_the_tool(tmp_path):
     p = load_params(PARAMS / "smoke.yaml", {"output_root": str(tmp_path), "evaluate.bootstrap": 50})
     table = recipes.selection_table(p, conds, {"skip": {}, "grounded": {}}, recipes.PREFIX["fewshot_variants"])
     assert recipes.chosen_label(table) == "grounded" and set(table["rule"]) == {"grounded_em"}
+    assert list(table["grounded_em"]) == [0.0, pytest.approx(1 / 3)]
+    assert "| grounded EM % [95% CI] |" in markdown_table(table).splitlines()[0]
 
 
 def test_preregistered_run_refuses_other_settings(tmp_path):

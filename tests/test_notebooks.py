@@ -103,9 +103,9 @@ def test_chain_executes_every_notebook(chain):
     for nb in NOTEBOOKS:
         executed = run_dir / "notebooks" / f"{nb}.ipynb"
         assert executed.is_file() and (run_dir / "notebooks" / f"{nb}.html").stat().st_size > 0
-        executed_nb = nbformat.read(str(executed), as_version=4)
-        cells = executed_nb.cells
-        assert executed_nb.metadata["kernelspec"]["name"] == chain_kernel()  # `fireact` once `make setup` registered it
+        cells = nbformat.read(str(executed), as_version=4).cells
+        done = json.loads((run_dir / "notebooks" / f"{nb}.done").read_text())
+        assert done["kernel"] == chain_kernel()  # `fireact` once `make setup` registered it
         assert any("injected-parameters" in c.metadata.get("tags", []) for c in cells)
         assert not [o for c in cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
 
