@@ -96,7 +96,7 @@ class EvalParams(Section):
     methods: list[Literal["io", "cot", "react"]] = Field(["io", "cot", "react"], description="few-shot baselines to run")
     searching_baseline: dict[str, Any] = Field(
         default_factory=dict, description="agent.* overrides of a second few-shot ReAct baseline that must search "
-        "(base_fewshot_react_searching), chosen on validation by study.fewshot_rule (empty: none)")
+        "(base_fewshot_searching_react), chosen on validation by study.fewshot_rule (empty: none)")
     bootstrap: int = Field(1000, ge=10, description="bootstrap resamples for confidence intervals")
 
     @field_validator("searching_baseline")
