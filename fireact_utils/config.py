@@ -71,7 +71,9 @@ class SearchParams(Section):
 class AgentParams(Section):
     """How an episode is prompted and run."""
 
-    method: Literal["react", "cot", "io", "reflexion"] = Field("react", description="prompting / agent method")
+    method: Literal["react", "cot", "io", "reflexion"] = Field(
+        "react", description="prompting / agent method; reflexion retries after a wrong answer as judged by the "
+        "gold answer (oracle feedback, as in the Reflexion paper's HotpotQA runs: an upper bound, not a deployable agent)")
     mode: Literal["fewshot", "finetuned"] = Field("fewshot", description="few-shot exemplars, or zero-shot fine-tuned format")
     format: Literal["alpaca", "chat"] = Field("alpaca", description="fine-tuned prompt format (mode=finetuned)")
     max_turns: int = Field(8, ge=1, description="Thought/Action steps before an episode is cut (max_turns)")
