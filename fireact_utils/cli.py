@@ -25,6 +25,8 @@ import argparse
 import json
 import sys
 
+from .serving import ServerError
+
 
 def _parser() -> argparse.ArgumentParser:
     from .pipeline import NOTEBOOKS
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra  # overrides after the flags
     try:
         return _run(args)
-    except (ValueError, FileNotFoundError) as e:  # ParamsError, DataFileError, ModelSpecError, bad task names
+    except (ValueError, FileNotFoundError, ServerError) as e:  # ParamsError, DataFileError, ModelSpecError, bad tasks
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -32,15 +32,20 @@ class ModelParams(Section):
     cache_dir: str | None = Field(None, description="where converted models live; default $FIREACT_CACHE or ~/.cache/fireact")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    decoder: Literal["auto", "kit", "generate"] = Field(
-        "auto", description="local decoding: the kit's continuous batching, transformers' model.generate, or auto "
-        "(kit on CPU, generate on GPU: what benchmarks/rollouts.py measured faster on each)")
+    decoder: Literal["auto", "vllm", "kit", "generate"] = Field(
+        "auto", description="local decoding: a vLLM server the kit starts (.venv-vllm), the kit's continuous "
+        "batching, transformers' model.generate, or auto (vllm where installed, else kit on CPU, generate on GPU)")
+    vllm_port: int = Field(0, ge=0, le=65535, description="decoder=vllm: the server's port on 127.0.0.1 (0: a free one)")
+    vllm_args: list[str] = Field(default_factory=list, description="decoder=vllm: extra server arguments, "
+                                 "e.g. ['--max-num-seqs', '64']")
 
 
 class LLMParams(Section):
     """An LM backend: the local model (transformers) or any OpenAI-compatible endpoint."""
 
-    backend: Literal["local", "openai"] = Field("local", description="local transformers or OpenAI-compatible HTTP")
+    backend: Literal["local", "vllm", "openai"] = Field(
+        "local", description="the local model (model.decoder), the local model on a vLLM server the kit starts "
+        "(= local with model.decoder=vllm), or an OpenAI-compatible endpoint")
     model: str = Field("gpt-4", description="model name sent to the endpoint (openai backend)")
     base_url: str | None = Field(None, description="endpoint, e.g. http://127.0.0.1:8000/v1; None = OpenAI")
     api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the key (never the key)")

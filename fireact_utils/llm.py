@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -31,9 +33,12 @@ Prompt = str | list[dict]
 
 
 def encode(tok, prompt: Prompt) -> np.ndarray:
-    """Token ids of a text prompt, or of chat messages in the model's template."""
+    """Token ids of a text prompt (after the BOS its tokenizer wants, as training has it), or of
+    chat messages in the model's template (which writes its own BOS)."""
+    from .tokens import text_ids
+
     if isinstance(prompt, str):
-        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        ids = text_ids(tok, prompt)
     else:
         enc = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
         ids = enc["input_ids"] if hasattr(enc, "keys") else enc
@@ -89,7 +94,7 @@ class LocalBackend:
         if model is None:
             model, tokenizer = load_model(mp.name, adapter=mp.adapter, cache=mp.cache_dir, device=mp.device,
                                           dtype=mp.dtype, merge=True)
-        self.model, self.tok = model, tokenizer
+        self.model, self.tok, self.model_params = model, tokenizer, mp
         self.name = mp.name + (f"+{mp.adapter}" if mp.adapter else "")
         self.chat = False  # prompts are text; a chat prompt (list of messages) is templated per call
         # Stored keys/values of past prompts; without it every prompt is prefilled in full.
@@ -147,17 +152,19 @@ class OpenAIBackend:
         self.retries = 0
         self._lock = threading.Lock()  # retries/failures are updated from `concurrency` threads
 
-    def _once(self, prompt: Prompt, stop: list[Stop], max_new_tokens: int, temperature: float) -> Generation:
+    def _once(self, prompt: Prompt | list[int], stop: list[Stop], max_new_tokens: int, temperature: float,
+              seed: int | None = None) -> Generation:
+        extra = {} if seed is None else {"seed": seed}
         if self.p.chat:
             msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
             r = self.client.chat.completions.create(model=self.p.model, messages=msgs, stop=_server_stops(stop),
-                                                    max_tokens=max_new_tokens, temperature=temperature)
+                                                    max_tokens=max_new_tokens, temperature=temperature, **extra)
             text = r.choices[0].message.content or ""
         else:
-            if not isinstance(prompt, str):
-                raise ValueError("text-completion backend (chat=False) needs string prompts")
+            if not (isinstance(prompt, str) or all(isinstance(t, int) for t in prompt)):
+                raise ValueError("text-completion backend (chat=False) needs string (or token id) prompts")
             r = self.client.completions.create(model=self.p.model, prompt=prompt, stop=_server_stops(stop),
-                                               max_tokens=max_new_tokens, temperature=temperature)
+                                               max_tokens=max_new_tokens, temperature=temperature, **extra)
             text = r.choices[0].text or ""
         u = getattr(r, "usage", None)
         return Generation(cut_at_stop(text, stop), getattr(u, "prompt_tokens", 0) or 0,
@@ -187,11 +194,12 @@ class OpenAIBackend:
             return None
         return min(2.0 ** attempt, 30.0) * (0.5 + random.random())  # exponential backoff, full jitter
 
-    def _with_retries(self, prompt: Prompt, stop: list[Stop], max_new_tokens: int, temperature: float) -> Generation:
+    def _with_retries(self, prompt: Prompt | list[int], stop: list[Stop], max_new_tokens: int, temperature: float,
+                      seed: int | None = None) -> Generation:
         slept, attempt = 0.0, 0
         while True:
             try:
-                return self._once(prompt, stop, max_new_tokens, temperature)
+                return self._once(prompt, stop, max_new_tokens, temperature, seed)
             except Exception as e:  # noqa: BLE001 - every failure becomes a recorded error
                 delay = self._retry_delay(e, attempt)
                 if delay is None or attempt >= self.p.max_retries or slept + delay > self.p.retry_budget_s:
@@ -211,12 +219,111 @@ class OpenAIBackend:
             return list(pool.map(lambda p: self._with_retries(p, stop, max_new_tokens, temperature), prompts))
 
 
+class VLLMBackend:
+    """The local model on a vLLM server the kit runs (`serving.serve`), through `OpenAIBackend`.
+
+    Prompts go as token ids from `encode`, so the engine sees exactly the tokens the in-process
+    decoders see (no second tokenization with other special-token rules). Follow-up turns are
+    sent as soon as the turn before ends (`stream`), so the engine's continuous batching always
+    has the episodes that can run. A fine-tuned LoRA adapter is loaded into the base model's
+    server (vLLM serves adapters on CPU and GPU): base and fine-tuned conditions share one start.
+    A server that dies mid-run is restarted once per failure and the failed turn retried; a turn
+    that still fails is an `api_error` episode, re-run when the condition resumes. Sampling
+    (temperature > 0) seeds each request from torch's seed and the prompt, so a sample run
+    (`torch.manual_seed(j)`) draws the same tokens whether run whole or resumed.
+    """
+
+    chat = False
+
+    def __init__(self, model_params: ModelParams | None = None, concurrency: int = 32):
+        from transformers import AutoTokenizer
+
+        from . import serving
+        from .models import pick_device, pick_dtype, resolve_model
+
+        mp = model_params or ModelParams()
+        self.model_params, self.concurrency = mp, concurrency
+        path = resolve_model(mp.name, mp.cache_dir)
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.name = mp.name + (f"+{mp.adapter}" if mp.adapter else "")
+        args = tuple(mp.vllm_args) + (("--enable-lora", "--max-lora-rank", str(_lora_rank(mp.adapter)))
+                                      if mp.adapter else ())
+        dtype = str(pick_dtype(mp.dtype, pick_device(mp.device))).removeprefix("torch.")
+        self._lock = threading.Lock()
+        self._connect(serving.serve(path, dtype, mp.vllm_port, args))
+
+    def _connect(self, server) -> None:
+        self.server = server
+        adapter = self.model_params.adapter
+        model = server.load_adapter(adapter) if adapter else None
+        from .serving import SERVED_NAME
+
+        self.client = OpenAIBackend(LLMParams(backend="openai", model=model or SERVED_NAME, base_url=server.base_url,
+                                              chat=False, concurrency=self.concurrency, timeout_s=600.0,
+                                              max_retries=2, retry_budget_s=10.0))
+
+    def _one(self, ids: list[int], stop: list[Stop], max_new_tokens: int, temperature: float) -> Generation:
+        seed = None
+        if temperature > 0:
+            import torch
+
+            seed = zlib.crc32(np.asarray(ids, dtype=np.int64).tobytes(), torch.initial_seed() & 0xFFFFFFFF)
+        server = self.server
+        gen = self.client._with_retries(ids, stop, max_new_tokens, temperature, seed)
+        if gen.error and not server.alive():
+            from .serving import restart
+
+            with self._lock:
+                if self.server is server:  # the first thread to see the death restarts it
+                    print(f"vLLM server died ({gen.error[:80]}); restarting", file=sys.stderr)
+                    self._connect(restart(server))
+            gen = self.client._with_retries(ids, stop, max_new_tokens, temperature, seed)
+        return gen
+
+    def stream(self, requests: list[tuple[object, Prompt]], stop: list[Stop], max_new_tokens: int,
+               temperature: float, on_done: Callable[[object, Generation], list[tuple[object, Prompt]]]) -> None:
+        """As `LocalBackend.stream`: each (key, prompt) is sent at once, its follow-ups as it ends."""
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            def submit(key: object, prompt: Prompt):
+                ids = encode(self.tok, prompt).tolist()
+                return pool.submit(self._one, ids, stop, max_new_tokens, temperature), key
+
+            pending = dict(submit(k, p) for k, p in requests)
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    key = pending.pop(f)
+                    pending.update(submit(k, p) for k, p in on_done(key, f.result()))
+
+    def generate(self, prompts: list[Prompt], stop: list[Stop], max_new_tokens: int = 128,
+                 temperature: float = 0.0) -> list[Generation]:
+        out: list[Generation | None] = [None] * len(prompts)
+
+        def keep(i: int, gen: Generation) -> list:
+            out[i] = gen
+            return []
+
+        self.stream(list(enumerate(prompts)), stop, max_new_tokens, temperature, keep)
+        return out  # type: ignore[return-value]
+
+
+def _lora_rank(adapter: str) -> int:
+    """The smallest LoRA rank vLLM accepts that holds the adapter's."""
+    import json
+    from pathlib import Path
+
+    r = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("r", 8)
+    return next(x for x in (8, 16, 32, 64, 128, 256, 320, 512) if x >= r)
+
+
 class _StopCriterion:
     """A `generate` stopping criterion: a row is done once its new text reaches one of `stop` (the
-    same rule as every backend's cut) or EOS; `ends[row]` is how many new tokens it had then."""
+    same rule as every backend's cut) or any EOS id of the model's generation config (where
+    `generate` stops it too: the pads after it are no tokens of it); `ends[row]` is how many new
+    tokens it had then."""
 
-    def __init__(self, tok, start: int, stop: list[Stop]):
-        self.tok, self.start, self.stop, self.ends = tok, start, stop, {}
+    def __init__(self, tok, start: int, stop: list[Stop], eos: set[int]):
+        self.tok, self.start, self.stop, self.ends, self.eos = tok, start, stop, {}, eos
 
     def __call__(self, input_ids, scores, **kw):
         import torch
@@ -224,7 +331,7 @@ class _StopCriterion:
         for row, ids in enumerate(input_ids.tolist()):
             if row not in self.ends:
                 new = ids[self.start:]
-                if new and (new[-1] == self.tok.eos_token_id or stop_index(self.tok.decode(new), self.stop) is not None):
+                if new and (new[-1] in self.eos or stop_index(self.tok.decode(new), self.stop) is not None):
                     self.ends[row] = len(new)
         return torch.tensor([r in self.ends for r in range(input_ids.shape[0])], device=input_ids.device)
 
@@ -232,7 +339,7 @@ class _StopCriterion:
 class GenerateBackend:
     """transformers' batched `model.generate`: left-padded chunks of `batch_size` prompts, each row
     stopped at its first stop or EOS. The default on GPU, where the kit's decoder was not 1.5x
-    faster (README, Speed); RL rollouts use `continue_ids` on the policy being trained."""
+    faster (docs/speed.md); RL rollouts use `continue_ids` on the policy being trained."""
 
     chat = False
 
@@ -243,13 +350,15 @@ class GenerateBackend:
         if model is None:
             model, tokenizer = load_model(mp.name, adapter=mp.adapter, cache=mp.cache_dir, device=mp.device,
                                           dtype=mp.dtype, merge=True)
-        self.model, self.tok, self.batch_size = model, tokenizer, batch_size
+        self.model, self.tok, self.batch_size, self.model_params = model, tokenizer, batch_size, mp
         self.name = mp.name + (f"+{mp.adapter}" if mp.adapter else "")
 
     def continue_ids(self, contexts: list[list[int]], stop: list[Stop], max_new_tokens: int,
                      temperature: float) -> list[list[int]]:
         """Each context's new token ids, up to and including the token that ended it."""
         import torch
+
+        from .tokens import eos_ids
 
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
         out: list[list[int]] = []
@@ -258,7 +367,7 @@ class GenerateBackend:
             width = max(map(len, chunk))
             ids = torch.tensor([[pad] * (width - len(c)) + list(c) for c in chunk], device=self.model.device)
             mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=self.model.device)
-            crit = _StopCriterion(self.tok, width, stop)
+            crit = _StopCriterion(self.tok, width, stop, eos_ids(self.tok, self.model.generation_config))
             sample = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 \
                 else {"do_sample": False}
             with torch.inference_mode():
@@ -275,16 +384,39 @@ class GenerateBackend:
                 for i, n in zip(ids, news, strict=True)]
 
 
-def local_backend(model: ModelParams | None = None, batch_size: int = 32) -> LLM:
-    """The local model with the decoder `model.decoder` picks (auto: the kit's on CPU, generate on GPU)."""
+def pick_decoder(mp: ModelParams) -> str:
+    """`model.decoder`, with auto resolved: vLLM where its environment is installed, else the
+    kit's decoder on CPU and `model.generate` on GPU."""
     from .models import pick_device
+    from .serving import vllm_python
 
+    if mp.decoder != "auto":
+        return mp.decoder
+    if vllm_python() is not None:
+        return "vllm"
+    fallback = "kit" if pick_device(mp.device) == "cpu" else "generate"
+    if not _NOTICED:
+        print(f"model.decoder auto: no vLLM environment (`make setup` builds .venv-vllm), decoding with {fallback}",
+              file=sys.stderr)
+        _NOTICED.append(fallback)
+    return fallback
+
+
+_NOTICED: list[str] = []  # the fallback notice is printed once per process
+
+
+def local_backend(model: ModelParams | None = None, batch_size: int = 32) -> LLM:
+    """The local model with the decoder `model.decoder` picks (`pick_decoder`)."""
     mp = model or ModelParams()
-    decoder = mp.decoder if mp.decoder != "auto" else ("kit" if pick_device(mp.device) == "cpu" else "generate")
+    decoder = pick_decoder(mp)
+    if decoder == "vllm":
+        return VLLMBackend(mp, concurrency=batch_size)
     return (LocalBackend if decoder == "kit" else GenerateBackend)(mp, batch_size=batch_size)
 
 
 def make_llm(llm: LLMParams, model: ModelParams | None = None, batch_size: int = 32) -> LLM:
     if llm.backend == "openai":
         return OpenAIBackend(llm)
+    if llm.backend == "vllm":
+        model = (model or ModelParams()).model_copy(update={"decoder": "vllm"})
     return local_backend(model, batch_size)

@@ -8,13 +8,19 @@ save it once as a normal checkpoint in the cache; later loads take seconds.
 
     from fireact_utils.models import load_model
     model, tok = load_model("smollm2-135m")
+
+Every output a model makes records its `ModelId` (spec and weights fingerprint), and is
+resumed or reused only by the same model (`check_same_model`).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.util
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import cache_dir
@@ -128,3 +134,106 @@ def load_model(name: str = "smollm2-135m", adapter: str | None = None, cache: st
             model = model.merge_and_unload()
     model.eval()
     return model, tok
+
+
+# ---------------------------------------------------------------- model identity
+
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "adapter_model.bin")  # not training_args.bin
+CONFIG_FILES = ("config.json", "adapter_config.json")
+PATH_KEYS = ("_name_or_path", "base_model_name_or_path")  # where a dir was: not what its weights are
+SAMPLE_BYTES = 2**20  # read at the start, middle and end of each weight file: 3 MiB, not the whole GB
+
+
+@dataclass(frozen=True)
+class ModelId:
+    """A model as records name it: its spec (`name[+adapter]`, as `LLM.name`) and its weights'
+    fingerprint (None where unknown: an HTTP backend, weights not on this machine, an older record)."""
+
+    spec: str
+    fingerprint: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.spec} (fingerprint {self.fingerprint or 'unknown'})"
+
+    def same_as(self, other: ModelId) -> bool:
+        """The same weights where both fingerprints are known (a copied dir, or an alias and its
+        converted dir, stay one model); else the same spec, its local paths made absolute."""
+        if self.fingerprint and other.fingerprint:
+            return self.fingerprint == other.fingerprint
+        return _canonical(self.spec) == _canonical(other.spec)
+
+
+def _canonical(spec: str) -> str:
+    """`spec` with each existing local path absolute: a relative and an absolute path to one dir compare equal."""
+    return "+".join(str(Path(part).expanduser().resolve()) if Path(part).expanduser().exists() else part
+                    for part in spec.split("+"))
+
+
+def check_same_model(saved: ModelId | None, now: ModelId, path: str | Path) -> None:
+    """`path` (a condition, a sample, a fine-tune) continues only with the model that began it; a
+    record without a model (older than this check) continues, and records `now` from then on."""
+    if saved is not None and not saved.same_as(now):
+        raise ValueError(f"{path} was run with model {saved}, not {now}: run it with its own, or pick a new run name")
+
+
+def model_id(name: str, adapter: str | Path | None = None, cache: str | Path | None = None) -> ModelId:
+    """The `ModelId` of a model spec (and adapter), with no fingerprint when its weights are not on
+    this machine (a hub id not downloaded, a deleted dir): then specs are compared."""
+    try:
+        return ModelId(model_spec(name, adapter), model_fingerprint(name, adapter, cache))
+    except ModelSpecError:
+        return ModelId(model_spec(name, adapter))
+
+
+def model_spec(name: str, adapter: str | Path | None = None) -> str:
+    """How records and `LLM.name` spell a model: `name`, or `name+adapter`."""
+    return name + (f"+{adapter}" if adapter else "")
+
+
+def model_fingerprint(name_or_dir: str, adapter: str | Path | None = None, cache: str | Path | None = None) -> str:
+    """16 hex digits naming a model's weights, cheap enough to take at every resume: its config and,
+    per weight file, the size and 1 MiB at the start, middle and end (`_dir_fingerprint`). An alias
+    is its converted dir, a hub id its downloaded snapshot; with `adapter`, the adapter dir's too."""
+    base = _dir_fingerprint(_local_dir(name_or_dir, cache))
+    if adapter is None:
+        return base
+    return hashlib.sha256(f"{base}+{_dir_fingerprint(Path(adapter))}".encode()).hexdigest()[:16]
+
+
+def _local_dir(name: str, cache: str | Path | None = None) -> Path:
+    """The dir holding `name`'s weights on this machine; ModelSpecError where there is none."""
+    path = Path(resolve_model(name, cache))
+    if path.is_dir():
+        return path
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(name, "config.json")
+    if not isinstance(config, str):  # None or "known absent"
+        raise ModelSpecError(f"{name}: no local dir or downloaded snapshot to fingerprint")
+    return Path(config).parent
+
+
+def _dir_fingerprint(d: Path) -> str:
+    """`_sampled_fingerprint` of d, computed once per process while d's weight files stay as they are
+    (their sizes and mtimes key the cache; mtimes change on copy, so they never enter the fingerprint)."""
+    files = sorted({f for pattern in WEIGHT_FILES for f in d.glob(pattern)})
+    if not files and not any((d / c).is_file() for c in CONFIG_FILES):
+        raise ModelSpecError(f"{d} holds no model or adapter to fingerprint")
+    stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _sampled_fingerprint(str(d.resolve()), stamp)
+
+
+@functools.lru_cache(maxsize=256)
+def _sampled_fingerprint(d: str, stamp: tuple) -> str:
+    h = hashlib.sha256()
+    for name in CONFIG_FILES:
+        if (f := Path(d) / name).is_file():
+            config = {k: v for k, v in json.loads(f.read_text()).items() if k not in PATH_KEYS}
+            h.update(json.dumps(config, sort_keys=True).encode())
+    for name, size, _mtime in stamp:
+        h.update(f"{name}:{size}".encode())
+        with open(Path(d) / name, "rb") as fh:
+            for at in sorted({0, max(size // 2 - SAMPLE_BYTES // 2, 0), max(size - SAMPLE_BYTES, 0)}):
+                fh.seek(at)
+                h.update(fh.read(SAMPLE_BYTES))
+    return h.hexdigest()[:16]

@@ -7,8 +7,8 @@ work already saved there, so any stage (and the whole chain) can be killed and r
       params.json               resolved params + versions (written by every stage)
       generate/<task>_<method>.jsonl   teacher episodes (all, successes flagged by reward)
       dataset/                  trajectories.jsonl, alpaca.json, chat.jsonl, card.json
-      finetune/final/           fine-tuned model or adapter, train_log.csv, train_done.json
-      eval/<condition>.jsonl    one record per episode; <condition>.meta.json: wall time, tool stats
+      finetune/final/           fine-tuned model or adapter, train_log.csv, train_done.json (with its base model)
+      eval/<condition>.jsonl    one record per episode; <condition>.meta.json: wall time, tool stats, model
       tables/, figures/, notebooks/
 """
 
@@ -26,10 +26,13 @@ from typing import TYPE_CHECKING
 from .agent import run_episodes, summarize
 from .config import AgentParams, Params, SearchParams, load_params, override
 from .io import atomic_write_json, read_json
+from .models import ModelId, check_same_model, model_id, model_spec
 from .tasks import eval_indices, load_task
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from .config import ModelParams
 
 NOTEBOOKS = ("00_walkthrough", "01_generate_trajectories", "02_finetune", "03_evaluate", "04_scaling_and_robustness",
              "05_beyond_sft")
@@ -169,7 +172,8 @@ def run_condition(p: Params, name: str, llm, agent: AgentParams, search: SearchP
     `task` (default evaluate.task and split) runs `split`, or its default split.
 
     `<name>.meta.json` holds wall time and tool counts summed over resumed runs (rewritten every
-    META_EVERY_S while episodes finish, so a killed run's are kept), the environment card, and
+    META_EVERY_S while episodes finish, so a killed run's are kept), the environment card, the
+    model (`llm_model`: spec, fingerprint, dtype; a saved condition resumes only with its own), and
     for wiki tasks the fidelity of all episodes (`wiki.fidelity`). A wiki task is always
     searched in its own corpus; `search` (default p.search) sets k, observation length and noise.
     """
@@ -182,8 +186,10 @@ def run_condition(p: Params, name: str, llm, agent: AgentParams, search: SearchP
     path = p.run_dir / "eval" / f"{name}.jsonl"
     meta_path = path.with_suffix(".meta.json")
     base = read_json(meta_path) if meta_path.is_file() else {"wall_s": 0.0, "episodes_run": 0}
-    if path.is_file() and path.stat().st_size:  # a saved episode: continue only with its settings
+    model, dtype = llm_model(p, llm)
+    if path.is_file() and path.stat().st_size:  # a saved episode: continue only with its settings and model
         check_same_agent(base.get("agent", {}), agent, path)
+        check_same_model(saved_model(base), model, path)
     t0 = flushed = time.time()
     ran = 0
 
@@ -205,7 +211,8 @@ def run_condition(p: Params, name: str, llm, agent: AgentParams, search: SearchP
                 meta["fidelity"] = fidelity(recs, t.gold_titles, wiki)
         else:
             meta["environment"] = {"search": "none"}
-        meta.update(condition=name, model=llm.name, agent=agent.model_dump(), task=t.name, split=t.split)
+        meta.update(condition=name, model=model.spec, model_fingerprint=model.fingerprint, model_dtype=dtype,
+                    agent=agent.model_dump(), task=t.name, split=t.split)
         atomic_write_json(meta_path, meta)
 
     def saved(_rec: dict) -> None:
@@ -218,9 +225,29 @@ def run_condition(p: Params, name: str, llm, agent: AgentParams, search: SearchP
 
     recs = run_episodes(t, idx, llm, tool, agent, path, progress=progress, fewshot=fewshot_text(p, agent, t),
                         on_saved=saved)
-    if ran or "environment" not in base:
+    if ran or "environment" not in base or "model_fingerprint" not in base:  # a meta older than fingerprints gets one
         write_meta(recs)
     return recs
+
+
+def llm_model(p: Params, llm) -> tuple[ModelId, str | None]:
+    """(model, dtype) of `llm` for a condition's meta. A local model (`local_llm`'s, or one named
+    as p.model) is fingerprinted; another backend (HTTP, a test's script) is its name alone. The
+    dtype is recorded, not compared: like the batch size, it changes float roundings, not the model
+    (`recipes.seed_model` decodes in bf16 what trained in fp32)."""
+    from .models import pick_device, pick_dtype
+
+    mp = getattr(llm, "model_params", None) or (p.model if llm.name == model_spec(p.model.name, p.model.adapter)
+                                                 else None)
+    if mp is None:
+        return ModelId(llm.name), None
+    dtype = str(pick_dtype(mp.dtype, pick_device(mp.device))).removeprefix("torch.")
+    return model_id(mp.name, mp.adapter, mp.cache_dir), dtype
+
+
+def saved_model(meta: dict) -> ModelId | None:
+    """The model a condition's meta records; None for a meta older than the record."""
+    return ModelId(meta["model"], meta.get("model_fingerprint")) if meta.get("model") else None
 
 
 def check_same_agent(saved: dict, agent: AgentParams, path: Path) -> None:
@@ -249,16 +276,21 @@ def condition_questions(p: Params, task: str | None = None, split: str | None = 
 
 
 def saved_condition(p: Params, name: str, task: str | None = None, split: str | None = None,
-                    n: int | None = None) -> list[dict] | None:
+                    n: int | None = None, model: ModelParams | None = None) -> list[dict] | None:
     """The condition's saved records, in question order, if every question is done; else None.
-    Lets a resumed study skip loading (or training) a model whose evaluation is complete."""
+    Lets a resumed study skip loading (or training) a model whose evaluation is complete; with
+    `model`, the records must be its, where its weights are on this machine (no model is needed
+    to reuse them, so one that is not here is not compared)."""
     from .agent import episode_id, load_done
 
     t, idx = condition_questions(p, task, split, n)
-    done = load_done(p.run_dir / "eval" / f"{name}.jsonl")
+    path = p.run_dir / "eval" / f"{name}.jsonl"
+    done = load_done(path)
     ids = [episode_id(t, i) for i in idx]
     if any(i not in done or done[i]["status"] == "api_error" for i in ids):
         return None
+    if model is not None and (now := model_id(model.name, model.adapter, model.cache_dir)).fingerprint:
+        check_same_model(saved_model(condition_meta(p, name)), now, path)
     return [done[i] for i in ids]
 
 
@@ -304,13 +336,19 @@ def condition_meta(p: Params, name: str) -> dict:
     return read_json(f) if f.is_file() else {}
 
 
-def local_llm(p: Params, trained: str | Path | None = None):
-    """The base model (trained=None) or the fine-tuned one, on the local backend."""
-    from .llm import local_backend
+def agent_model(p: Params, trained: str | Path | None = None) -> ModelParams:
+    """The base model (trained=None) or the fine-tuned one (its adapter on the base, or its dir)."""
     from .train import adapter_model_params
 
-    mp = adapter_model_params(p.model, trained) if trained else p.model
-    return local_backend(mp, p.agent.batch_size)
+    return adapter_model_params(p.model, trained) if trained else p.model
+
+
+def local_llm(p: Params, trained: str | Path | None = None):
+    """`agent_model` on the local backend (which carries it as `model_params`, so each condition
+    records and checks the model it ran: `llm_model`)."""
+    from .llm import local_backend
+
+    return local_backend(agent_model(p, trained), p.agent.batch_size)
 
 
 def finetuned_agent(p: Params) -> AgentParams:

@@ -22,6 +22,7 @@ from .evaluate import bootstrap_ci, episode_values, paired_bootstrap_diff, resul
 from .holdout import check_choice
 from .io import atomic_write_json
 from .pipeline import (
+    agent_model,
     condition_label,
     dataset_pool,
     finetune,
@@ -261,7 +262,7 @@ def transfer_runs(p: Params, trained: str | Path, progress: bool = True) -> dict
     from .pipeline import _n_questions, _slug, fewshot_react
 
     tasks = {t: (_slug(t), _n_questions(p, t)) for t in p.study.transfer_tasks}
-    base = {t: saved_condition(p, f"gen_{slug}_base", t, None, n) for t, (slug, n) in tasks.items()}
+    base = {t: saved_condition(p, f"gen_{slug}_base", t, None, n, model=p.model) for t, (slug, n) in tasks.items()}
     if any(v is None for v in base.values()):
         llm = local_llm(p)
         base = {t: run_condition(p, f"gen_{slug}_base", llm, fewshot_react(p), task=t, n=n, progress=progress)
@@ -269,7 +270,8 @@ def transfer_runs(p: Params, trained: str | Path, progress: bool = True) -> dict
     runs: dict[str, dict[int, list[dict]]] = {t: {} for t in tasks}
     for seed in p.study.seeds or [p.train.seed]:
         names = {t: f"gen_{slug}_ft" + ("" if seed == p.train.seed else f"_seed{seed}") for t, (slug, _) in tasks.items()}
-        saved = {t: saved_condition(p, names[t], t, None, tasks[t][1]) for t in tasks}
+        known = agent_model(p, trained) if seed == p.train.seed else None  # another seed's: checked on resume
+        saved = {t: saved_condition(p, names[t], t, None, tasks[t][1], model=known) for t in tasks}
         llm = None if all(v is not None for v in saved.values()) else local_llm(p, seed_model(p, seed, trained))
         for t, (_, n) in tasks.items():
             runs[t][seed] = saved[t] if saved[t] is not None else run_condition(

@@ -4,9 +4,9 @@ Each step draws rl.questions_per_step training questions; each gets rl.num_gener
 episodes sampled from the current policy, searching the task's own environment. An episode's
 reward is its exact match (plus rl.format_reward when it finished with an answer), and GRPO
 compares rewards within each question's group. An episode is one token sequence: the model's
-turns exactly as sampled, each followed by the tool's observation; observation tokens get
-`env_mask` 0, so TRL leaves them out of the loss as the SFT loss does (tests check both at token
-level). The policy is a LoRA adapter (train.lora_* settings) on the SFT student, merged into
+turns as sampled (up to where evaluation cuts them), each followed by the tool's observation (or
+the "Action:" evaluation asks a Thought without an Action for); those tokens get `env_mask` 0, so
+TRL leaves them out of the loss as the SFT loss does (tests check both at token level). The policy is a LoRA adapter (train.lora_* settings) on the SFT student, merged into
 run_dir/rl/final when training ends.
 
     final = rl.train_grpo(p, "outputs/runs/cpu/finetune/final")   # resumes from rl/checkpoint-*
@@ -14,7 +14,8 @@ run_dir/rl/final when training ends.
 
 Rollouts use transformers' `generate` on the training model (`llm.GenerateBackend.continue_ids`,
 sampling at rl.temperature, the temperature GRPO's loss divides logits by, no top-k/top-p), turn
-by turn, all unfinished episodes together.
+by turn, all unfinished episodes together, in evaluation's dtype, prompt format (`Agent.prompt`:
+Alpaca or chat, per train.format) and parsing, so that GRPO trains on the tokens evaluation shows.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .agent import STOP, Agent, Episode, episode_id
-from .llm import GenerateBackend, Generation
-from .trajectories import alpaca_prompt
+from .llm import GenerateBackend, Generation, encode
+from .stops import cut_at_stop
+from .tokens import eos_ids, piece_ids
+from .trajectories import to_chat
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -34,22 +37,27 @@ if TYPE_CHECKING:
 
 
 class Rollouts:
-    """`rollout_func` of GRPOTrainer: one ReAct episode per prompt (TRL repeats each question's
-    prompt num_generations times), token ids kept exactly as the model saw and sampled them."""
+    """`rollout_func` of GRPOTrainer: one ReAct episode per prompt, a training question (TRL repeats
+    each num_generations times), token ids kept as the model saw and sampled them (each turn up to
+    where evaluation cuts it)."""
 
     def __init__(self, p: Params, task, search, tok):
         from .pipeline import finetuned_agent
 
         self.p, self.task, self.tok = p, task, tok
         self.agent = Agent(task, finetuned_agent(p).model_copy(update={"temperature": p.rl.temperature}), search)
-        self.index = {alpaca_prompt(q): i for i, q in enumerate(task.questions)}
+        self.chat = self.agent.p.format == "chat"
+        self.index = {q: i for i, q in enumerate(task.questions)}
         self.log: list[dict] = []  # one row per rollout batch: reward, EM, searches, format errors
 
     def episodes(self, model, prompts: list[str]) -> tuple[list[dict], list[list[int]], list[list[int]], list[list[int]]]:
-        """Roll out one episode per prompt: (records, prompt ids, completion ids, env mask)."""
-        eps = [Episode(episode_id(self.task, self.index[q]), self.index[q], self.task.questions[self.index[q]],
-                       self.task.answers[self.index[q]], "react") for q in prompts]
-        prompt_ids = [self.tok(q, add_special_tokens=False)["input_ids"] for q in prompts]
+        """Roll out one episode per prompt: (records, prompt ids, completion ids, env mask). A turn is
+        parsed as evaluation parses it (its text cut at the stops), keeps the sampled ids of that text
+        (`turn_ids`), and is followed by the ids evaluation's next prompt adds (`_between_turns`)."""
+        eps = [Episode(episode_id(self.task, i), i, self.task.questions[i], self.task.answers[i], "react")
+               for i in map(self.index.__getitem__, prompts)]
+        prompt_ids = [encode(self.tok, self.agent.prompt(ep)).tolist() for ep in eps]
+        turn_end = eos_ids(self.tok, model.generation_config) if self.chat else set()  # the template's end of turn
         comp: list[list[int]] = [[] for _ in prompts]
         env: list[list[int]] = [[] for _ in prompts]
         cap = self.p.rl.max_episode_tokens
@@ -62,21 +70,16 @@ class Rollouts:
                 news = policy.continue_ids([prompt_ids[i] + comp[i] for i in active], STOP,
                                            self.p.agent.max_new_tokens, self.p.rl.temperature)
                 for i, new in zip(active, news, strict=True):
-                    ep, text = eps[i], self.tok.decode(new, skip_special_tokens=True)
-                    comp[i] += new
-                    env[i] += [1] * len(new)
-                    self.agent.step(ep, Generation(text, len(prompt_ids[i]) + len(comp[i]) - len(new), len(new)))
-                    if ep.pending_thought is not None:  # a Thought with no Action: an invalid turn here
-                        ep.steps.append({"thought": ep.pending_thought, "action": "", "arg": "",
-                                         "observation": "Invalid action."})
-                        ep.pending_thought = None
-                        if len(ep.steps) >= self.p.agent.max_turns:
-                            self.agent.finish(ep, None, "max_turns")
+                    ep, raw = eps[i], self.tok.decode(new, skip_special_tokens=True)
+                    text = cut_at_stop(raw, STOP)  # what evaluation's backends hand the agent
+                    turn = turn_ids(self.tok, new, raw, text, turn_end)
+                    comp[i] += turn
+                    env[i] += [1] * len(turn)
+                    self.agent.step(ep, Generation(text, len(prompt_ids[i]) + len(comp[i]) - len(turn), len(turn)))
                     if not ep.done:
-                        obs = ("" if text.endswith("\n") else "\n") + f"Observation: {ep.steps[-1]['observation']}\n"
-                        obs_ids = self.tok(obs, add_special_tokens=False)["input_ids"]
-                        comp[i] += obs_ids
-                        env[i] += [0] * len(obs_ids)
+                        between = self._between_turns(ep, prompt_ids[i] + comp[i], turn_end)
+                        comp[i] += between
+                        env[i] += [0] * len(between)
                         if len(comp[i]) >= cap:
                             self.agent.finish(ep, None, "max_turns")
                 active = [i for i in active if not eps[i].done]
@@ -84,6 +87,26 @@ class Rollouts:
             model.train(was_training)
         return [self.agent.record(ep, "policy") for ep in eps], prompt_ids, [c[:cap] for c in comp], \
             [m[:cap] for m in env]
+
+    def _between_turns(self, ep: Episode, context: list[int], turn_end: set[int]) -> list[int]:
+        """The ids evaluation's next prompt adds after the model's turn: the Observation line (or, after
+        a Thought with no Action, "Action:", as `Agent.prompt` asks), or in chat the template's text
+        from the end of the assistant's turn to the next one's start (less the end-of-turn token the
+        model sampled); as they stand inside the whole text (`tokens.piece_ids`)."""
+        if not self.chat:
+            nxt = "Action:" if ep.pending_thought is not None else f"Observation: {ep.steps[-1]['observation']}\n"
+            return piece_ids(self.tok, ("" if self.tok.decode(context[-1:]).endswith("\n") else "\n") + nxt)
+        msgs = to_chat({"question": ep.question, "steps": ep.steps})["messages"]  # ends with the observation
+        done = self.tok.apply_chat_template(msgs[:-1], tokenize=False)
+        nxt = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        content = msgs[-2]["content"].strip()  # as templates that trim it render it
+        at = done.rfind(content)
+        if at < 0 or not nxt.startswith(done):
+            raise ValueError("chat template is not prefix-stable; use format=alpaca")
+        tail = done[at + len(content):] + nxt[len(done):]
+        if context[-1] in turn_end:
+            tail = tail.removeprefix(self.tok.decode(context[-1:]))
+        return piece_ids(self.tok, tail)
 
     def __call__(self, prompts: list[str], trainer) -> dict:
         recs, prompt_ids, comp, env = self.episodes(trainer.model, prompts)
@@ -101,6 +124,17 @@ class Rollouts:
                 "episode_reward": rewards}
 
 
+def turn_ids(tok, new: list[int], raw: str, text: str, turn_end: set[int]) -> list[int]:
+    """The sampled ids `new` (decoded: `raw`) that evaluation keeps of a turn cut to `text`: through
+    the cut and the newline after it, then the token that ended the turn if it is in `turn_end` (a
+    chat template's end of turn). A stop string's tail, an EOS and the pads after it are dropped:
+    evaluation never shows them to the model, and they must get no loss."""
+    want = text + "\n" if raw.startswith(text + "\n") else text
+    n = next((n for n in range(len(new) + 1) if tok.decode(new[:n], skip_special_tokens=True).startswith(want)),
+             len(new))
+    return new[:n + 1] if n < len(new) and new[n] in turn_end else new[:n]
+
+
 def reward(record: dict, format_weight: float = 0.0) -> float:
     """Exact match, plus `format_weight` when the episode finished with an answer."""
     return float(record["em"]) + format_weight * (record["status"] == "finished")
@@ -112,21 +146,25 @@ def episode_reward(prompts, completions, episode_reward, **kw) -> list[float]:
 
 
 def training_prompts(p: Params):
-    """(task, dataset): the training questions as GRPO prompts, seeded order, checked disjoint
-    from every validation and test set."""
+    """(task, dataset): the training questions as GRPO prompts (`Rollouts` renders each in
+    evaluation's format), seeded order, checked disjoint from every validation and test set."""
     from datasets import Dataset
 
     from .self_improve import training_questions
 
     task, idx = training_questions(p, p.rl)
     random.Random(p.rl.seed).shuffle(idx)
-    return task, Dataset.from_dict({"prompt": [alpaca_prompt(task.questions[i]) for i in idx]})
+    return task, Dataset.from_dict({"prompt": [task.questions[i] for i in idx]})
 
 
 def grpo_config(p: Params, out_dir: Path, device: str):
     """TRL's GRPOConfig from rl.*: a step = questions_per_step groups of num_generations episodes,
-    generated together and accumulated in micro-batches of rl.micro_batch."""
+    generated together and accumulated in micro-batches of rl.micro_batch; bf16 autocast where
+    the policy is bf16 (`_student`)."""
+    import torch
     from trl import GRPOConfig
+
+    from .models import pick_dtype
 
     r = p.rl
     episodes = r.questions_per_step * r.num_generations  # one generation batch = one optimizer step: on-policy
@@ -135,19 +173,20 @@ def grpo_config(p: Params, out_dir: Path, device: str):
         loss_type=r.loss_type, num_generations=r.num_generations, temperature=r.temperature,
         per_device_train_batch_size=r.micro_batch, gradient_accumulation_steps=episodes // r.micro_batch,
         max_completion_length=r.max_episode_tokens, logging_steps=1, save_steps=r.save_steps, save_total_limit=1,
-        seed=r.seed, use_cpu=device == "cpu", bf16=False, gradient_checkpointing=False, report_to="none",
-        disable_tqdm=True)
+        seed=r.seed, use_cpu=device == "cpu", bf16=pick_dtype(p.model.dtype, device) == torch.bfloat16,
+        gradient_checkpointing=False, report_to="none", disable_tqdm=True)
 
 
 def _student(p: Params, trained: str | Path):
     """(model, tokenizer, prompt dataset, Rollouts): the SFT student `trained` (a full model or a
-    LoRA adapter, merged) in fp32, and its rollouts on the training questions' environment."""
+    LoRA adapter, merged) in evaluation's dtype (model.dtype; auto: fp32 on CPU, bf16 on GPU), so
+    rollouts sample as evaluation does, and its rollouts on the training questions' environment."""
     from .models import load_model
     from .tools import make_search
     from .train import adapter_model_params
 
     mp = adapter_model_params(p.model, trained)
-    model, tok = load_model(mp.name, mp.adapter, mp.cache_dir, p.model.device, "float32", merge=True)
+    model, tok = load_model(mp.name, mp.adapter, mp.cache_dir, p.model.device, p.model.dtype, merge=True)
     task, ds = training_prompts(p)
     return model, tok, ds, Rollouts(p, task, make_search(p.search, p.data_dir, task.corpus, p.multihop_dir), tok)
 
@@ -202,7 +241,7 @@ def masked_episode(p: Params, trained: str | Path, question: int = 0) -> tuple[o
     from .train import IGNORE
 
     model, tok, _, roll = _student(p, trained)
-    _, prompt_ids, comp, env = roll.episodes(model, [alpaca_prompt(roll.task.questions[question])])
+    _, prompt_ids, comp, env = roll.episodes(model, [roll.task.questions[question]])
     labels = [IGNORE] * len(prompt_ids[0]) + [t if m else IGNORE for t, m in zip(comp[0], env[0], strict=True)]
     return tok, {"input_ids": prompt_ids[0] + comp[0], "labels": labels}
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from .evaluate import bootstrap_ci
 from .pipeline import (
+    agent_model,
     check_same_agent,
     condition_meta,
     fewshot_react,
@@ -38,7 +39,7 @@ from .recipes import seed_model, seed_table
 if TYPE_CHECKING:
     import pandas as pd
 
-    from .config import AgentParams, Params
+    from .config import AgentParams, ModelParams, Params
 
 
 def majority_vote(records: list[dict]) -> dict:
@@ -71,17 +72,27 @@ def samples(p: Params, who: str, trained: str | Path | None, progress: bool = Tr
     return out
 
 
-def saved_samples(p: Params, who: str) -> list[list[dict]] | None:
+def saved_samples(p: Params, who: str, model: ModelParams | None = None) -> list[list[dict]] | None:
     """Every sample of `who` as saved, if all are complete; else None. A sample saved under other
-    agent settings (a temperature) is an error: its curve would carry this run's labels."""
+    agent settings (a temperature) or by another model than `model` (where known) is an error: its
+    curve would carry this run's labels."""
     names = [f"sc_{who}_s{j}" for j in range(max(p.study.sc_ks))]
-    runs = [saved_condition(p, name, n=p.study.sc_n or None) for name in names]
+    runs = [saved_condition(p, name, n=p.study.sc_n or None, model=model) for name in names]
     if any(r is None for r in runs):
         return None
     for name in names:
         check_same_agent(condition_meta(p, name).get("agent", {}), sample_agent(p, who != "fewshot"),
                          p.run_dir / "eval" / f"{name}.jsonl")
     return runs
+
+
+def sampler_model(p: Params, who: str, seed: int | None, trained: str | Path | None) -> ModelParams | None:
+    """The model of `who`'s samples where it is known without training one: the base for the
+    few-shot agent, `trained` for the main fine-tune; None for another training seed's (its samples
+    are checked when resumed, by `run_condition`) or without `trained`."""
+    if who == "fewshot":
+        return p.model
+    return agent_model(p, trained) if trained and seed in (None, p.train.seed) else None
 
 
 def votes(runs: list[list[dict]], k: int) -> list[dict]:
@@ -146,7 +157,8 @@ def curve(p: Params, trained: str | Path | None, progress: bool = True) -> pd.Da
     whos = {"fewshot": None} if "fewshot" in p.study.sc_agents else {}
     if "finetuned" in p.study.sc_agents:
         whos |= finetuned_samplers(p)
-    saved = {who: saved_samples(p, who) for who in whos}  # a finished curve needs no model
+    saved = {who: saved_samples(p, who, sampler_model(p, who, seed, trained))  # a finished curve needs no model
+             for who, seed in whos.items()}
     unsaved = [who for who, runs in saved.items() if who != "fewshot" and runs is None]
     if unsaved and not trained:  # else `samples` would run the few-shot agent, or a seed would train from nothing
         raise ValueError(f"study.sc_agents samples the fine-tuned agent ({', '.join(unsaved)} not all saved): name it "

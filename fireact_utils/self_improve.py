@@ -124,13 +124,14 @@ def _train_seconds(trained: Path) -> float | None:
 
 def scores(p: Params, tag: str, trained: str | Path, progress: bool = True) -> dict[str, list[dict]]:
     """A student on validation (the selection split, condition <tag>_val) and test (evaluate.task,
-    <tag>_test); the SFT student (tag "sft") is tested as notebook 03's `finetuned_react`."""
+    <tag>_test); the SFT student (tag "sft") is tested as notebook 03's `finetuned_react`, which
+    must be its episodes (`run_condition` checks the model): test runs first, so a run of another
+    student is refused before any validation episode."""
     from .recipes import select_condition
 
     llm, agent = local_llm(p, trained), finetuned_agent(p)
-    return {"val": select_condition(p, f"{tag}_val", llm, agent, progress),
-            "test": run_condition(p, "finetuned_react" if tag == "sft" else f"{tag}_test", llm, agent,
-                                  progress=progress)}
+    test = run_condition(p, "finetuned_react" if tag == "sft" else f"{tag}_test", llm, agent, progress=progress)
+    return {"val": select_condition(p, f"{tag}_val", llm, agent, progress), "test": test}
 
 
 def rounds(p: Params, trained: str | Path, progress: bool = True) -> list[dict]:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from .config import ModelParams, TrainParams, default
 from .io import atomic_write_json, atomic_write_text
+from .models import ModelId, check_same_model, model_id
+from .tokens import bos_ids, piece_ids
 from .trajectories import ALPACA_HEADER, step_text
 
 IGNORE = -100
@@ -38,10 +40,12 @@ def _segments_alpaca(rec: dict) -> list[tuple[str, bool]]:
 
 
 def tokenize_alpaca(rec: dict, tok, loss_on: str = "agent", max_length: int = MAX_LENGTH) -> dict:
-    ids: list[int] = []
-    labels: list[int] = []
-    for text, agent in _segments_alpaca(rec):
-        t = tok(text, add_special_tokens=False)["input_ids"]
+    """The tokens inference sees for the same text (`llm.encode`): the BOS the tokenizer wants, then
+    each piece tokenized as it stands in the whole text (`tokens.piece_ids`)."""
+    ids = bos_ids(tok)
+    labels = [IGNORE] * len(ids)
+    for k, (text, agent) in enumerate(_segments_alpaca(rec)):
+        t = piece_ids(tok, text) if k else tok(text, add_special_tokens=False)["input_ids"]
         ids += t
         labels += t if (agent or loss_on == "all") else [IGNORE] * len(t)
     ids.append(tok.eos_token_id)  # teaches the model to stop after the final observation
@@ -201,6 +205,7 @@ def keep_freed_memory():
 
 
 WALL_CLOCK = "wall_clock.json"  # in each checkpoint: training seconds up to it
+BASE_MODEL = "base_model.json"  # in out_dir from the start of training: the base model its checkpoints are of
 
 
 def train_timed(trainer, ckpt: str | None, p: TrainParams) -> float | None:
@@ -239,7 +244,9 @@ def finetune(records: list[dict], out_dir: str | Path, p: TrainParams, model_par
     """Fine-tune on trajectory records; returns the dir holding the adapter (lora) or model (full).
 
     Resumes from the newest `checkpoint-*` in `out_dir` when `resume`. Writes `train_log.csv`,
-    `train_log.json` (loss per step), `params.json` and the tokenizer next to the weights.
+    `train_log.json` (loss per step), `params.json` and the tokenizer next to the weights. A
+    finished fine-tune is reused, and a checkpoint resumed, only on the base model that began it
+    (`BASE_MODEL`, then `train_done.json`, record it: spec and fingerprint).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -250,11 +257,18 @@ def finetune(records: list[dict], out_dir: str | Path, p: TrainParams, model_par
     out_dir = Path(out_dir)
     final = out_dir / "final"
     mp = model_params or ModelParams()
+    base = model_id(mp.name, cache=mp.cache_dir)
     if (final / "train_done.json").is_file():
         done = read_train_meta(final)
+        check_same_model(trained_on(done), base, final)
         if not same_train_params(done["params"], p) or done.get("n_examples") != len(records):
             raise ValueError(f"{final} was trained with other params or data; delete {out_dir} or pick a new run name")
         return final
+    ckpt = last_checkpoint(out_dir) if resume else None
+    if ckpt and (out_dir / BASE_MODEL).is_file():  # a checkpoint older than the record resumes, and gets it
+        check_same_model(trained_on(json.loads((out_dir / BASE_MODEL).read_text())), base, ckpt)
+    started = {"model": mp.model_dump(mode="json"), "model_fingerprint": base.fingerprint}
+    atomic_write_json(out_dir / BASE_MODEL, started)
     device = pick_device(mp.device)
     path = resolve_model(mp.name, mp.cache_dir)
     tok = AutoTokenizer.from_pretrained(path)
@@ -267,7 +281,6 @@ def finetune(records: list[dict], out_dir: str | Path, p: TrainParams, model_par
     ds = build_dataset(records, tok, p)
     trainer = SFTTrainer(model=model, args=make_sft_config(p, out_dir, device), train_dataset=ds,
                          processing_class=tok, peft_config=lora_config(p) if p.method == "lora" else None)
-    ckpt = last_checkpoint(out_dir) if resume else None
     train_s = train_timed(trainer, ckpt, p)
     trainer.save_model(str(final))  # gathers FSDP shards; writes on the main process only
     if not trainer.is_world_process_zero():
@@ -277,7 +290,7 @@ def finetune(records: list[dict], out_dir: str | Path, p: TrainParams, model_par
     _write_log(out_dir, log)
     n_tokens = sum(len(x) for x in ds["input_ids"])
     n_loss = sum(sum(t != IGNORE for t in lab) for lab in ds["labels"])
-    meta = {"params": p.model_dump(mode="json"), "model": mp.model_dump(mode="json"), "base_path": path,
+    meta = {"params": p.model_dump(mode="json"), **started, "base_path": path,
             "n_examples": len(ds), "n_tokens": n_tokens, "n_loss_tokens": n_loss,
             "train_runtime_s": train_s, "resumed_from": ckpt,
             "tokens_per_s": (log[-1].get("num_tokens", 0) if log else 0) / train_s if train_s else None,
@@ -379,6 +392,12 @@ def adapter_model_params(base: ModelParams, trained: str | Path) -> ModelParams:
     if (trained / "adapter_config.json").is_file():
         return base.model_copy(update={"adapter": str(trained)})
     return base.model_copy(update={"name": str(trained), "adapter": None})
+
+
+def trained_on(record: dict) -> ModelId:
+    """The base model a fine-tune's record (`train_done.json`, `BASE_MODEL`) names; its fingerprint
+    is None in records older than fingerprints."""
+    return ModelId(record["model"]["name"], record.get("model_fingerprint"))
 
 
 def read_train_meta(trained: str | Path) -> dict:

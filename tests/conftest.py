@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from fireact_utils import config
+from fireact_utils import config, serving
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "fireact"
@@ -17,6 +17,10 @@ if SHARED_MULTIHOP.is_dir():
     os.environ.setdefault("FIREACT_MULTIHOP_DIR", str(SHARED_MULTIHOP))
 # Converted model and search indexes are cached once per checkout (CI: the clone's .cache).
 os.environ.setdefault("FIREACT_CACHE", str(REPO_ROOT / ".cache"))
+# `model.decoder: auto` picks vLLM where it is installed; tests start a server only where they
+# test one (tests/test_vllm.py, through the `vllm_python` fixture), every other test decodes in-process.
+VLLM_PYTHON = serving.vllm_python()
+os.environ["FIREACT_VLLM_PYTHON"] = "off"
 
 
 def _located_or_skip(locate) -> Path:
@@ -84,3 +88,16 @@ def served_model(model_path, tmp_path_factory):
 
     with transformers_serve(model_path, tmp_path_factory.mktemp("serve")) as served:
         yield served
+
+
+@pytest.fixture
+def vllm_python(monkeypatch) -> Path:
+    """The vLLM environment's interpreter, made visible to the kit for this test. Skipped where
+    vLLM is not installed, unless $FIREACT_REQUIRE_VLLM is set (CI: it installs vLLM, so a
+    missing one is a failure there, not a skip)."""
+    if VLLM_PYTHON is None:
+        if os.environ.get("FIREACT_REQUIRE_VLLM"):
+            pytest.fail("no vLLM environment, and $FIREACT_REQUIRE_VLLM is set: `make setup` should build .venv-vllm")
+        pytest.skip("no vLLM environment (`make setup` builds .venv-vllm)")
+    monkeypatch.setenv("FIREACT_VLLM_PYTHON", str(VLLM_PYTHON))
+    return VLLM_PYTHON

@@ -1,5 +1,5 @@
 """The shipped `accelerate launch` configs parse with accelerate's own loader (which rejects
-unknown keys) and ask for what the README says they do."""
+unknown keys) and ask for what docs/design.md says they do."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The speed benchmarks run and report what the README quotes from them (real model, real data)."""
+"""The speed benchmarks run and report what docs/speed.md quotes from them (real model, real data)."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ import pytest
 from fireact_utils import holdout, rl, self_improve
 from fireact_utils.config import load_params
 from fireact_utils.tasks import eval_indices, load_task
+from fireact_utils.trajectories import alpaca_prompt
 
 PARAMS = Path(__file__).resolve().parent.parent / "params"
 
@@ -73,7 +74,8 @@ def _spans(mask: list[int], value: int) -> list[tuple[int, int]]:
 
 def test_rollouts_mask_exactly_the_tool_observations(rl_params, model_path):
     """Each env_mask-0 span decodes to one observation the tool returned for that episode (in
-    order), everything else is the model's own sampled text."""
+    order) or to the "Action:" evaluation asks a Thought without an Action for; everything else is
+    the model's own sampled text."""
     import torch
 
     from fireact_utils.models import load_model
@@ -87,8 +89,9 @@ def test_rollouts_mask_exactly_the_tool_observations(rl_params, model_path):
     recs, prompt_ids, comp, env = roll.episodes(model, list(ds["prompt"][:3]))
     n_obs = 0
     for rec, p_ids, c, m in zip(recs, prompt_ids, comp, env, strict=True):
-        assert tok.decode(p_ids) == rl.alpaca_prompt(rec["question"]) and len(c) == len(m)
-        spans = _spans(m, 0)
+        assert tok.decode(p_ids) == alpaca_prompt(rec["question"]) and len(c) == len(m)
+        # the tool's observations, less evaluation's "Action:" prompt after a Thought without an Action
+        spans = [(a, b) for a, b in _spans(m, 0) if tok.decode(c[a:b]).strip() != "Action:"]
         # every step but the last is followed by its observation; the last only when the token cap ended the episode
         capped = len(c) == rl_params.rl.max_episode_tokens
         assert len(spans) == len(rec["steps"]) - (0 if capped else 1)

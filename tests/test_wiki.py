@@ -33,7 +33,7 @@ def hotpot_wiki(multihop_dir):
 @pytest.mark.parametrize("name", list(WIKI_TASKS))
 def test_gold_paragraph_for_the_questions_own_wording(multihop_dir, name):
     """BM25 with the bare question puts a gold paragraph first for most questions (the data's
-    README measured 80 / 87 / 91%); each corpus holds every gold paragraph."""
+    docs/environments.md measured 80 / 87 / 91%); each corpus holds every gold paragraph."""
     task = load_task(name, None, multihop_dir=multihop_dir)
     tool = WikiSearch(task.corpus, multihop_dir=multihop_dir)
     assert {t for g in task.gold_titles for t in g} <= set(tool.titles)

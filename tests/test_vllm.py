@@ -1,0 +1,166 @@
+"""`model.decoder: vllm`: the kit's own vLLM server (real server in .venv-vllm, real model).
+
+The server tests are slow (each start is ~1-3 min of engine warm-up on 2 cores); they run in
+an order that reuses one server where they can.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fireact_utils import serving
+from fireact_utils.config import ModelParams, load_params
+from fireact_utils.llm import pick_decoder
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "params" / "smoke.yaml"
+
+
+def test_a_port_in_use_is_a_one_line_error(tmp_path, model_path):
+    """Before anything starts (and whether or not vLLM is installed): the CLI says which port and
+    what to set, in one line, and exits 2."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "fireact_utils", "evaluate", str(SMOKE), f"output_root={tmp_path}",
+                            f"model.name={model_path}", "model.decoder=vllm", f"model.vllm_port={port}"],
+                           capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == f"error: port {port} is in use: set model.vllm_port to a free one (0 picks one)"
+
+
+def test_auto_without_vllm_falls_back_with_one_notice(capsys):
+    assert serving.vllm_python() is None  # conftest hides it
+    assert pick_decoder(ModelParams(device="cpu")) == "kit"
+    assert pick_decoder(ModelParams(device="cpu", decoder="generate")) == "generate"
+    err = capsys.readouterr().err
+    assert err.count("no vLLM environment") <= 1  # once per process, whichever test asked first
+
+
+def _lora(model_path: str, out: Path) -> str:
+    """A real PEFT adapter with non-zero weights (B != 0), so the fine-tuned model differs from the base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    peft = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft.save_pretrained(out)
+    return str(out)
+
+
+def _steps(records: list[dict]) -> dict:
+    return {r["id"]: json.dumps(r["steps"]) for r in records}
+
+
+@pytest.fixture(scope="module")
+def lora_dir(model_path, tmp_path_factory) -> str:
+    return _lora(model_path, tmp_path_factory.mktemp("lora") / "adapter")
+
+
+@pytest.mark.slow
+def test_vllm_evaluates_both_agents_as_the_kit_does(tmp_path, model_path, lora_dir, vllm_python):
+    """Few-shot ReAct on the base model and the fine-tuned (adapter) agent, end to end through
+    `run_condition`: every step of every episode equals the kit decoder's (greedy, fp32)."""
+    from fireact_utils import pipeline
+    from fireact_utils.train import adapter_model_params
+
+    try:
+        for agent, mp_of in (("fewshot", lambda p: p.model), ("finetuned", lambda p: adapter_model_params(p.model, lora_dir))):
+            runs = {}
+            for decoder in ("vllm", "kit"):
+                p = load_params(SMOKE, [f"output_root={tmp_path / decoder}", f"model.name={model_path}",
+                                        f"model.decoder={decoder}", "evaluate.n_questions=3", "agent.max_turns=3"])
+                mp = mp_of(p)
+                ap = pipeline.fewshot_react(p) if agent == "fewshot" else pipeline.finetuned_agent(p)
+                from fireact_utils.llm import local_backend
+
+                llm = local_backend(mp, p.agent.batch_size)
+                runs[decoder] = pipeline.run_condition(p, agent, llm, ap, progress=False)
+                assert not any(r["status"] == "api_error" for r in runs[decoder])
+            assert _steps(runs["vllm"]) == _steps(runs["kit"]), agent
+    finally:
+        serving.stop_all()
+
+
+@pytest.mark.slow
+def test_a_server_that_dies_mid_run_is_restarted_and_the_condition_completes(tmp_path, model_path, lora_dir,
+                                                                              vllm_python):
+    """SIGKILL the engine's whole process group while episodes run: the backend restarts it and
+    retries the failed turns; whatever still failed is an api_error that a resume re-runs."""
+    import threading
+
+    from fireact_utils import pipeline
+    from fireact_utils.llm import local_backend
+    from fireact_utils.train import adapter_model_params
+
+    p = load_params(SMOKE, [f"output_root={tmp_path}", f"model.name={model_path}", "model.decoder=vllm",
+                            "evaluate.n_questions=6", "agent.max_turns=3", "agent.batch_size=2"])
+    llm = local_backend(adapter_model_params(p.model, lora_dir), p.agent.batch_size)
+    first = llm.server
+    episodes = p.run_dir / "eval" / "finetuned.jsonl"
+
+    def kill_after_first_episode():
+        while not (episodes.is_file() and episodes.read_text().strip()):
+            time.sleep(0.2)
+        os.killpg(first.proc.pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_after_first_episode, daemon=True)
+    killer.start()
+    try:
+        recs = pipeline.run_condition(p, "finetuned", llm, pipeline.finetuned_agent(p), progress=False)
+        killer.join(5)
+        assert not first.alive() and llm.server is not first and llm.server.alive()
+        if any(r["status"] == "api_error" for r in recs):  # a turn lost in the crash: the resume re-runs it
+            recs = pipeline.run_condition(p, "finetuned", llm, pipeline.finetuned_agent(p), progress=False)
+        assert len(recs) == 6 and not any(r["status"] == "api_error" for r in recs)
+    finally:
+        serving.stop_all()
+
+
+CHILD = """
+import sys, time
+from fireact_utils import serving
+s = serving.serve(sys.argv[1])
+print(s.proc.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_no_server_outlives_a_killed_process(model_path, vllm_python):
+    """The process that started a server is SIGKILLed (no atexit runs): the kernel's parent-death
+    signal still takes the server and its engine processes down."""
+    child = subprocess.Popen([sys.executable, "-c", CHILD, model_path], stdout=subprocess.PIPE, text=True,
+                             env=os.environ.copy())
+    try:
+        pgid = int(child.stdout.readline())
+    finally:
+        child.kill()
+        child.wait()
+    deadline = time.time() + 120
+    while time.time() < deadline and _group_alive(pgid):
+        time.sleep(1)
+    left = _group_alive(pgid)
+    if left:
+        os.killpg(pgid, signal.SIGKILL)
+    assert not left, "vLLM processes outlived the process that started them"
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    rows = subprocess.run(["ps", "-eo", "pgid=,stat="], capture_output=True, text=True).stdout.splitlines()
+    # Zombies count as gone: they hold no memory or port.
+    return any(int(g) == pgid and not st.startswith("Z") for g, st in (r.split() for r in rows if r.strip()))
