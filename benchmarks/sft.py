@@ -2,6 +2,7 @@
 
     python benchmarks/sft.py                  # 64 FireAct HotpotQA trajectories, built-in model, full FT, 1 epoch
     python benchmarks/sft.py --method lora --n 16
+    python benchmarks/sft.py --model gemma3-270m --n 16   # another model (alias, path or HF id)
 
 "ours": length-grouped batches padded only to the batch's longest row (padding-free rows where
 flash-attention exists), loss on the agent's tokens, the LM head projecting only the labelled
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 
 
-def run_one(kind: str, n: int, method: str, out: str) -> dict:
+def run_one(kind: str, n: int, method: str, out: str, model: str = "smollm2-135m") -> dict:
     from contextlib import ExitStack
 
     from datasets import Dataset
@@ -43,7 +44,7 @@ def run_one(kind: str, n: int, method: str, out: str) -> dict:
         make_sft_config,
     )
 
-    path = resolve_model("smollm2-135m")
+    path = resolve_model(model)
     tok = AutoTokenizer.from_pretrained(path)
     recs = load_fireact("hotpotqa")[:n]
     p = TrainParams(method=method, epochs=1, batch_size=8, logging_steps=1, save_steps=10_000,
@@ -79,16 +80,18 @@ def main() -> None:
     ap.add_argument("--method", choices=["full", "lora"], default="full")
     ap.add_argument("--one", choices=KINDS)
     ap.add_argument("--out", default="/tmp/fireact_bench_sft")
+    ap.add_argument("--model", default="smollm2-135m", help="model spec (alias, path or HF id)")
     a = ap.parse_args()
     if a.one:
-        print("RESULT " + json.dumps(run_one(a.one, a.n, a.method, f"{a.out}/{a.one}")))
+        print("RESULT " + json.dumps(run_one(a.one, a.n, a.method, f"{a.out}/{a.one}", a.model)))
         return
     res = {}
     for kind in KINDS:
         proc = subprocess.run([sys.executable, __file__, "--one", kind, "--n", str(a.n), "--method", a.method,
-                               "--out", a.out],
+                               "--out", a.out, "--model", a.model],
                               capture_output=True, text=True, check=True)
         res[kind] = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    print(f"{a.model}, {a.method}, {a.n} trajectories")
     print(f"{'setup':9} {'seconds':>8} {'tok/s':>8} {'final loss':>10} {'peak RSS MB':>12}")
     for kind, r in res.items():
         print(f"{kind:9} {r['seconds']:8.1f} {r['tokens_per_s']:8.1f} {r['final_loss']:10.3f} {r['peak_rss_mb']:12.0f}")

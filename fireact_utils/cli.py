@@ -11,6 +11,7 @@
     python -m fireact_utils headline params/cpu_full.yaml       # baselines, seeds, self-consistency on evaluate.task
     python -m fireact_utils consistency params/cpu_full.yaml --trained outputs/runs/cpu/finetune/final
     python -m fireact_utils beyond params/cpu_full.yaml         # self-improvement rounds and GRPO (notebook 05)
+    python -m fireact_utils base-models params/base_models.yaml # per model: recipe chosen on val, few-shot vs fine-tuned
     python -m fireact_utils params params/cpu.yaml              # print resolved params
     python -m fireact_utils download --dest data                # FireAct public data (online)
 
@@ -33,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
 
     ap = argparse.ArgumentParser(prog="fireact", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("run", "generate", "finetune", "evaluate", "select", "headline", "consistency", "beyond", "params"):
+    for name in ("run", "generate", "finetune", "evaluate", "select", "headline", "consistency", "beyond", "base-models",
+                 "params"):
         s = sub.add_parser(name)
         s.add_argument("params_file")
         s.add_argument("overrides", nargs="*", help="section.key=value")
@@ -116,6 +118,11 @@ def _run(args: argparse.Namespace) -> int:
         _consistency(p, args.trained)
     elif args.cmd == "beyond":
         _beyond(p, args.trained or pipeline.finetune(p))
+    elif args.cmd == "base-models":
+        from .base_models import COLUMNS, report
+
+        table = report(p)
+        print(table[[c for c in COLUMNS if c in table]].to_string(index=False))
     elif args.cmd == "evaluate":
         from .agent import summarize
         from .llm import make_llm

@@ -27,14 +27,15 @@ class Section(BaseModel):
 class ModelParams(Section):
     """The student (or the local teacher): what to load and how."""
 
-    name: str = Field("smollm2-135m", description="HF id, local path, or built-in alias 'smollm2-135m'")
+    name: str = Field("smollm2-135m", description="HF id, local path, or a built-in alias: 'smollm2-135m', "
+                      "'gemma3-270m' (installed on demand; Gemma Terms of Use, docs/models.md)")
     adapter: str | None = Field(None, description="PEFT adapter dir applied on top (fine-tuned LoRA)")
     cache_dir: str | None = Field(None, description="where converted models live; default $FIREACT_CACHE or ~/.cache/fireact")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    decoder: Literal["auto", "vllm", "kit", "generate"] = Field(
-        "auto", description="local decoding: a vLLM server the kit starts (.venv-vllm), the kit's continuous "
-        "batching, transformers' model.generate, or auto (vllm where installed, else kit on CPU, generate on GPU)")
+    decoder: Literal["auto", "vllm", "generate"] = Field(
+        "auto", description="local decoding: a vLLM server the kit starts (.venv-vllm), transformers' "
+        "model.generate in-process (no server), or auto (vllm where installed, else generate)")
     vllm_port: int = Field(0, ge=0, le=65535, description="decoder=vllm: the server's port on 127.0.0.1 (0: a free one)")
     vllm_args: list[str] = Field(default_factory=list, description="decoder=vllm: extra server arguments, "
                                  "e.g. ['--max-num-seqs', '64']")
@@ -212,6 +213,20 @@ class StudyParams(Section):
         ["fewshot", "finetuned"], min_length=1, description="self-consistency: the agents sampled")
     sc_seeds: bool = Field(False, description="self-consistency of the fine-tuned agent of every one of study.seeds "
                                               "(missing ones are trained) and their mean: a seed spread per k")
+    base_models: list[str] = Field(default_factory=list, description="base-model axis (`base-models`): model specs, "
+                                   "each with study.recipes re-chosen on the selection split (empty: skip)")
+    base_model_evals: list[str] = Field(
+        ["hotpotqa-wiki:test:300", "hotpotqa:dev:500"], description="base-model axis: evaluation sets as "
+        "'task:split:n' (first n of the evaluate.seed shuffle; defaults: all of HotpotQA-wiki test, FireAct's dev-500)")
+
+    @field_validator("base_model_evals")
+    @classmethod
+    def _task_split_n(cls, v: list[str]) -> list[str]:
+        for s in v:
+            parts = s.rsplit(":", 2)  # a task name may hold a colon (mmlu:<subject>)
+            if len(parts) != 3 or not all(parts) or not parts[2].isdigit() or int(parts[2]) == 0:
+                raise ValueError(f"{s!r} must be 'task:split:n' with n > 0, e.g. 'hotpotqa:dev:500'")
+        return v
 
     @field_validator("recipes", "fewshot_variants")
     @classmethod

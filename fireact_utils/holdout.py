@@ -54,8 +54,8 @@ def _whole(p: Params, label: str, task: str, split: str | None) -> QuestionSet:
 
 def evaluation_sets(p: Params) -> list[QuestionSet]:
     """Every question set the run reports a number on: evaluate.task's questions (also the
-    self-consistency ones; all of dev-500 when any of it is evaluated), the noise and
-    generalization tasks (whole splits), and the standing test sets."""
+    self-consistency ones; all of dev-500 when any of it is evaluated), the noise, generalization,
+    transfer and base-model evaluation tasks (whole splits), and the standing test sets."""
     task, split, n500, seed500 = DEV500
     t = load_task(p.evaluate.task, p.evaluate.split, p.data_dir, p.multihop_dir)
     n = max(p.evaluate.n_questions, p.study.sc_n)
@@ -71,6 +71,11 @@ def evaluation_sets(p: Params) -> list[QuestionSet]:
              if x != p.evaluate.task}
     for name, sp in sorted(named | set(STANDING_TEST), key=str):
         sets.append(_whole(p, "evaluated", name, sp))
+    for e in p.study.base_model_evals if p.study.base_models else []:  # the base-model axis: first n of each
+        name, sp, k = e.rsplit(":", 2)
+        b = load_task(name, sp, p.data_dir, p.multihop_dir)
+        sets.append(QuestionSet(f"study.base_model_evals: {e}", frozenset(
+            question_key(b.questions[i]) for i in eval_indices(b, int(k), p.evaluate.seed))))
     return list({s.label: s for s in sets}.values())  # a task named twice (noise and standing) once
 
 

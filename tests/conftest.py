@@ -61,14 +61,14 @@ def model_path(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def _local_backend(model_path):
     from fireact_utils.config import ModelParams
-    from fireact_utils.llm import LocalBackend
+    from fireact_utils.llm import GenerateBackend
 
-    return LocalBackend(ModelParams(name=model_path, device="cpu"), batch_size=8)
+    return GenerateBackend(ModelParams(name=model_path, device="cpu"), batch_size=8)
 
 
 @pytest.fixture
 def local_llm(_local_backend):
-    """A LocalBackend on the built-in model, CPU, loaded once per session; one torch thread while
+    """A GenerateBackend on the built-in model, CPU, loaded once per session; one torch thread while
     the test runs. On a shared 2-core box, two OpenMP threads stall whenever another process holds
     a core: a 16-token batch measured 35 s with 2 threads against 3 s with 1."""
     import torch

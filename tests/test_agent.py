@@ -74,20 +74,6 @@ def test_react_local_episodes_and_resume(local_llm, hotpot, search, tmp_path):
     assert len(read_jsonl(out)) == 3  # and nothing appended
 
 
-def test_continuous_rollouts_equal_turn_by_turn(local_llm, hotpot, search):
-    """`LocalBackend.stream` lets an episode's next turn join the running batch as soon as its
-    last one ends; the episodes must be those of the turn-by-turn loop, which is what a backend
-    with only `generate` gets (CountingLLM hides `stream`)."""
-    idx = eval_indices(hotpot, 4)
-    params = AgentParams(method="react", max_turns=3, max_new_tokens=32)
-    turnwise = run_episodes(hotpot, idx, CountingLLM(local_llm), search, params, progress=False)
-    continuous = run_episodes(hotpot, idx, local_llm, search, params, progress=False)
-    drop = {"wall_s"}  # the only field allowed to differ
-    assert [{k: v for k, v in r.items() if k not in drop} for r in continuous] == \
-        [{k: v for k, v in r.items() if k not in drop} for r in turnwise]
-    assert sum(r["turns"] for r in turnwise) > len(idx)  # some episode took a second turn
-
-
 def _served_backend(served, chat: bool) -> OpenAIBackend:
     return OpenAIBackend(LLMParams(backend="openai", base_url=served.base_url, model=served.model, chat=chat,
                                    timeout_s=120, max_retries=1, concurrency=2))

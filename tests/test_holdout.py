@@ -78,3 +78,14 @@ def test_fireacts_multitask_data_holds_strategyqa_dev(tmp_path, data_dir, multih
     assert len(kept) == len(recs) - 37
     holdout.check_training(p, [r["question"] for r in kept], "kept")
     holdout.check_training(p, [r["question"] for r in load_dataset_source("fireact:hotpotqa", data_dir)], "released")
+
+
+def test_the_base_model_axis_evaluation_sets_are_held_out(tmp_path, data_dir, multihop_dir):
+    """study.base_model_evals' questions (first n of each seeded shuffle) are never trained on;
+    the next question of that split is free."""
+    p = _params(tmp_path, **{"study.base_models": ["smollm2-135m"], "study.base_model_evals": ["hotpotqa-wiki:train:5"]})
+    t = load_task("hotpotqa-wiki", "train", data_dir, multihop_dir)
+    idx = eval_indices(t, 6, p.evaluate.seed)
+    with pytest.raises(holdout.HoldoutError, match="study.base_model_evals: hotpotqa-wiki:train:5"):
+        holdout.check_training(p, [t.questions[idx[4]]], "a fine-tune")
+    holdout.check_training(p, [t.questions[idx[5]]], "a fine-tune")

@@ -1,4 +1,4 @@
-"""LM backends on the real built-in model: LocalBackend in-process, OpenAIBackend over a real
+"""LM backends on the real built-in model: GenerateBackend in-process, OpenAIBackend over a real
 `transformers serve` on 127.0.0.1. Few prompts, few tokens: the CPU is shared."""
 
 from __future__ import annotations
@@ -90,9 +90,9 @@ def test_local_chat_messages(local_llm):
     assert chat.prompt_tokens > plain.prompt_tokens
 
 
-def test_local_matches_model_generate(local_llm):
-    """Our decoding loop (rows leave the batch at their stop, stored KV reused) gives the texts
-    of transformers' own left-padded `generate`, greedy, with stop strings."""
+def test_local_matches_model_generate_with_its_own_stops(local_llm):
+    """`GenerateBackend`'s stop criterion (a row ends at its stop, checked on its text, or at any
+    EOS) gives the texts of transformers' own `stop_strings`, greedy, left-padded."""
     import torch
 
     tok, model = local_llm.tok, local_llm.model
@@ -108,76 +108,6 @@ def test_local_matches_model_generate(local_llm):
     assert ours == ref
 
 
-@pytest.mark.parametrize("share", [True, False], ids=["shared-prefix", "copied-prefix"])
-def test_local_reuses_stored_prefixes(local_llm, monkeypatch, share):
-    """Turn 2 prompts extend turn 1 prompts + generations: their keys/values come from the store
-    (the shared exemplars on turn 1, each row's own history on turn 2), and the texts equal those
-    of prefilling everything from scratch. Exemplars are held once for all rows (CPU), or copied
-    into each row (`share` off: the path of GPUs and non-SDPA models)."""
-    from fireact_utils.decoding import Decoder
-    from fireact_utils.llm import LocalBackend
-
-    if not share:
-        monkeypatch.setattr(Decoder, "share", property(lambda self: False))
-
-    shots = "Question: What is 2 + 2?\nAnswer: 4\n" * 12  # a shared "few-shot" block of ~150 tokens
-    turn1 = [f"{shots}Question: {q}\nAnswer:" for q in ("What is 3 + 5?", "Name a red fruit.", "Capital of Italy?")]
-    fresh = LocalBackend(model=local_llm.model, tokenizer=local_llm.tok, batch_size=8, prefix_cache=False)
-    local_llm.decoder.store.clear()
-    before = local_llm.decoder.cached_prompt_tokens
-    g1 = local_llm.generate(turn1, stop=["\n"], max_new_tokens=8)
-    shots_tokens = len(local_llm.tok(shots, add_special_tokens=False)["input_ids"])
-    # Nothing stored yet: the shared block is computed once, for the first row, and reused by the other two.
-    assert 2 * (shots_tokens - 2) <= local_llm.decoder.cached_prompt_tokens - before <= 2 * (shots_tokens + 8)
-    turn2 = [p + g.text + "\nQuestion: And 1 + 1?\nAnswer:" for p, g in zip(turn1, g1, strict=True)]
-    before = local_llm.decoder.cached_prompt_tokens
-    g2 = local_llm.generate(turn2, stop=["\n"], max_new_tokens=8)
-    turn1_tokens = sum(g.prompt_tokens for g in g1)
-    assert local_llm.decoder.cached_prompt_tokens - before >= turn1_tokens  # each row's turn 1 was reused
-    entries = list(local_llm.decoder.store.entries.values())
-    prefix = local_llm.decoder.prefix
-    if share:  # the exemplars are held once: stored rows keep only their own tokens after them
-        assert prefix is not None and len(prefix.ids) >= shots_tokens - 2
-        rows = [e for e in entries if e.start]
-        assert len(rows) == 3  # each row's turn 2 superseded its turn 1
-        assert all(e.start == len(prefix.ids) and e.kv[0][0].shape[1] == len(e.ids) - e.start for e in rows)
-    else:  # each row's entry holds its whole history, exemplars included
-        assert prefix is None and len(entries) == 3
-        assert all(e.start == 0 and e.kv[0][0].shape[1] == len(e.ids) for e in entries)
-    assert [g.text for g in g1] == [g.text for g in fresh.generate(turn1, stop=["\n"], max_new_tokens=8)]
-    assert [g.text for g in g2] == [g.text for g in fresh.generate(turn2, stop=["\n"], max_new_tokens=8)]
-    assert fresh.decoder.cached_prompt_tokens == 0
-
-
-def test_local_stream_follow_ups_join_the_running_batch(local_llm):
-    """A follow-up request (an episode's next turn) starts while other rows still generate: the
-    short row's follow-up ends before the long row, and every text equals the one generated alone."""
-    stop = [" 6", " 9"]
-    prompts = {"count": "1, 2, 3, 4,", "story": PROMPTS[2], "count2": "1, 2, 3, 4, 5, 6, 7,"}
-    order, texts = [], {}
-
-    def on_done(key, gen):
-        order.append(key)
-        texts[key] = gen.text
-        return [("count2", prompts["count2"])] if key == "count" else []
-
-    local_llm.stream([("count", prompts["count"]), ("story", prompts["story"])], stop, 16, 0.0, on_done)
-    assert texts["count"] == " 5," and texts["count2"] == " 8,"
-    assert order == ["count", "count2", "story"]
-    alone = {k: local_llm.generate([p], stop, max_new_tokens=16)[0].text for k, p in prompts.items()}
-    assert texts == alone
-
-
-def test_local_without_buffers_uses_plain_cache(local_llm):
-    """The path for models whose layers need transformers' own cache (sliding windows...)."""
-    from fireact_utils.llm import LocalBackend
-
-    plain = LocalBackend(model=local_llm.model, tokenizer=local_llm.tok, batch_size=8)
-    plain.decoder.buffers, plain.decoder.store = False, None
-    assert [g.text for g in plain.generate(PROMPTS, stop=[], max_new_tokens=6)] == \
-        [g.text for g in local_llm.generate(PROMPTS, stop=[], max_new_tokens=6)]
-
-
 def test_local_sampling_is_seeded(local_llm):
     import torch
 
@@ -190,12 +120,10 @@ def test_local_sampling_is_seeded(local_llm):
     assert texts[0] != greedy  # temperature 1 over 3 x 8 tokens: some token differs from greedy
 
 
-# ---------------------------------------------------------------- model.generate backend (the GPU default)
-
-
-def test_generate_backend_equals_ours_and_stops_where_ours_does(local_llm):
-    """Greedy texts and token counts of `GenerateBackend` equal the kit decoder's, with a stop
-    string, the action-line pattern, and chat messages; each row stops at its own stop."""
+def test_generate_backend_chunks_and_stops_per_row(local_llm):
+    """Chunks of 2 give the texts and token counts of one batch of 8 (padding changes nothing,
+    greedy) with a stop string, the action-line pattern and chat messages; each row stops at its
+    own stop."""
     from fireact_utils.llm import GenerateBackend
 
     gen = GenerateBackend(model=local_llm.model, tokenizer=local_llm.tok, batch_size=2)  # 2: chunks of the 3 prompts
@@ -212,12 +140,14 @@ def test_generate_backend_equals_ours_and_stops_where_ours_does(local_llm):
     assert cut[2].completion_tokens < free[2].completion_tokens  # it stopped at the stop word, not at 12 tokens
 
 
-def test_local_backend_picks_the_decoder_by_device(model_path):
+def test_local_backend_picks_the_decoder(model_path, capsys):
+    """Without a vLLM environment (conftest hides it), auto decodes with model.generate and says so once."""
     from fireact_utils.config import ModelParams
-    from fireact_utils.llm import GenerateBackend, LocalBackend, local_backend
+    from fireact_utils.llm import GenerateBackend, local_backend, pick_decoder
 
-    assert type(local_backend(ModelParams(name=model_path, device="cpu"))) is LocalBackend  # auto on CPU: the kit's
-    assert type(local_backend(ModelParams(name=model_path, device="cpu", decoder="generate"))) is GenerateBackend
+    assert type(local_backend(ModelParams(name=model_path, device="cpu"))) is GenerateBackend
+    assert pick_decoder(ModelParams(decoder="vllm")) == "vllm"
+    assert capsys.readouterr().err.count("no vLLM environment") <= 1
 
 
 # ---------------------------------------------------------------- OpenAI backend on transformers serve
@@ -265,4 +195,4 @@ def test_text_completion_rejects_chat_prompt():
     # Refused before any request: the discard port would refuse a connection anyway.
     llm = OpenAIBackend(LLMParams(backend="openai", base_url="http://127.0.0.1:9/v1", chat=False, max_retries=0))
     g = llm.generate([[{"role": "user", "content": "hi"}]], stop=[], max_new_tokens=2)[0]
-    assert g.text == "" and "needs string prompts" in g.error
+    assert g.text == "" and "needs string (or token id) prompts" in g.error

@@ -143,7 +143,7 @@ def test_labelled_positions_only_scores_fewer_rows_same_loss_and_grads(tok, reco
 @pytest.mark.slow
 def test_lora_finetune_lowers_loss_saves_and_changes_agent(tmp_path, records, data_dir):
     from fireact_utils.agent import run_episodes
-    from fireact_utils.llm import LocalBackend
+    from fireact_utils.llm import GenerateBackend
     from fireact_utils.tasks import eval_indices, load_task
     from fireact_utils.tools import RecordedSearch
 
@@ -167,8 +167,8 @@ def test_lora_finetune_lowers_loss_saves_and_changes_agent(tmp_path, records, da
     task = load_task("hotpotqa", "dev", data_dir)
     idx = eval_indices(task, 2)
     ap = AgentParams(mode="finetuned", max_turns=2, max_new_tokens=32)
-    base = run_episodes(task, idx, LocalBackend(ModelParams()), RecordedSearch(), ap, progress=False)
-    tuned = run_episodes(task, idx, LocalBackend(adapter_model_params(ModelParams(), out)), RecordedSearch(), ap,
+    base = run_episodes(task, idx, GenerateBackend(ModelParams()), RecordedSearch(), ap, progress=False)
+    tuned = run_episodes(task, idx, GenerateBackend(adapter_model_params(ModelParams(), out)), RecordedSearch(), ap,
                          progress=False)
     assert [r["steps"] for r in base] != [r["steps"] for r in tuned]
 

@@ -39,7 +39,7 @@ def test_a_port_in_use_is_a_one_line_error(tmp_path, model_path):
 
 def test_auto_without_vllm_falls_back_with_one_notice(capsys):
     assert serving.vllm_python() is None  # conftest hides it
-    assert pick_decoder(ModelParams(device="cpu")) == "kit"
+    assert pick_decoder(ModelParams(device="cpu")) == "generate"
     assert pick_decoder(ModelParams(device="cpu", decoder="generate")) == "generate"
     err = capsys.readouterr().err
     assert err.count("no vLLM environment") <= 1  # once per process, whichever test asked first
@@ -67,27 +67,52 @@ def lora_dir(model_path, tmp_path_factory) -> str:
     return _lora(model_path, tmp_path_factory.mktemp("lora") / "adapter")
 
 
+class TurnByTurn:
+    """A backend's `generate` alone (no `stream`): the agent then runs all episodes turn by turn."""
+
+    def __init__(self, llm):
+        self.llm, self.name, self.chat = llm, llm.name, llm.chat
+
+    def generate(self, *a, **kw):
+        return self.llm.generate(*a, **kw)
+
+
 @pytest.mark.slow
-def test_vllm_evaluates_both_agents_as_the_kit_does(tmp_path, model_path, lora_dir, vllm_python):
+def test_vllm_evaluates_both_agents_as_model_generate_does(tmp_path, model_path, lora_dir, vllm_python):
     """Few-shot ReAct on the base model and the fine-tuned (adapter) agent, end to end through
-    `run_condition`: every step of every episode equals the kit decoder's (greedy, fp32)."""
+    `run_condition`: every step of every episode equals `model.generate`'s (greedy, fp32). On the
+    few-shot server: streamed turns give the turn-by-turn episodes, and sampling is seeded by torch's seed."""
+    import torch
+
     from fireact_utils import pipeline
+    from fireact_utils.agent import run_episodes
+    from fireact_utils.llm import local_backend
+    from fireact_utils.tools import RecordedSearch
     from fireact_utils.train import adapter_model_params
 
     try:
         for agent, mp_of in (("fewshot", lambda p: p.model), ("finetuned", lambda p: adapter_model_params(p.model, lora_dir))):
             runs = {}
-            for decoder in ("vllm", "kit"):
+            for decoder in ("vllm", "generate"):
                 p = load_params(SMOKE, [f"output_root={tmp_path / decoder}", f"model.name={model_path}",
                                         f"model.decoder={decoder}", "evaluate.n_questions=3", "agent.max_turns=3"])
-                mp = mp_of(p)
                 ap = pipeline.fewshot_react(p) if agent == "fewshot" else pipeline.finetuned_agent(p)
-                from fireact_utils.llm import local_backend
-
-                llm = local_backend(mp, p.agent.batch_size)
+                llm = local_backend(mp_of(p), p.agent.batch_size)
                 runs[decoder] = pipeline.run_condition(p, agent, llm, ap, progress=False)
                 assert not any(r["status"] == "api_error" for r in runs[decoder])
-            assert _steps(runs["vllm"]) == _steps(runs["kit"]), agent
+            assert _steps(runs["vllm"]) == _steps(runs["generate"]), agent
+            if agent == "fewshot":
+                vllm = local_backend(mp_of(p).model_copy(update={"decoder": "vllm"}), 8)  # the running server
+                task, idx = pipeline.condition_questions(p)
+                turnwise = run_episodes(task, idx, TurnByTurn(vllm), RecordedSearch(), ap, progress=False)
+                assert _steps(turnwise) == _steps(runs["vllm"])
+                assert sum(r["turns"] for r in turnwise) > len(idx)  # some episode took a second turn
+                sampled = []
+                for seed in (7, 7, 8):
+                    torch.manual_seed(seed)
+                    sampled.append([g.text for g in vllm.generate(["Once upon a time", "In a land"], [], 12,
+                                                                   temperature=1.0)])
+                assert sampled[0] == sampled[1] != sampled[2]
     finally:
         serving.stop_all()
 

@@ -1,0 +1,234 @@
+"""The base-model axis: FireAct's comparison across students, each with its own recipe.
+
+For each model of study.base_models: the recipe is re-chosen on the selection split (study.recipes,
+`recipes.recipe_search`; a recipe good for one model need not be for another, and choosing on a test
+split is refused by `holdout.check_choice`), the chosen recipe's fine-tune is evaluated beside the
+model's few-shot ReAct on each of study.base_model_evals (default: all 300 HotpotQA-wiki test
+questions and FireAct's dev-500), and one table and one figure put the models side by side.
+
+Each model works in its own run dir, <run>/base_models/<model>/, holding what a run of its own would
+(recipes/<label>/ fine-tunes, eval/ conditions, tables/recipes_selection.*), so no two models ever
+share a condition or a fine-tune; everything resumes.
+
+    python -m fireact_utils base-models params/base_models.yaml
+    table = base_models.report(p)   # tables/base_models.{csv,md}, figures/base_models.{png,svg}
+
+Shortcuts: the few-shot prompt is the run's (agent.*), not re-chosen per model; peak memory is
+sampled (every 0.2 s: resident set on CPU; torch's allocated peak on GPU) around the model's recipe
+search, which its fine-tunes dominate, and is recorded only by the run that trained them.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .config import Params, override
+from .evaluate import results_table, write_table
+from .holdout import HoldoutError, check_choice, choice_set, question_key
+from .io import atomic_write_json, atomic_write_text, read_json
+from .pipeline import (
+    _slug,
+    agent_model,
+    condition_questions,
+    dataset_pool,
+    fewshot_react,
+    finetune,
+    finetuned_agent,
+    local_llm,
+    paired_gain,
+    run_condition,
+    saved_condition,
+    table_extras,
+)
+from .recipes import chosen_label, recipe_search, report_selection, variants
+from .train import read_train_meta
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+AGENTS = {"fewshot": "few-shot ReAct", "finetuned": "fine-tuned ReAct"}  # condition prefix -> table label
+COLUMNS = ("task", "condition", "recipe", "n", "em", "em_lo", "em_hi", "gain", "gain_lo", "gain_hi", "seconds_per_episode",
+           "tokens_per_episode", "train_tokens_per_s", "train_peak_memory_gb")  # shown by the CLI
+
+
+def model_slug(spec: str) -> str:
+    """A model's folder name: its alias, or the last part of its path or HF id."""
+    return re.sub(r"[^\w.-]+", "_", Path(spec.rstrip("/")).name)
+
+
+def model_run(p: Params, spec: str) -> Params:
+    """`p` for one model: model.name `spec` and run dir <run>/base_models/<slug>."""
+    return override(p, {"model.name": spec, "model.adapter": None, "output_root": str(p.run_dir / "base_models"),
+                        "name": model_slug(spec)}, f"study.base_models {spec}")
+
+
+def eval_sets(p: Params) -> list[tuple[str, str, int]]:
+    """study.base_model_evals as (task, split, n)."""
+    return [(t, s, int(n)) for t, s, n in (e.rsplit(":", 2) for e in p.study.base_model_evals)]
+
+
+def check_study(p: Params) -> None:
+    """Before any work: distinct model folders, and no evaluation set sharing a question with the
+    selection split (`check_choice` knows the standing test sets; this covers any other)."""
+    slugs = [model_slug(m) for m in p.study.base_models]
+    if dup := sorted({s for s in slugs if slugs.count(s) > 1}):
+        raise ValueError(f"study.base_models: two models would share the folder {dup[0]!r}")
+    check_choice(p)
+    chosen = choice_set(p)
+    for task, split, n in eval_sets(p):
+        t, idx = condition_questions(p, task, split, n)
+        if shared := chosen.keys & {question_key(t.questions[i]) for i in idx}:
+            raise HoldoutError(f"study.base_model_evals {task}:{split}: {len(shared)} questions are also in "
+                               f"the selection split {p.study.select_task} {p.study.select_split}")
+
+
+@contextmanager
+def peak_memory():
+    """Yields a dict whose 'gb' is, on exit, the peak memory inside the block: torch's allocated
+    peak on CUDA, else this process's resident set sampled every 0.2 s (the whole process, so
+    'start_gb' says what it held before the block)."""
+    import torch
+
+    out = {"gb": 0.0, "how": "torch.cuda.max_memory_allocated" if torch.cuda.is_available() else "peak RSS (0.2 s samples)"}
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        yield out
+        out["gb"] = torch.cuda.max_memory_allocated() / 2**30
+        return
+    import psutil
+
+    proc, stop = psutil.Process(), threading.Event()
+    out["start_gb"] = proc.memory_info().rss / 2**30
+
+    def watch() -> None:
+        while True:
+            out["gb"] = max(out["gb"], proc.memory_info().rss / 2**30)
+            if stop.wait(0.2):
+                return
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        thread.join()
+
+
+def chosen_finetune(q: Params, progress: bool = True) -> tuple[Params, str, Path]:
+    """(params of the chosen recipe, its label, its fine-tune) for one model's run `q`: every
+    recipe of study.recipes fine-tuned and scored on the selection split, the best by EM
+    (`recipes.report_selection`); the chosen one's fine-tune is the search's own, reused."""
+    from .data import mix
+
+    before = set(q.run_dir.glob("recipes/*/final/train_done.json"))
+    t0 = time.time()
+    with peak_memory() as peak:
+        conds = recipe_search(q, progress)
+    if trained := set(q.run_dir.glob("recipes/*/final/train_done.json")) - before:  # measured only when trained
+        atomic_write_json(q.run_dir / "train_cost.json", {"peak_memory_gb": peak.pop("gb"), **peak,
+                                                          "fine_tunes": len(trained), "search_s": time.time() - t0})
+    label = chosen_label(report_selection(q, conds, "recipes"))
+    qq = variants(q, "recipes")[label]
+    pool, _ = dataset_pool(qq)
+    recs = mix(pool, qq.dataset.mixture or None, qq.dataset.n_trajectories, qq.dataset.seed, qq.dataset.tasks)
+    return qq, label, finetune(qq, recs, q.run_dir / "recipes" / label)  # trained by the search: returned as is
+
+
+def condition_name(agent: str, task: str, split: str, n: int) -> str:
+    return f"{agent}_react_{_slug(task)}_{split}_n{n}"
+
+
+def model_conditions(q: Params, qq: Params, trained: Path, progress: bool = True) -> dict[str, list[dict]]:
+    """Condition name (`condition_name`) -> episodes: the base model's few-shot ReAct (run's prompt) and
+    the fine-tuned agent on each evaluation set; a model is loaded only if something is missing."""
+    out = {}
+    for agent, mp, llm_p, ap in (("fewshot", q.model, (q, None), fewshot_react(q)),
+                                 ("finetuned", agent_model(qq, trained), (qq, trained), finetuned_agent(qq))):
+        llm = None
+        for task, split, n in eval_sets(q):
+            name = condition_name(agent, task, split, n)
+            recs = saved_condition(q, name, task, split, n, model=mp)
+            if recs is None:
+                llm = llm or local_llm(*llm_p)
+                recs = run_condition(q, name, llm, ap, task=task, split=split, n=n, progress=progress)
+            out[name] = recs
+        del llm
+    return out
+
+
+def model_rows(q: Params, label: str, trained: Path, conds: dict[str, list[dict]]) -> pd.DataFrame:
+    """`results_table` rows of one model (EM with CIs, by question type, tokens), with the eval set
+    (`task`), seconds per episode, the fine-tuned rows' paired gain over few-shot (overall and by
+    question type) and the fine-tune's cost (train_done.json; peak memory from train_cost.json)."""
+    meta = read_train_meta(trained)
+    cost_file = q.run_dir / "train_cost.json"
+    cost = read_json(cost_file) if cost_file.is_file() else {}
+    keyed, extra = {}, {}
+    for (task, split, n), agent in ((e, a) for e in eval_sets(q) for a in AGENTS):
+        name, where = condition_name(agent, task, split, n), f"{task} {split}"
+        key, recs = f"{q.name}: {AGENTS[agent]} ({where})", conds[name]
+        row = {"task": where, "model": q.model.name, "agent": agent, "mode": agent, "recipe": label,
+               **next(iter(table_extras(q, [name]).values())),
+               "tokens_per_episode": sum(r["prompt_tokens"] + r["completion_tokens"] for r in recs) / len(recs)}
+        if agent == "finetuned":
+            base = conds[condition_name("fewshot", task, split, n)]
+            g = paired_gain(q, {"fewshot": base, "finetuned": recs}, "fewshot", "finetuned", save=False)
+            row.update(gain=g["gain"], gain_lo=g["lo"], gain_hi=g["hi"],
+                       **{f"gain_{t}{s}": v[k] for t, v in g["by_type"].items() for s, k in (("", "gain"), ("_lo", "lo"), ("_hi", "hi"))},
+                       train_tokens_per_s=meta.get("tokens_per_s"), train_runtime_s=meta.get("train_runtime_s"),
+                       train_peak_memory_gb=cost.get("peak_memory_gb"))
+        keyed[key], extra[key] = recs, row
+    return results_table(keyed, q.evaluate.bootstrap, extra=extra).assign(
+        condition=lambda d: [f"{q.name}: {AGENTS[a]}" for a in d["agent"]])
+
+
+def report(p: Params, progress: bool = True) -> pd.DataFrame:
+    """Every model of study.base_models chosen, fine-tuned and evaluated (resuming), written to
+    tables/base_models.{csv,md} (the md with a gain-and-cost table below) and figures/base_models."""
+    import pandas as pd
+
+    from .plots import plot_base_models
+
+    if not p.study.base_models:
+        raise ValueError("study.base_models is empty: name the models, e.g. 'study.base_models=[smollm2-135m, gemma3-270m]'")
+    check_study(p)
+    parts = []
+    for spec in p.study.base_models:
+        q = model_run(p, spec)
+        qq, label, trained = chosen_finetune(q, progress)
+        parts.append(model_rows(q, label, trained, model_conditions(q, qq, trained, progress)))
+    table = pd.concat(parts, ignore_index=True)
+    _, md = write_table(table, p.run_dir / "tables" / "base_models")
+    atomic_write_text(md, md.read_text() + "\n" + cost_markdown(table))
+    plot_base_models(table, p.run_dir / "figures" / "base_models")
+    return table
+
+
+def cost_markdown(table: pd.DataFrame) -> str:
+    """Per model and evaluation set: the paired gain (fine-tuned minus few-shot EM, points, 95% CI;
+    by question type), the chosen recipe, the fine-tune's cost, and each agent's cost per episode."""
+    from .evaluate import fmt_ci
+
+    def ci(r, c: str) -> str:
+        return "" if c not in r or r[c] != r[c] else fmt_ci(r[c], r[f"{c}_lo"], r[f"{c}_hi"])
+
+    def num(x, fmt: str) -> str:
+        return "" if x is None or x != x else format(x, fmt)
+
+    lines = ["| model | evaluation set | recipe | gain, EM points [95% CI] | two-option gain | open gain | "
+             "train tokens/s | train peak GB | s/episode few-shot, fine-tuned | tokens/episode few-shot, fine-tuned |",
+             "|" + "---|" * 10]
+    for (model, where), d in table.groupby(["model", "task"], sort=False):
+        fs, ft = (d[d["agent"] == a].iloc[0] for a in ("fewshot", "finetuned"))
+        lines.append(f"| {model_slug(model)} | {where} | {ft['recipe']} | {ci(ft, 'gain')} | {ci(ft, 'gain_two_option')} | "
+                     f"{ci(ft, 'gain_open')} | {num(ft['train_tokens_per_s'], '.0f')} | "
+                     f"{num(ft['train_peak_memory_gb'], '.1f')} | {num(fs.get('seconds_per_episode'), '.1f')}, "
+                     f"{num(ft.get('seconds_per_episode'), '.1f')} | {fs['tokens_per_episode']:.0f}, "
+                     f"{ft['tokens_per_episode']:.0f} |")
+    return "\n".join(lines) + "\n"
