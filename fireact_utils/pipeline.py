@@ -730,10 +730,17 @@ def run_chain(params_file: str | Path, overrides: list[str] | None = None, noteb
 
 def chain_kernel() -> str:
     """The Jupyter kernel the chain runs in: `fireact` (the .venv kernel `make setup` registers) when
-    it is installed, else the default `python3`."""
-    from jupyter_client.kernelspec import KernelSpecManager
+    it runs this interpreter, else the default `python3`. A `fireact` spec left by another clone (or
+    by a deleted one) would run other code, or nothing."""
+    import sys
 
-    return "fireact" if "fireact" in KernelSpecManager().find_kernel_specs() else "python3"
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        argv = KernelSpecManager().get_kernel_spec("fireact").argv
+    except NoSuchKernel:
+        return "python3"
+    return "fireact" if Path(argv[0]).absolute() == Path(sys.executable).absolute() else "python3"
 
 
 def export_html(ipynb: Path) -> Path:

@@ -153,13 +153,16 @@ def _start(model: str, dtype: str, port: int, args: tuple[str, ...], timeout_s: 
     server = Server(model, dtype, port, log, proc, args)
     print(f"vLLM: serving {model} on port {port} (log: {log})", file=sys.stderr)
     t0 = time.time()
-    while not server.healthy():
-        if not server.alive():
-            raise ServerError(f"vLLM server for {model} exited with {proc.returncode} while starting: see {log}")
-        if time.time() - t0 > timeout_s:
-            server.stop()
-            raise ServerError(f"vLLM server for {model} not up after {timeout_s:.0f} s: see {log}")
-        time.sleep(1.0)
+    try:
+        while not server.healthy():
+            if not server.alive():
+                raise ServerError(f"vLLM server for {model} exited with {proc.returncode} while starting: see {log}")
+            if time.time() - t0 > timeout_s:
+                raise ServerError(f"vLLM server for {model} not up after {timeout_s:.0f} s: see {log}")
+            time.sleep(1.0)
+    except BaseException:  # a timeout, or Ctrl-C while waiting: no half-started server stays behind
+        server.stop()
+        raise
     print(f"vLLM: up after {time.time() - t0:.0f} s", file=sys.stderr)
     return server
 

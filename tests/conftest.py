@@ -67,6 +67,17 @@ def _local_backend(model_path):
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread while the test runs (why: `local_llm`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def local_llm(_local_backend):
     """A GenerateBackend on the built-in model, CPU, loaded once per session; one torch thread while
     the test runs. On a shared 2-core box, two OpenMP threads stall whenever another process holds

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_model_identity import _tiny_model  # tests/ is on sys.path (no package)
+from tiny import tiny_llama  # tests/ is on sys.path (no package)
 
 from fireact_utils import base_models
 from fireact_utils.cli import main
@@ -15,16 +15,7 @@ from fireact_utils.config import load_params
 from fireact_utils.holdout import HoldoutError
 
 SMOKE = Path(__file__).resolve().parent.parent / "params" / "smoke.yaml"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _overrides(tmp_path, models: list[str], *more: str) -> list[str]:
@@ -42,7 +33,7 @@ def _params(tmp_path, models: list[str], *more: str):
 
 def test_each_model_is_chosen_finetuned_and_compared_then_resumed(tmp_path, model_path, data_dir, multihop_dir,
                                                                   monkeypatch, capsys):
-    tiny = _tiny_model(tmp_path / "tiny", model_path, 0)
+    tiny = tiny_llama(tmp_path / "tiny", model_path, 0)
     p = _params(tmp_path / "runs", [model_path, str(tiny)])
     table = base_models.report(p, progress=False)
 

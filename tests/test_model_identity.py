@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from tiny import tiny_llama  # tests/ is on sys.path (no package)
 
 from fireact_utils import pipeline, self_consistency, self_improve
 from fireact_utils.config import load_params
@@ -18,37 +19,14 @@ from fireact_utils.data import load_fireact
 from fireact_utils.models import model_fingerprint
 
 SMOKE = Path(__file__).resolve().parent.parent / "params" / "smoke.yaml"
-
-
-def _tiny_model(out: Path, tokenizer_dir: str, seed: int) -> Path:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id)
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, model_path) -> tuple[Path, Path]:
     """Two tiny models of one architecture and tokenizer: only their weights differ."""
     root = tmp_path_factory.mktemp("tiny")
-    return _tiny_model(root / "a", model_path, 0), _tiny_model(root / "b", model_path, 1)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    return tiny_llama(root / "a", model_path, 0), tiny_llama(root / "b", model_path, 1)
 
 
 def _params(tmp_path, model: Path, **kw):

@@ -1,6 +1,8 @@
-"""Pipeline stage wiring that needs no model: which fine-tunes the data-scaling sweep trains."""
+"""Pipeline wiring that needs no model: which fine-tunes the data-scaling sweep trains, the chain's kernel."""
 
 from pathlib import Path
+
+import pytest
 
 from fireact_utils import pipeline
 from fireact_utils.config import load_params
@@ -40,3 +42,21 @@ def test_scaling_draws_on_generated_trajectories(tmp_path, data_dir):
     (_, recs, out), = pipeline.scaling_runs(p).values()
     assert len(recs) == 503 and {r["question"] for r in new} <= {r["question"] for r in recs}
     assert out == p.run_dir / "scaling" / "n503"
+
+
+@pytest.mark.parametrize("ours", [True, False], ids=["this-venv", "stale"])
+def test_chain_kernel_runs_this_interpreter_only(tmp_path, monkeypatch, ours):
+    """A `fireact` kernel spec runs the chain only if it launches this interpreter: one left by
+    another (or a deleted) clone would run other code, or nothing; then the default kernel runs it."""
+    import json
+    import sys
+
+    from fireact_utils.pipeline import chain_kernel
+
+    spec = tmp_path / "kernels" / "fireact"
+    spec.mkdir(parents=True)
+    python = sys.executable if ours else str(tmp_path / "gone" / "bin" / "python")
+    (spec / "kernel.json").write_text(json.dumps({"argv": [python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                                                  "display_name": "FireAct", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))  # searched before the user's and the venv's kernels
+    assert chain_kernel() == ("fireact" if ours else "python3")

@@ -81,7 +81,8 @@ class TurnByTurn:
 def test_vllm_evaluates_both_agents_as_model_generate_does(tmp_path, model_path, lora_dir, vllm_python):
     """Few-shot ReAct on the base model and the fine-tuned (adapter) agent, end to end through
     `run_condition`: every step of every episode equals `model.generate`'s (greedy, fp32). On the
-    few-shot server: streamed turns give the turn-by-turn episodes, and sampling is seeded by torch's seed."""
+    few-shot server: streamed turns give the turn-by-turn episodes, and sampling is seeded by torch's
+    seed. The adapter's server stays up for the next test (which stops it; so does the exit)."""
     import torch
 
     from fireact_utils import pipeline
@@ -90,31 +91,28 @@ def test_vllm_evaluates_both_agents_as_model_generate_does(tmp_path, model_path,
     from fireact_utils.tools import RecordedSearch
     from fireact_utils.train import adapter_model_params
 
-    try:
-        for agent, mp_of in (("fewshot", lambda p: p.model), ("finetuned", lambda p: adapter_model_params(p.model, lora_dir))):
-            runs = {}
-            for decoder in ("vllm", "generate"):
-                p = load_params(SMOKE, [f"output_root={tmp_path / decoder}", f"model.name={model_path}",
-                                        f"model.decoder={decoder}", "evaluate.n_questions=3", "agent.max_turns=3"])
-                ap = pipeline.fewshot_react(p) if agent == "fewshot" else pipeline.finetuned_agent(p)
-                llm = local_backend(mp_of(p), p.agent.batch_size)
-                runs[decoder] = pipeline.run_condition(p, agent, llm, ap, progress=False)
-                assert not any(r["status"] == "api_error" for r in runs[decoder])
-            assert _steps(runs["vllm"]) == _steps(runs["generate"]), agent
-            if agent == "fewshot":
-                vllm = local_backend(mp_of(p).model_copy(update={"decoder": "vllm"}), 8)  # the running server
-                task, idx = pipeline.condition_questions(p)
-                turnwise = run_episodes(task, idx, TurnByTurn(vllm), RecordedSearch(), ap, progress=False)
-                assert _steps(turnwise) == _steps(runs["vllm"])
-                assert sum(r["turns"] for r in turnwise) > len(idx)  # some episode took a second turn
-                sampled = []
-                for seed in (7, 7, 8):
-                    torch.manual_seed(seed)
-                    sampled.append([g.text for g in vllm.generate(["Once upon a time", "In a land"], [], 12,
-                                                                   temperature=1.0)])
-                assert sampled[0] == sampled[1] != sampled[2]
-    finally:
-        serving.stop_all()
+    for agent, mp_of in (("fewshot", lambda p: p.model), ("finetuned", lambda p: adapter_model_params(p.model, lora_dir))):
+        runs = {}
+        for decoder in ("vllm", "generate"):
+            p = load_params(SMOKE, [f"output_root={tmp_path / decoder}", f"model.name={model_path}",
+                                    f"model.decoder={decoder}", "evaluate.n_questions=3", "agent.max_turns=3"])
+            ap = pipeline.fewshot_react(p) if agent == "fewshot" else pipeline.finetuned_agent(p)
+            llm = local_backend(mp_of(p), p.agent.batch_size)
+            runs[decoder] = pipeline.run_condition(p, agent, llm, ap, progress=False)
+            assert not any(r["status"] == "api_error" for r in runs[decoder])
+        assert _steps(runs["vllm"]) == _steps(runs["generate"]), agent
+        if agent == "fewshot":
+            vllm = local_backend(mp_of(p).model_copy(update={"decoder": "vllm"}), 8)  # the running server
+            task, idx = pipeline.condition_questions(p)
+            turnwise = run_episodes(task, idx, TurnByTurn(vllm), RecordedSearch(), ap, progress=False)
+            assert _steps(turnwise) == _steps(runs["vllm"])
+            assert sum(r["turns"] for r in turnwise) > len(idx)  # some episode took a second turn
+            sampled = []
+            for seed in (7, 7, 8):
+                torch.manual_seed(seed)
+                sampled.append([g.text for g in vllm.generate(["Once upon a time", "In a land"], [], 12,
+                                                               temperature=1.0)])
+            assert sampled[0] == sampled[1] != sampled[2]
 
 
 @pytest.mark.slow
