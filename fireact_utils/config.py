@@ -120,7 +120,8 @@ class GenerateParams(Section):
 
     teacher: LLMParams = Field(default_factory=LLMParams, description="the teacher LM")
     tasks: list[str] = Field(["hotpotqa"], description="tasks to draw training questions from")
-    split: str = Field("train", description="split of the training questions")
+    split: str = Field("dev", description="split of the training questions (FireAct's HotpotQA has dev and test; "
+                       "questions are drawn outside every held-out set, dev-500 included)")
     methods: list[Literal["react", "cot", "reflexion"]] = Field(["react"], description="methods to run")
     n_questions: int = Field(0, ge=0, description="questions per task (0: skip generation, use FireAct's released data)")
     seed: int = Field(0, description="question sampling seed")

@@ -83,3 +83,13 @@ def test_data_dir_errors_name_the_variable(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="FIREACT_DATA_DIR"):
         data_dir()
     assert data_dir(tmp_path) == tmp_path.resolve()
+
+
+def test_generate_defaults_name_a_split_their_tasks_have(data_dir):
+    """The teacher's default questions load: FireAct's HotpotQA has no train split."""
+    from fireact_utils.config import GenerateParams
+    from fireact_utils.tasks import load_task
+
+    g = GenerateParams()
+    for task in g.tasks:
+        assert len(load_task(task, g.split, data_dir).questions) > 500
