@@ -332,6 +332,26 @@ class Params(Section):
     def dump(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def changed(self) -> dict[str, Any]:
+        """section.key -> value wherever this run differs from the schema's defaults."""
+        base = _flat(Params())
+        return {k: v for k, v in _flat(self).items() if base[k] != v}
+
+    def _repr_pretty_(self, printer, cycle: bool) -> None:
+        """What a notebook shows for `p`: the run and what it sets, not all ~150 values (`p.dump()`)."""
+        lines = [f"Params of run {self.name!r} ({self.run_dir}); differs from the schema's defaults in:"]
+        lines += [f"  {k} = {v!r}" for k, v in self.changed().items() if k not in ("name", "output_root")]
+        printer.text("\n".join(lines))
+
+
+def _flat(model: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """section.key -> value of every field, sections (and sections within them) opened."""
+    out: dict[str, Any] = {}
+    for k in type(model).model_fields:
+        v = getattr(model, k)
+        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, BaseModel) else {f"{prefix}{k}": v}
+    return out
+
 
 def default(section: type[BaseModel], field: str) -> Any:
     """The schema's default of `section.field`, for library signatures: each default lives once."""

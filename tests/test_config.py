@@ -1,5 +1,7 @@
 """The params schema: precedence, validation messages naming the key, secrets."""
 
+from pathlib import Path
+
 import pytest
 
 from fireact_utils.config import ParamsError, data_dir, load_params
@@ -93,3 +95,16 @@ def test_generate_defaults_name_a_split_their_tasks_have(data_dir):
     g = GenerateParams()
     for task in g.tasks:
         assert len(load_task(task, g.split, data_dir).questions) > 500
+
+
+def test_a_notebook_shows_params_as_what_the_run_sets():
+    """`p` in a notebook cell (IPython's pretty printer) lists the run's differences from the schema
+    (nested sections and dict fields included), not the ~2,800-character model repr."""
+    from IPython.lib.pretty import pretty
+
+    p = load_params(Path(__file__).resolve().parent.parent / "params" / "cpu.yaml", {"generate.teacher.model": "gpt-4o"})
+    shown = pretty(p)
+    assert shown.splitlines()[0].startswith("Params of run 'cpu'") and len(shown) < 600 < len(repr(p))
+    assert "  train.method = 'full'" in shown and "  generate.teacher.model = 'gpt-4o'" in shown
+    assert "  evaluate.searching_baseline = {'agent.n_exemplars': 3}" in shown
+    assert "train.learning_rate" not in shown  # cpu.yaml sets the schema's own value
