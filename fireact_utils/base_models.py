@@ -13,29 +13,23 @@ share a condition or a fine-tune; everything resumes.
     python -m fireact_utils base-models params/base_models.yaml
     table = base_models.report(p)   # tables/base_models.{csv,md}, figures/base_models.{png,svg}
 
-Shortcuts: the few-shot prompt is the run's (agent.*), not re-chosen per model; peak memory is
-sampled (every 0.2 s: resident set on CPU; torch's allocated peak on GPU) around the model's recipe
-search, which its fine-tunes dominate, and is recorded only by the run that trained them.
+Shortcut: the few-shot prompt is the run's (agent.*), not re-chosen per model. Peak memory is the
+fine-tune's own record (train_done.json: torch's allocated peak on GPU, the process's peak RSS on CPU).
 """
 
 from __future__ import annotations
 
 import re
-import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import Params, override
 from .evaluate import results_table, write_table
-from .holdout import HoldoutError, check_choice, choice_set, question_key
-from .io import atomic_write_json, atomic_write_text, read_json
+from .holdout import check_choice
+from .io import atomic_write_text
 from .pipeline import (
     _slug,
     agent_model,
-    condition_questions,
-    dataset_pool,
     fewshot_react,
     finetune,
     finetuned_agent,
@@ -45,7 +39,7 @@ from .pipeline import (
     saved_condition,
     table_extras,
 )
-from .recipes import chosen_label, recipe_search, report_selection, variants
+from .recipes import chosen_label, recipe_records, recipe_search, report_selection, variants
 from .train import read_train_meta
 
 if TYPE_CHECKING:
@@ -74,70 +68,20 @@ def eval_sets(p: Params) -> list[tuple[str, str, int]]:
 
 def check_study(p: Params) -> None:
     """Before any work: distinct model folders, and no evaluation set sharing a question with the
-    selection split (`check_choice` knows the standing test sets; this covers any other)."""
+    selection split (`check_choice`)."""
     slugs = [model_slug(m) for m in p.study.base_models]
     if dup := sorted({s for s in slugs if slugs.count(s) > 1}):
         raise ValueError(f"study.base_models: two models would share the folder {dup[0]!r}")
-    check_choice(p)
-    chosen = choice_set(p)
-    for task, split, n in eval_sets(p):
-        t, idx = condition_questions(p, task, split, n)
-        if shared := chosen.keys & {question_key(t.questions[i]) for i in idx}:
-            raise HoldoutError(f"study.base_model_evals {task}:{split}: {len(shared)} questions are also in "
-                               f"the selection split {p.study.select_task} {p.study.select_split}")
-
-
-@contextmanager
-def peak_memory():
-    """Yields a dict whose 'gb' is, on exit, the peak memory inside the block: torch's allocated
-    peak on CUDA, else this process's resident set sampled every 0.2 s (the whole process, so
-    'start_gb' says what it held before the block)."""
-    import torch
-
-    out = {"gb": 0.0, "how": "torch.cuda.max_memory_allocated" if torch.cuda.is_available() else "peak RSS (0.2 s samples)"}
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        yield out
-        out["gb"] = torch.cuda.max_memory_allocated() / 2**30
-        return
-    import psutil
-
-    proc, stop = psutil.Process(), threading.Event()
-    out["start_gb"] = proc.memory_info().rss / 2**30
-
-    def watch() -> None:
-        while True:
-            out["gb"] = max(out["gb"], proc.memory_info().rss / 2**30)
-            if stop.wait(0.2):
-                return
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    try:
-        yield out
-    finally:
-        stop.set()
-        thread.join()
+    check_choice(p)  # holdout's evaluation sets include study.base_model_evals
 
 
 def chosen_finetune(q: Params, progress: bool = True) -> tuple[Params, str, Path]:
     """(params of the chosen recipe, its label, its fine-tune) for one model's run `q`: every
     recipe of study.recipes fine-tuned and scored on the selection split, the best by EM
     (`recipes.report_selection`); the chosen one's fine-tune is the search's own, reused."""
-    from .data import mix
-
-    before = set(q.run_dir.glob("recipes/*/final/train_done.json"))
-    t0 = time.time()
-    with peak_memory() as peak:
-        conds = recipe_search(q, progress)
-    if trained := set(q.run_dir.glob("recipes/*/final/train_done.json")) - before:  # measured only when trained
-        atomic_write_json(q.run_dir / "train_cost.json", {"peak_memory_gb": peak.pop("gb"), **peak,
-                                                          "fine_tunes": len(trained), "search_s": time.time() - t0})
-    label = chosen_label(report_selection(q, conds, "recipes"))
+    label = chosen_label(report_selection(q, recipe_search(q, progress), "recipes"))
     qq = variants(q, "recipes")[label]
-    pool, _ = dataset_pool(qq)
-    recs = mix(pool, qq.dataset.mixture or None, qq.dataset.n_trajectories, qq.dataset.seed, qq.dataset.tasks)
-    return qq, label, finetune(qq, recs, q.run_dir / "recipes" / label)  # trained by the search: returned as is
+    return qq, label, finetune(qq, recipe_records(qq), q.run_dir / "recipes" / label)  # trained by the search
 
 
 def condition_name(agent: str, task: str, split: str, n: int) -> str:
@@ -165,10 +109,8 @@ def model_conditions(q: Params, qq: Params, trained: Path, progress: bool = True
 def model_rows(q: Params, label: str, trained: Path, conds: dict[str, list[dict]]) -> pd.DataFrame:
     """`results_table` rows of one model (EM with CIs, by question type, tokens), with the eval set
     (`task`), seconds per episode, the fine-tuned rows' paired gain over few-shot (overall and by
-    question type) and the fine-tune's cost (train_done.json; peak memory from train_cost.json)."""
+    question type) and the fine-tune's cost (its train_done.json)."""
     meta = read_train_meta(trained)
-    cost_file = q.run_dir / "train_cost.json"
-    cost = read_json(cost_file) if cost_file.is_file() else {}
     keyed, extra = {}, {}
     for (task, split, n), agent in ((e, a) for e in eval_sets(q) for a in AGENTS):
         name, where = condition_name(agent, task, split, n), f"{task} {split}"
@@ -182,7 +124,7 @@ def model_rows(q: Params, label: str, trained: Path, conds: dict[str, list[dict]
             row.update(gain=g["gain"], gain_lo=g["lo"], gain_hi=g["hi"],
                        **{f"gain_{t}{s}": v[k] for t, v in g["by_type"].items() for s, k in (("", "gain"), ("_lo", "lo"), ("_hi", "hi"))},
                        train_tokens_per_s=meta.get("tokens_per_s"), train_runtime_s=meta.get("train_runtime_s"),
-                       train_peak_memory_gb=cost.get("peak_memory_gb"))
+                       train_peak_memory_gb=meta.get("peak_memory_gb"))
         keyed[key], extra[key] = recs, row
     return results_table(keyed, q.evaluate.bootstrap, extra=extra).assign(
         condition=lambda d: [f"{q.name}: {AGENTS[a]}" for a in d["agent"]])

@@ -300,10 +300,12 @@ class GenerateBackend:
         from .models import load_model
 
         mp = model_params or ModelParams()
+        given = model is not None  # weights handed in (a policy in training): their spec is unknown unless passed
         if model is None:
             model, tokenizer = load_model(mp.name, adapter=mp.adapter, cache=mp.cache_dir, device=mp.device,
                                           dtype=mp.dtype, merge=True)
-        self.model, self.tok, self.batch_size, self.model_params = model, tokenizer, batch_size, mp
+        self.model, self.tok, self.batch_size = model, tokenizer, batch_size
+        self.model_params = None if given and model_params is None else mp
         self.name = mp.name + (f"+{mp.adapter}" if mp.adapter else "")
 
     def continue_ids(self, contexts: list[list[int]], stop: list[Stop], max_new_tokens: int,

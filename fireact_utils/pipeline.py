@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from .agent import run_episodes, summarize
 from .config import AgentParams, Params, SearchParams, load_params, override
 from .io import atomic_write_json, read_json
-from .models import ModelId, check_same_model, model_id, model_spec
+from .models import ModelId, check_same_model, model_id
 from .tasks import eval_indices, load_task
 
 if TYPE_CHECKING:
@@ -186,7 +186,7 @@ def run_condition(p: Params, name: str, llm, agent: AgentParams, search: SearchP
     path = p.run_dir / "eval" / f"{name}.jsonl"
     meta_path = path.with_suffix(".meta.json")
     base = read_json(meta_path) if meta_path.is_file() else {"wall_s": 0.0, "episodes_run": 0}
-    model, dtype = llm_model(p, llm)
+    model, dtype = llm_model(llm)
     if path.is_file() and path.stat().st_size:  # a saved episode: continue only with its settings and model
         check_same_agent(base.get("agent", {}), agent, path)
         check_same_model(saved_model(base), model, path)
@@ -230,15 +230,14 @@ def run_condition(p: Params, name: str, llm, agent: AgentParams, search: SearchP
     return recs
 
 
-def llm_model(p: Params, llm) -> tuple[ModelId, str | None]:
-    """(model, dtype) of `llm` for a condition's meta. A local model (`local_llm`'s, or one named
-    as p.model) is fingerprinted; another backend (HTTP, a test's script) is its name alone. The
+def llm_model(llm) -> tuple[ModelId, str | None]:
+    """(model, dtype) of `llm` for a condition's meta. A local backend (it carries its
+    `model_params`) is fingerprinted; another (HTTP, a test's script) is its name alone. The
     dtype is recorded, not compared: like the batch size, it changes float roundings, not the model
     (`recipes.seed_model` decodes in bf16 what trained in fp32)."""
     from .models import pick_device, pick_dtype
 
-    mp = getattr(llm, "model_params", None) or (p.model if llm.name == model_spec(p.model.name, p.model.adapter)
-                                                 else None)
+    mp = getattr(llm, "model_params", None)
     if mp is None:
         return ModelId(llm.name), None
     dtype = str(pick_dtype(mp.dtype, pick_device(mp.device))).removeprefix("torch.")

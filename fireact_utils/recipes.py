@@ -62,19 +62,23 @@ def saved_selection(p: Params, name: str) -> list[dict] | None:
 def recipe_search(p: Params, progress: bool = True) -> dict[str, list[dict]]:
     """Fine-tune each recipe of study.recipes into recipes/<label>/ and evaluate it on the
     selection split (condition recipe_<label>); both resume. Refused on a test split (`holdout`)."""
-    from .data import mix
-
     check_choice(p)
     out = {}
     for label, q in variants(p, "recipes").items():
         if (recs := saved_selection(p, f"recipe_{label}")) is not None:
             out[label] = recs
             continue
-        pool, _ = dataset_pool(q)
-        recs = mix(pool, q.dataset.mixture or None, q.dataset.n_trajectories, q.dataset.seed, q.dataset.tasks)
-        trained = finetune(q, recs, p.run_dir / "recipes" / label)
+        trained = finetune(q, recipe_records(q), p.run_dir / "recipes" / label)
         out[label] = select_condition(p, f"recipe_{label}", local_llm(q, trained), finetuned_agent(q), progress)
     return out
+
+
+def recipe_records(q: Params) -> list[dict]:
+    """The training records of a recipe's params `q`: its dataset pool, mixed as `q.dataset` says."""
+    from .data import mix
+
+    pool, _ = dataset_pool(q)
+    return mix(pool, q.dataset.mixture or None, q.dataset.n_trajectories, q.dataset.seed, q.dataset.tasks)
 
 
 def fewshot_search(p: Params, progress: bool = True) -> dict[str, list[dict]]:

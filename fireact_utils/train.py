@@ -281,6 +281,8 @@ def finetune(records: list[dict], out_dir: str | Path, p: TrainParams, model_par
     ds = build_dataset(records, tok, p)
     trainer = SFTTrainer(model=model, args=make_sft_config(p, out_dir, device), train_dataset=ds,
                          processing_class=tok, peft_config=lora_config(p) if p.method == "lora" else None)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     train_s = train_timed(trainer, ckpt, p)
     trainer.save_model(str(final))  # gathers FSDP shards; writes on the main process only
     if not trainer.is_world_process_zero():
@@ -292,7 +294,7 @@ def finetune(records: list[dict], out_dir: str | Path, p: TrainParams, model_par
     n_loss = sum(sum(t != IGNORE for t in lab) for lab in ds["labels"])
     meta = {"params": p.model_dump(mode="json"), **started, "base_path": path,
             "n_examples": len(ds), "n_tokens": n_tokens, "n_loss_tokens": n_loss,
-            "train_runtime_s": train_s, "resumed_from": ckpt,
+            "train_runtime_s": train_s, "resumed_from": ckpt, **peak_memory(device),
             "tokens_per_s": (log[-1].get("num_tokens", 0) if log else 0) / train_s if train_s else None,
             "final_loss": log[-1]["loss"] if log else None, "data_mix": _mix(records),
             "data_sources": sorted({str(r.get("source", "?")).split(":round")[0] for r in records}),
@@ -391,6 +393,18 @@ def same_train_params(saved: dict, p: TrainParams) -> bool:
     as equal while `p` keeps its default (older models stay usable)."""
     now = p.model_dump(mode="json")
     return all(saved.get(k, TrainParams.model_fields[k].get_default(call_default_factory=True)) == v for k, v in now.items()) and set(saved) <= set(now)
+
+
+def peak_memory(device: str) -> dict:
+    """The fine-tune's peak memory: torch's allocated peak on CUDA (reset before training); on CPU
+    the process's peak resident set, which includes whatever the process held before training."""
+    import resource
+
+    import torch
+
+    if device.startswith("cuda"):
+        return {"peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30, "peak_memory_of": "cuda allocated"}
+    return {"peak_memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "peak_memory_of": "process RSS"}
 
 
 def adapter_model_params(base: ModelParams, trained: str | Path) -> ModelParams:
