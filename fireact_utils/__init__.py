@@ -2,7 +2,8 @@
 
 Modules: config (params schema), models (load/convert LMs), tasks (questions + metrics),
 tools (search), llm (LM backends), agent (ReAct/CoT/IO/Reflexion rollouts), trajectories
-(formats + mixing), train (SFTTrainer), evaluate (metrics + CIs), plots, pipeline (papermill).
+(formats), data (datasets + mixing), train (SFTTrainer), evaluate (metrics + CIs), pipeline (the
+stages), studies (sweeps), tables, summaries (each notebook's closing summary), plots, chain (papermill).
 """
 
 __version__ = "0.1.0"

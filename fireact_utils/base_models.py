@@ -28,18 +28,16 @@ from .evaluate import results_table, write_table
 from .holdout import check_choice
 from .io import atomic_write_text
 from .pipeline import (
-    _slug,
     agent_model,
     fewshot_react,
     finetune,
     finetuned_agent,
     local_llm,
-    paired_gain,
     run_condition,
     saved_condition,
-    table_extras,
 )
 from .recipes import chosen_label, recipe_records, recipe_search, report_selection, variants
+from .tables import paired_gain, table_extras, task_slug
 from .train import read_train_meta
 
 if TYPE_CHECKING:
@@ -85,7 +83,7 @@ def chosen_finetune(q: Params, progress: bool = True) -> tuple[Params, str, Path
 
 
 def condition_name(agent: str, task: str, split: str, n: int) -> str:
-    return f"{agent}_react_{_slug(task)}_{split}_n{n}"
+    return f"{agent}_react_{task_slug(task)}_{split}_n{n}"
 
 
 def model_conditions(q: Params, qq: Params, trained: Path, progress: bool = True) -> dict[str, list[dict]]:

@@ -30,7 +30,7 @@ from .serving import ServerError
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .pipeline import NOTEBOOKS
+    from .chain import NOTEBOOKS
 
     ap = argparse.ArgumentParser(prog="fireact", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -95,10 +95,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "params":
         print(json.dumps(p.dump(), indent=2))
     elif args.cmd == "run":
-        chosen = [nb for nb in pipeline.NOTEBOOKS if nb in (args.only or pipeline.NOTEBOOKS)]
-        run_dir = pipeline.run_chain(args.params_file, args.overrides, chosen, html=not args.no_html, redo=args.redo)
-        print(f"results: {run_dir}/notebooks/*.html (executed notebooks), {run_dir}/tables/ "
-              f"(main.md: the headline table), {run_dir}/figures/")
+        from .chain import NOTEBOOKS, run_chain
+
+        chosen = [nb for nb in NOTEBOOKS if nb in (args.only or NOTEBOOKS)]
+        run_chain(args.params_file, args.overrides, chosen, html=not args.no_html, redo=args.redo)  # ends naming the results
     elif args.cmd == "generate":
         print(json.dumps(pipeline.generate(p), indent=2))
         print(f"dataset: {len(pipeline.build_dataset(p))} trajectories in {p.run_dir / 'dataset'}")
@@ -145,14 +145,15 @@ def _headline(p) -> None:
     and the self-consistency curve of both agents (study.sc_ks). study.preregistered freezes it."""
     from . import pipeline, recipes
     from .evaluate import write_table
+    from .tables import condition_table, paired_gain
 
     recipes.preregister(p)
     trained = pipeline.finetune(p)
     conds = pipeline.evaluate(p, trained)
-    table = pipeline.condition_table(p, conds)
+    table = condition_table(p, conds)
     write_table(table, p.run_dir / "tables" / "main")  # as notebook 03
     print(table[["condition", "n", "em", "em_lo", "em_hi", "turns", "completion_tokens"]].to_string(index=False))
-    print(json.dumps(pipeline.paired_gain(p, conds)))
+    print(json.dumps(paired_gain(p, conds)))
     if p.study.seeds:
         seeds = recipes.report_seeds(p, trained, conds.get("base_fewshot_react"))
         print(seeds[[c for c in recipes.SEED_COLUMNS if c in seeds]].to_string(index=False))

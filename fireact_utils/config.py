@@ -31,7 +31,9 @@ class ModelParams(Section):
                       "'gemma3-270m' (installed on demand; Gemma Terms of Use, docs/models.md)")
     adapter: str | None = Field(None, description="PEFT adapter dir applied on top (fine-tuned LoRA)")
     cache_dir: str | None = Field(None, description="where converted models live; default $FIREACT_CACHE or ~/.cache/fireact")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="decoding dtype: the weights' when the model generates (evaluation, sampling, GRPO's "
+        "policy and rollouts); auto: bf16 on GPU, fp32 on CPU. Training's is train.dtype")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     decoder: Literal["auto", "vllm", "generate"] = Field(
         "auto", description="local decoding: a vLLM server the kit starts (.venv-vllm), transformers' "
@@ -131,6 +133,8 @@ class DatasetParams(Section):
     """Which fine-tuning data, mixed how."""
 
     source: str = Field("fireact:hotpotqa", description="fireact:<name> (released GPT-4 data) or a trajectories JSONL path")
+    teacher_episodes: bool = Field(True, description="join the run's generated successes (generate/*.jsonl) to "
+                                   "`source`; false keeps the data exactly `source` while notebook 01 still shows the teacher")
     mixture: dict[str, float] = Field(default_factory=dict, description="task:method -> count (>=1) or ratio (<1); empty = all")
     tasks: list[str] = Field(default_factory=list, description="keep only these tasks' trajectories (empty: all)")
     n_trajectories: int | None = Field(None, ge=1, description="keep the first N (data-scaling study)")
@@ -166,7 +170,11 @@ class TrainParams(Section):
     lora_alpha: int = Field(32, ge=1, description="LoRA scale numerator")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
     lora_target_modules: list[str] | str = Field("all-linear", description="modules that get adapters")
-    bf16: Literal["auto", True, False] = Field("auto", description="auto: on for GPU and bf16-capable CPUs")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype the fine-tune loads and holds the weights in: float32 master weights (bf16 "
+        "autocast per train.bf16), or pure half precision (half the memory); model.dtype set it before this field")
+    bf16: Literal["auto", True, False] = Field("auto", description="bf16 autocast (mixed precision); auto: on for "
+                                               "GPU and bf16-capable CPUs")
     gradient_checkpointing: Literal["auto", True, False] = Field("auto", description="auto: on for GPU")
     logging_steps: int = Field(5, ge=1, description="log loss every N steps")
     save_steps: int = Field(50, ge=1, description="checkpoint every N steps (resume point)")

@@ -105,7 +105,82 @@ def load_dataset_source(source: str, data_dir: str | Path | None = None, fmt: st
     for i, r in enumerate(recs):
         if "question" not in r or "steps" not in r:
             raise DataFileError(f"{source}: line {i + 1} is not a trajectory record (needs question, steps)")
-    return [r for r in recs if r.get("reward", r.get("em"))]
+    return [r for r in recs if kept_by_reward(r)]
+
+
+# ---------------------------------------------------------------- the reward filter, explained
+
+def kept_by_reward(rec: dict) -> bool:
+    """The filter between the teacher and the dataset: only reward-true episodes train the student."""
+    return bool(rec.get("reward", rec.get("em")))
+
+
+def filter_outcome(rec: dict) -> tuple[str, str]:
+    """(outcome, one-line reason) of the reward filter on one episode record. Outcome is `kept`,
+    `wrong answer` (finished, but not the gold answer) or the exit status of an episode that never
+    finished (`max_turns`, `parse_error`, `tool_error`, `api_error`)."""
+    steps = rec.get("steps", [])
+    answer = rec.get("answer", steps[-1]["arg"] if steps and steps[-1]["action"] == "finish" else None)
+    gold = rec.get("gold")
+    vs_gold = f"{answer!r} vs gold {gold!r}" if gold is not None else repr(answer)
+    if kept_by_reward(rec):
+        return "kept", f"correct: {vs_gold}"
+    status = rec.get("status") or ("finished" if answer is not None else "unfinished")  # released rows: no status
+    errors = rec.get("errors") or []
+    last = f", last: {errors[-1][:80]!r}" if errors else ""
+    if status == "finished":
+        f1 = f" (F1 {rec['f1']:.2f})" if "f1" in rec else ""
+        return "wrong answer", f"finished with a wrong answer: {vs_gold}{f1}"
+    if status in ("max_turns", "unfinished"):
+        cut = " (agent.max_turns)" if status == "max_turns" else ""
+        return status, f"never finished: no finish[...] in {len(steps)} turns{cut}{last}"
+    if status == "parse_error":
+        return status, f"never finished: invalid actions in a row, the model lost the format{last}"
+    return status, f"never finished: {status.replace('_', ' ')}{last}"
+
+
+def generated_episodes(gen_dir: str | Path) -> list[dict]:
+    """Every teacher episode saved under `gen_dir` (a run's `generate/`), kept or not, by file and
+    question index (episodes are saved as they end); a re-run episode (api_error) counts once, as its
+    newest record."""
+    out: list[dict] = []
+    for f in sorted(Path(gen_dir).glob("*.jsonl")):
+        by_id = {r.get("id", str(i)): r for i, r in enumerate(read_jsonl(f))}
+        out += sorted(by_id.values(), key=lambda r: r.get("idx", 0))
+    return out
+
+
+def episode_table(records: list[dict]):
+    """One row per episode: which the reward filter kept, and why each other one was dropped."""
+    import pandas as pd
+
+    rows = []
+    for r in records:
+        outcome, reason = filter_outcome(r)
+        q = r["question"]
+        rows.append({"id": r.get("id", ""), "question": q if len(q) <= 60 else q[:57] + "...",
+                     "turns": len(r.get("steps", [])), "status": r.get("status"), "outcome": outcome, "reason": reason})
+    return pd.DataFrame(rows, columns=["id", "question", "turns", "status", "outcome", "reason"])
+
+
+def rejected_example(records: list[dict]) -> dict | None:
+    """The dropped episode worth reading first: one that finished with a wrong answer (a well-formed
+    trajectory the filter still catches), else the first dropped one; None if nothing was dropped."""
+    dropped = [r for r in records if not kept_by_reward(r)]
+    finished = [r for r in dropped if filter_outcome(r)[0] == "wrong answer"]
+    return (finished or dropped or [None])[0]
+
+
+def annotated_episode(rec: dict | None) -> str:
+    """A dropped episode as text to print: question, gold, its ReAct scratchpad, and why the
+    reward filter left it out of the fine-tuning data."""
+    if rec is None:
+        return "No episode was dropped: every teacher episode earned reward 1."
+    outcome, reason = filter_outcome(rec)
+    head = f"Question: {rec['question']}\nGold answer: {rec.get('gold', '?')}\n\n"
+    errors = "".join(f"\n  - step error: {e}" for e in rec.get("errors") or [])
+    return (head + react_text(rec.get("steps", []), rec.get("preamble", ""))
+            + f"\n=> {outcome.upper()}: {reason}{errors}\n=> dropped by the reward filter: not in the fine-tuning data")
 
 
 def dedup(records: list[dict]) -> list[dict]:

@@ -10,6 +10,7 @@ by resampling questions (percentile bootstrap, seeded).
 
 from __future__ import annotations
 
+from itertools import zip_longest
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import pandas as pd
 from .config import EvalParams, default
 from .io import atomic_write_text
 from .tasks import normalize_answer
+from .trajectories import react_text
 
 N_BOOT = default(EvalParams, "bootstrap")
 METRICS = ("em", "f1", "turns", "finish", "prompt_tokens", "completion_tokens")
@@ -122,6 +124,11 @@ def fmt_ci(mean: float, lo: float, hi: float, scale: float = 100.0, digits: int 
     return f"{mean * scale:.{digits}f} [{lo * scale:.{digits}f}, {hi * scale:.{digits}f}]"
 
 
+def fmt_pct_ci(mean: float, lo: float, hi: float) -> str:
+    """A rate in running text: '15.0% [8.0, 23.0]'."""
+    return f"{mean * 100:.1f}% [{lo * 100:.1f}, {hi * 100:.1f}]"
+
+
 TYPE_HEADERS = {"two_option": "two-option EM %", "four_option": "four-option EM %", "open": "open EM %"}
 
 
@@ -215,6 +222,30 @@ PAPER_HOTPOTQA_EM = {  # FireAct paper, HotpotQA EM (%), Llama-2-7B, ReAct
     "Llama-2-7B few-shot ReAct": 14.8,
     "Llama-2-7B FireAct (500 GPT-4 trajectories)": 26.2,
 }
+PAPER_MODEL = "Llama-2-7B"
+
+
+def paper_comparison(table: pd.DataFrame, gain: dict, base: str, ft: str, student: str) -> str:
+    """Our fine-tuning gain beside the paper's, as Markdown: one sentence, whether the paper's gain
+    falls inside our paired CI, and a small table. `base`/`ft` are the table's condition labels of
+    `gain`'s baseline and treatment; `student` names our model."""
+    rows = table.set_index("condition")
+    b, f = rows.loc[base], rows.loc[ft]
+    paper_base, paper_ft = PAPER_HOTPOTQA_EM.values()  # few-shot, then fine-tuned
+    paper_gain = paper_ft - paper_base
+    ours = f"{gain['gain'] * 100:+.1f} [{gain['lo'] * 100:+.1f}, {gain['hi'] * 100:+.1f}]"
+    where = ("inside" if gain["lo"] * 100 <= paper_gain <= gain["hi"] * 100
+             else "above" if paper_gain > gain["hi"] * 100 else "below")
+    text = (f"Fine-tuning took our {student} student from {fmt_pct_ci(b['em'], b['em_lo'], b['em_hi'])} to "
+            f"{fmt_pct_ci(f['em'], f['em_lo'], f['em_hi'])} EM on {gain['n']} questions (paired gain {ours} points); "
+            f"the paper took {PAPER_MODEL} from {paper_base}% to {paper_ft}% ({paper_gain:+.1f}) on HotpotQA dev-500. "
+            f"The paper's gain lies {where} our gain's 95% CI. The levels are not expected to match (a far "
+            "smaller model); the sign and size of the gain are what to compare.")
+    head = "| | few-shot ReAct EM % | fine-tuned EM % | gain (points) |\n|---|---|---|---|"
+    ours_row = (f"| this run: {student}, {gain['n']} questions | {fmt_ci(b['em'], b['em_lo'], b['em_hi'])} | "
+                f"{fmt_ci(f['em'], f['em_lo'], f['em_hi'])} | {ours} |")
+    paper_row = f"| FireAct paper: {PAPER_MODEL}, dev-500 (`PAPER_HOTPOTQA_EM`) | {paper_base} | {paper_ft} | {paper_gain:+.1f} |"
+    return "\n".join([text, "", head, ours_row, paper_row])
 
 
 def grouped_results_table(groups: dict[str, dict[str, list[dict]]], n_boot: int = N_BOOT, group: str = "task",
@@ -240,3 +271,61 @@ def paper_summary(table: pd.DataFrame, data_dir=None) -> pd.DataFrame:
     paper = pd.DataFrame({"condition": list(PAPER_HOTPOTQA_EM),
                           "em": [v / 100 for v in PAPER_HOTPOTQA_EM.values()]}).assign(source="FireAct paper")
     return pd.concat([ours, released, paper], ignore_index=True)[["source", *cols]]
+
+
+# ---------------------------------------------------------------- two agents on one question
+
+
+def differing_pair(base: list[dict], ft: list[dict]) -> tuple[dict, dict] | None:
+    """(base record, fine-tuned record) of the first question, paired by question index, on which
+    their EM differ: one the fine-tuned agent got right and the base wrong if any, else the
+    reverse; None when every question is right for both or wrong for both."""
+    by_idx = {r["idx"]: r for r in base}
+    pairs = [(by_idx[r["idx"]], r) for r in ft if r["idx"] in by_idx]
+    for ft_right in (True, False):
+        for b, f in pairs:
+            if bool(f["em"]) == ft_right and bool(b["em"]) != ft_right:
+                return b, f
+    return None
+
+
+def _action(step: dict | None) -> str:
+    if step is None:
+        return "had already ended"
+    return f"{step['action']}[{step.get('arg') or ''}]" if step.get("action") else "wrote no valid action"
+
+
+def divergence(base: dict, ft: dict, base_label: str, ft_label: str) -> str:
+    """Where two episodes of one question part: the first turn whose action (tool and argument) differs."""
+    for turn, (a, b) in enumerate(zip_longest(base["steps"], ft["steps"]), 1):
+        if a is None or b is None or (a.get("action"), a.get("arg")) != (b.get("action"), b.get("arg")):
+            return f"**Where they diverged**: turn {turn}: {base_label} {_action(a)}; {ft_label} {_action(b)}."
+    return "**Where they diverged**: nowhere in their actions; they differ only in their exit status."
+
+
+def episode_markdown(rec: dict, label: str) -> str:
+    """One saved episode, annotated: turns and exit status, what it searched, its answer against
+    gold with EM, then the scratchpad as the agent wrote it and the tool answered."""
+    queries = "; ".join(f"`{s['arg']}`" for s in rec["steps"] if s.get("action") == "search") or "nothing"
+    if rec.get("answer") is None:
+        answer = f"gave no answer (gold {rec['gold']!r})"
+    else:
+        answer = f"answered {rec['answer']!r} against gold {rec['gold']!r}"
+    turns = f"{rec['turns']} turn" + ("s" if rec["turns"] != 1 else "")
+    head = f"**{label}**: {turns} ({rec['status']}); searched {queries}; {answer}: EM {int(bool(rec['em']))}."
+    return f"{head}\n\n```text\n{react_text(rec['steps'])}```"
+
+
+def compare_episodes(base: list[dict], ft: list[dict], base_label: str = "few-shot ReAct",
+                     ft_label: str = "fine-tuned ReAct") -> str:
+    """Markdown for the `differing_pair` of two conditions: the question, each episode annotated
+    (`episode_markdown`) and the turn where they diverged, or a line saying no question separates them."""
+    pair = differing_pair(base, ft)
+    if pair is None:
+        return (f"No question separates the two agents: on each of the {len(ft)} questions both were right "
+                "or both were wrong.")
+    b, f = pair
+    right = ft_label if f["em"] else base_label
+    head = f"**Question** ({f['id']}): {f['question']}\n\nOnly {right} got it right (gold {f['gold']!r})."
+    return "\n\n".join([head, episode_markdown(b, base_label), episode_markdown(f, ft_label),
+                          divergence(b, f, base_label, ft_label)])

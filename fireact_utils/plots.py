@@ -4,7 +4,7 @@ Every plot takes a DataFrame from `evaluate.results_table` (one row per conditio
 `em`, `em_lo`, `em_hi`, ... where `_lo`/`_hi` bound the 95% bootstrap CI over questions) and
 returns the figure, already closed so that a notebook shows it once. EM is drawn in percent.
 
-    plot_prompting_vs_finetuned(pipeline.condition_table(p, conds), stem=run_dir / "figures" / "pvf")
+    plot_prompting_vs_finetuned(tables.condition_table(p, conds), stem=run_dir / "figures" / "pvf")
 
 Shortcuts: seconds per episode is a run total divided by episodes (episodes run in batches, so
 there is no per-episode time to resample) and is drawn without an interval.
@@ -221,7 +221,7 @@ def plot_data_scaling(df: pd.DataFrame, reference: pd.DataFrame | None = None, s
 def plot_robustness(table: pd.DataFrame, stem: str | Path | None = None):
     """EM vs noise rate of the search tool, one line per agent (prompted / fine-tuned) and noise kind.
     Clean conditions (no `noise_rate`) sit at rate 0 and start every line of their agent. Rows with
-    `too_few_corrupted` (`pipeline.noise_effects`) are left out, named under the axes: an agent that
+    `too_few_corrupted` (`tables.noise_effects`) are left out, named under the axes: an agent that
     barely searched stays flat under any noise rate, which would read as robustness."""
     if _empty(table, "robustness"):
         return None
@@ -270,7 +270,7 @@ OUTCOME_COLORS = {"correct": "#4c9a5b", "saw evidence, wrong answer": "#e3a33b",
 def plot_outcomes(outcomes: pd.DataFrame, stem: str | Path | None = None):
     """Where episodes go wrong in the wiki environment: per condition, the share that was correct,
     saw every gold paragraph but answered wrong, finished without the evidence, or never finished.
-    `outcomes` is `pipeline.outcome_table` (a count column per outcome)."""
+    `outcomes` is `tables.outcome_table` (a count column per outcome)."""
     if _empty(outcomes, "outcome breakdown"):
         return None
     cols = list(OUTCOME_COLORS)

@@ -23,17 +23,15 @@ from .holdout import check_choice
 from .io import atomic_write_json
 from .pipeline import (
     agent_model,
-    condition_label,
     dataset_pool,
     finetune,
     finetuned_agent,
     local_llm,
     run_condition,
     saved_condition,
-    table_extras,
 )
+from .tables import condition_label, table_extras
 from .tasks import load_task
-from .train import read_train_meta
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -108,7 +106,7 @@ def chosen_label(table: pd.DataFrame) -> str:
 def selection_table(p: Params, conds: dict[str, list[dict]], settings: dict[str, dict[str, Any]],
                     prefix: str = "recipe_") -> pd.DataFrame:
     """One row per variant: EM etc. with CIs on the selection split, its settings, the
-    `pipeline.table_extras` columns (seconds per episode, search fidelity, environment), `chosen`
+    `tables.table_extras` columns (seconds per episode, search fidelity, environment), `chosen`
     on the best row, and `vs_chosen` (+_lo/_hi): each row's paired EM gain over the chosen one,
     so a reader sees how clearly the choice won. Few-shot prompts are chosen by study.fewshot_rule
     (`grounded_em` by default: a prompt that answers without searching wins nothing by it)."""
@@ -172,15 +170,10 @@ def seed_runs(p: Params, trained: str | Path, progress: bool = True) -> dict[int
 
 def seed_model(p: Params, seed: int, trained: str | Path) -> Path:
     """The main recipe trained with `seed`: `trained` itself for train.seed, else seeds/s<seed>/final
-    (fine-tuned now if it is not there yet). A seed trains in the weight dtype `trained` trained in
-    (its train_done.json), so model.dtype may set a decoding precision (bf16 sampling on an AMX CPU)
-    without turning the seeds' fp32-master training into pure-bf16 training."""
+    (fine-tuned now if it is not there yet)."""
     if seed == p.train.seed:
         return Path(trained)
-    model = p.model
-    if (Path(trained) / "train_done.json").is_file():
-        model = model.model_copy(update={"dtype": read_train_meta(trained)["model"]["dtype"]})
-    q = p.model_copy(update={"train": p.train.model_copy(update={"seed": seed}), "model": model})
+    q = p.model_copy(update={"train": p.train.model_copy(update={"seed": seed})})
     return finetune(q, None, p.run_dir / "seeds" / f"s{seed}")
 
 
@@ -263,9 +256,11 @@ def transfer_runs(p: Params, trained: str | Path, progress: bool = True) -> dict
     """task -> (training seed -> the fine-tuned agent's episodes, few-shot ReAct's episodes) on each
     of study.transfer_tasks (whole default split, its own Wikipedia environment); every seed of
     study.seeds (or train.seed alone) is loaded once for all tasks."""
-    from .pipeline import _n_questions, _slug, fewshot_react
+    from .pipeline import fewshot_react
+    from .studies import transfer_n
+    from .tables import task_slug
 
-    tasks = {t: (_slug(t), _n_questions(p, t)) for t in p.study.transfer_tasks}
+    tasks = {t: (task_slug(t), transfer_n(p, t)) for t in p.study.transfer_tasks}
     base = {t: saved_condition(p, f"gen_{slug}_base", t, None, n, model=p.model) for t, (slug, n) in tasks.items()}
     if any(v is None for v in base.values()):
         llm = local_llm(p)

@@ -33,19 +33,18 @@ from .trajectories import to_chat
 if TYPE_CHECKING:
     import pandas as pd
 
-    from .config import Params
+    from .config import AgentParams, Params, RLParams
 
 
 class Rollouts:
     """`rollout_func` of GRPOTrainer: one ReAct episode per prompt, a training question (TRL repeats
     each num_generations times), token ids kept as the model saw and sampled them (each turn up to
-    where evaluation cuts it)."""
+    where evaluation cuts it). `agent`: the fine-tuned agent as evaluation runs it
+    (`finetuned_agent`); it samples at rl.temperature."""
 
-    def __init__(self, p: Params, task, search, tok):
-        from .pipeline import finetuned_agent
-
-        self.p, self.task, self.tok = p, task, tok
-        self.agent = Agent(task, finetuned_agent(p).model_copy(update={"temperature": p.rl.temperature}), search)
+    def __init__(self, agent: AgentParams, rl: RLParams, task, search, tok):
+        self.rl, self.task, self.tok = rl, task, tok
+        self.agent = Agent(task, agent.model_copy(update={"temperature": rl.temperature}), search)
         self.chat = self.agent.p.format == "chat"
         self.index = {q: i for i, q in enumerate(task.questions)}
         self.log: list[dict] = []  # one row per rollout batch: reward, EM, searches, format errors
@@ -60,7 +59,7 @@ class Rollouts:
         turn_end = eos_ids(self.tok, model.generation_config) if self.chat else set()  # the template's end of turn
         comp: list[list[int]] = [[] for _ in prompts]
         env: list[list[int]] = [[] for _ in prompts]
-        cap = self.p.rl.max_episode_tokens
+        cap = self.rl.max_episode_tokens
         policy = GenerateBackend(model=model, tokenizer=self.tok, batch_size=len(prompts))
         active = list(range(len(prompts)))
         was_training = model.training
@@ -68,7 +67,7 @@ class Rollouts:
         try:
             while active:
                 news = policy.continue_ids([prompt_ids[i] + comp[i] for i in active], STOP,
-                                           self.p.agent.max_new_tokens, self.p.rl.temperature)
+                                           self.agent.p.max_new_tokens, self.rl.temperature)
                 for i, new in zip(active, news, strict=True):
                     ep, raw = eps[i], self.tok.decode(new, skip_special_tokens=True)
                     text = cut_at_stop(raw, STOP)  # what evaluation's backends hand the agent
@@ -110,7 +109,7 @@ class Rollouts:
 
     def __call__(self, prompts: list[str], trainer) -> dict:
         recs, prompt_ids, comp, env = self.episodes(trainer.model, prompts)
-        rewards = [reward(r, self.p.rl.format_reward) for r in recs]
+        rewards = [reward(r, self.rl.format_reward) for r in recs]
         n = len(recs)
         self.log.append({"step": trainer.state.global_step, "episodes": n, "reward": sum(rewards) / n,
                          "em": sum(r["em"] for r in recs) / n,
@@ -157,23 +156,22 @@ def training_prompts(p: Params):
     return task, Dataset.from_dict({"prompt": [task.questions[i] for i in idx]})
 
 
-def grpo_config(p: Params, out_dir: Path, device: str):
+def grpo_config(r: RLParams, dtype: str, out_dir: Path, device: str):
     """TRL's GRPOConfig from rl.*: a step = questions_per_step groups of num_generations episodes,
     generated together and accumulated in micro-batches of rl.micro_batch; bf16 autocast where
-    the policy is bf16 (`_student`)."""
+    the policy is bf16 (`dtype`: model.dtype, the policy's, `_student`)."""
     import torch
     from trl import GRPOConfig
 
     from .models import pick_dtype
 
-    r = p.rl
     episodes = r.questions_per_step * r.num_generations  # one generation batch = one optimizer step: on-policy
     return GRPOConfig(
         output_dir=str(out_dir), max_steps=r.steps, learning_rate=r.learning_rate, beta=r.beta,
         loss_type=r.loss_type, num_generations=r.num_generations, temperature=r.temperature,
         per_device_train_batch_size=r.micro_batch, gradient_accumulation_steps=episodes // r.micro_batch,
         max_completion_length=r.max_episode_tokens, logging_steps=1, save_steps=r.save_steps, save_total_limit=1,
-        seed=r.seed, use_cpu=device == "cpu", bf16=pick_dtype(p.model.dtype, device) == torch.bfloat16,
+        seed=r.seed, use_cpu=device == "cpu", bf16=pick_dtype(dtype, device) == torch.bfloat16,
         gradient_checkpointing=False, report_to="none", disable_tqdm=True)
 
 
@@ -182,13 +180,15 @@ def _student(p: Params, trained: str | Path):
     LoRA adapter, merged) in evaluation's dtype (model.dtype; auto: fp32 on CPU, bf16 on GPU), so
     rollouts sample as evaluation does, and its rollouts on the training questions' environment."""
     from .models import load_model
+    from .pipeline import finetuned_agent
     from .tools import make_search
     from .train import adapter_model_params
 
     mp = adapter_model_params(p.model, trained)
     model, tok = load_model(mp.name, mp.adapter, mp.cache_dir, p.model.device, p.model.dtype, merge=True)
     task, ds = training_prompts(p)
-    return model, tok, ds, Rollouts(p, task, make_search(p.search, p.data_dir, task.corpus, p.multihop_dir), tok)
+    search = make_search(p.search, p.data_dir, task.corpus, p.multihop_dir)
+    return model, tok, ds, Rollouts(finetuned_agent(p), p.rl, task, search, tok)
 
 
 def grpo_trainer(p: Params, trained: str | Path, reward_funcs=None, trainer_cls=None):
@@ -202,8 +202,8 @@ def grpo_trainer(p: Params, trained: str | Path, reward_funcs=None, trainer_cls=
     model, tok, ds, rollouts = _student(p, trained)
     trainer = (trainer_cls or GRPOTrainer)(
         model=model, reward_funcs=reward_funcs or episode_reward,
-        args=grpo_config(p, p.run_dir / "rl", pick_device(p.model.device)), train_dataset=ds, processing_class=tok,
-        peft_config=lora_config(p.train), rollout_func=rollouts)
+        args=grpo_config(p.rl, p.model.dtype, p.run_dir / "rl", pick_device(p.model.device)), train_dataset=ds,
+        processing_class=tok, peft_config=lora_config(p.train), rollout_func=rollouts)
     return trainer, rollouts
 
 

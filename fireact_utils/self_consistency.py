@@ -23,17 +23,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .evaluate import bootstrap_ci
-from .pipeline import (
-    agent_model,
-    check_same_agent,
-    condition_meta,
-    fewshot_react,
-    finetuned_agent,
-    hand_edit,
-    local_llm,
-    run_condition,
-    saved_condition,
-)
+from .pipeline import agent_model, fewshot_react, finetuned_agent, local_llm, run_condition, saved_condition
+from .provenance import check_same_agent, condition_meta, hand_edit
 from .recipes import seed_model, seed_table
 
 if TYPE_CHECKING:

@@ -30,14 +30,8 @@ from typing import TYPE_CHECKING
 from .evaluate import bootstrap_ci, episode_values, paired_bootstrap_diff
 from .holdout import check_training, question_key
 from .io import read_jsonl, write_jsonl
-from .pipeline import (
-    condition_meta,
-    finetune,
-    finetuned_agent,
-    local_llm,
-    run_condition,
-    training_records,
-)
+from .pipeline import finetune, finetuned_agent, local_llm, run_condition, training_records
+from .provenance import condition_meta
 from .tasks import load_task
 from .train import optimizer_steps, read_train_meta
 from .trajectories import react_text

@@ -261,7 +261,7 @@ def finetune(records: list[dict], out_dir: str | Path, p: TrainParams, model_par
     if (final / "train_done.json").is_file():
         done = read_train_meta(final)
         check_same_model(trained_on(done), base, final)
-        if not same_train_params(done["params"], p) or done.get("n_examples") != len(records):
+        if not same_train_params(trained_params(done), p) or done.get("n_examples") != len(records):
             raise ValueError(f"{final} was trained with other params or data; delete {out_dir} or pick a new run name")
         return final
     ckpt = last_checkpoint(out_dir) if resume else None
@@ -275,9 +275,9 @@ def finetune(records: list[dict], out_dir: str | Path, p: TrainParams, model_par
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     kw = {"attn_implementation": "flash_attention_2"} if use_padding_free(p, device) else {}
-    # "auto" trains fp32 master weights (bf16 autocast where `use_bf16`); an explicit dtype is honoured.
-    dtype = torch.float32 if mp.dtype == "auto" else getattr(torch, mp.dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+    note_decoding_dtype(p, mp)
+    # train.dtype float32: master weights, autocast to bf16 where `use_bf16`; bfloat16/float16: pure half precision
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, p.dtype), **kw)
     ds = build_dataset(records, tok, p)
     trainer = SFTTrainer(model=model, args=make_sft_config(p, out_dir, device), train_dataset=ds,
                          processing_class=tok, peft_config=lora_config(p) if p.method == "lora" else None)
@@ -386,6 +386,24 @@ def _write_log(out_dir: Path, log: list[dict]) -> None:
     w.writeheader()
     w.writerows(log)
     atomic_write_text(out_dir / "train_log.csv", buf.getvalue())
+
+
+def note_decoding_dtype(p: TrainParams, mp: ModelParams) -> None:
+    """One line when the fine-tune holds fp32 master weights while model.dtype decodes in half precision:
+    before train.dtype existed, model.dtype set the training weights' dtype too, so an older params
+    file that set it to train in bf16 now trains fp32 masters unless it sets train.dtype."""
+    import warnings
+
+    if p.dtype == "float32" and mp.dtype in ("bfloat16", "float16"):
+        warnings.warn(f"training in fp32 master weights (train.dtype float32); model.dtype={mp.dtype} sets only the "
+                      f"decoding dtype: set train.dtype={mp.dtype} to train in it", stacklevel=3)
+
+
+def trained_params(meta: dict) -> dict:
+    """train.* of a fine-tune's record (`train_done.json`). Before train.dtype existed, model.dtype
+    set the training weights' dtype (its auto: fp32): an older record's train.dtype is read from there."""
+    old = meta.get("model", {}).get("dtype", "auto")
+    return {"dtype": "float32" if old == "auto" else old, **meta["params"]}
 
 
 def same_train_params(saved: dict, p: TrainParams) -> bool:

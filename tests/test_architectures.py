@@ -277,7 +277,7 @@ def test_rollouts_see_what_evaluation_sees(family, fmt):
             recs = run_episodes(task, [0, 1], GenerateBackend(model=model, tokenizer=tok), search, finetuned_agent(p),
                                 progress=False)
         else:
-            recs, prompt_ids, comp, env = rl.Rollouts(p, task, search, tok).episodes(model, list(TURNS))
+            recs, prompt_ids, comp, env = rl.Rollouts(finetuned_agent(p), p.rl, task, search, tok).episodes(model, list(TURNS))
         assert [r["em"] for r in recs] == [True, True]
         seen[who] = ([(r["steps"], r["status"], r["answer"]) for r in recs],
                      [[ctx for ctx in scripted.contexts if q in tok.decode(ctx)] for q in TURNS])
@@ -311,4 +311,4 @@ def test_grpo_policy_has_evaluations_dtype(family, monkeypatch, tmp_path):
         p = load_params(None, {"model.name": family.path, "model.device": "cpu", "model.dtype": dtype})
         model, *_ = rl._student(p, family.path)
         assert model.dtype == want
-        assert rl.grpo_config(p, Path(tmp_path), "cpu").bf16 == (want == torch.bfloat16)
+        assert rl.grpo_config(p.rl, p.model.dtype, Path(tmp_path), "cpu").bf16 == (want == torch.bfloat16)

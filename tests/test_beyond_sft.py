@@ -7,6 +7,7 @@ import pytest
 
 from fireact_utils import holdout, rl, self_improve
 from fireact_utils.config import load_params
+from fireact_utils.pipeline import finetuned_agent
 from fireact_utils.tasks import eval_indices, load_task
 from fireact_utils.trajectories import alpaca_prompt
 
@@ -84,8 +85,8 @@ def test_rollouts_mask_exactly_the_tool_observations(rl_params, model_path):
     torch.manual_seed(0)
     task, ds = rl.training_prompts(rl_params)
     model, tok = load_model(model_path, device="cpu", dtype="float32")
-    roll = rl.Rollouts(rl_params, task, make_search(rl_params.search, rl_params.data_dir, task.corpus,
-                                                    rl_params.multihop_dir), tok)
+    search = make_search(rl_params.search, rl_params.data_dir, task.corpus, rl_params.multihop_dir)
+    roll = rl.Rollouts(finetuned_agent(rl_params), rl_params.rl, task, search, tok)
     recs, prompt_ids, comp, env = roll.episodes(model, list(ds["prompt"][:3]))
     n_obs = 0
     for rec, p_ids, c, m in zip(recs, prompt_ids, comp, env, strict=True):

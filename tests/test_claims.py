@@ -3,7 +3,7 @@ the noise did, and a noisy run with too few corrupted observations is not plotte
 
 import pytest
 
-from fireact_utils import pipeline, plots
+from fireact_utils import pipeline, plots, tables
 from fireact_utils.evaluate import paired_bootstrap_diff, results_table
 
 
@@ -46,7 +46,7 @@ def test_efficiency_title_states_measured_ratios():
     ("scaling_n100", "scaling n100"),
 ])
 def test_condition_label_says_what_the_noise_did(name, label):
-    assert pipeline.condition_label(name) == label
+    assert tables.condition_label(name) == label
 
 
 def test_too_few_corrupted_is_flagged_and_left_out_of_the_figure():
@@ -58,14 +58,14 @@ def test_too_few_corrupted_is_flagged_and_left_out_of_the_figure():
              "finetuned_react_noise_none_0.5": _recs([0, 1, 0, 0])[::-1]}
     meta = {"base_fewshot_react_noise_none_0.5": 1, "finetuned_react_noise_none_0.5": 30}
     mode = {"base": "fewshot", "fine": "finetuned"}
-    extra = {pipeline.condition_label(n): {"mode": mode[n[:4]], "method": "react"} for n in clean | noisy}
+    extra = {tables.condition_label(n): {"mode": mode[n[:4]], "method": "react"} for n in clean | noisy}
     for n, k in meta.items():
-        extra[pipeline.condition_label(n)] |= {"noise_rate": 0.5, "noise_kind": "none", "noise_corrupted": k}
-    table = results_table({pipeline.condition_label(n): r for n, r in (clean | noisy).items()}, 50, extra=extra)
+        extra[tables.condition_label(n)] |= {"noise_rate": 0.5, "noise_kind": "none", "noise_corrupted": k}
+    table = results_table({tables.condition_label(n): r for n, r in (clean | noisy).items()}, 50, extra=extra)
     by_agent = {"base_fewshot": clean["base_fewshot_react"], "finetuned": clean["finetuned_react"]}
-    out = pipeline.noise_effects(table, noisy, by_agent, n_boot=50).set_index("condition")
+    out = tables.noise_effects(table, noisy, by_agent, n_boot=50).set_index("condition")
 
-    few, ft = (pipeline.condition_label(n) for n in meta)
+    few, ft = (tables.condition_label(n) for n in meta)
     assert out["too_few_corrupted"].to_dict() == {**dict.fromkeys(out.index, False), few: True}
     assert "only 1 corrupted observation (< 20)" in out.loc[few, "note"]
     # per question: q0 1->0, q1 1->1, q2 1->0, q3 0->0: mean noisy - clean = -0.5
@@ -83,7 +83,7 @@ def test_too_few_corrupted_is_flagged_and_left_out_of_the_figure():
     below = " ".join(t.get_text() for t in fig.texts)
     assert few in below and ft not in below and "1 corrupted observation" in below
 
-    md = pipeline.robustness_markdown(out.reset_index())
+    md = tables.robustness_markdown(out.reset_index())
     row = next(line for line in md.splitlines() if few in line)
     assert 'color:grey' in row and "(greyed: only 1 corrupted observation" in row
     ft_row = next(line for line in md.splitlines() if line.startswith(f"| {ft} |"))
@@ -95,10 +95,10 @@ def test_two_prompted_agents_get_their_own_lines():
     line (its clean point, then its noisy rates), not one line through both."""
     names = ["base_fewshot_react", pipeline.SEARCHING, "base_fewshot_react_noise_none_0.5",
              "base_fewshot_searching_react_noise_none_0.5"]
-    extra = {pipeline.condition_label(n): {"mode": "fewshot", "method": "react"} for n in names}
+    extra = {tables.condition_label(n): {"mode": "fewshot", "method": "react"} for n in names}
     for n, k in zip(names[2:], (25, 40), strict=True):
-        extra[pipeline.condition_label(n)] |= {"noise_rate": 0.5, "noise_kind": "none", "noise_corrupted": k}
-    table = results_table({pipeline.condition_label(n): _recs([1, 0]) for n in names}, 50, extra=extra)
+        extra[tables.condition_label(n)] |= {"noise_rate": 0.5, "noise_kind": "none", "noise_corrupted": k}
+    table = results_table({tables.condition_label(n): _recs([1, 0]) for n in names}, 50, extra=extra)
     ax = plots.plot_robustness(table).axes[0]
     drawn = {c.get_label(): list(c.lines[0].get_xdata()) for c in ax.containers}
     assert drawn == {'base few-shot ReAct: observation replaced by "None"': [0.0, 50.0],

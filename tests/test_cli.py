@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from fireact_utils.cli import main
-from fireact_utils.pipeline import machine_label
+from fireact_utils.provenance import machine_label
 
 
 def _error_line(capsys) -> str:
@@ -186,8 +186,8 @@ def test_run_only_executes_the_named_notebooks(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out == ["[skip] 02_finetune (already executed; delete {} to redo)".format(nb_dir / "02_finetune.done"),
                    "[skip] 05_beyond_sft (already executed; delete {} to redo)".format(nb_dir / "05_beyond_sft.done"),
-                   f"results: {nb_dir}/*.html (executed notebooks), {nb_dir.parent}/tables/ (main.md: the headline "
-                   f"table), {nb_dir.parent}/figures/"]  # the closing line says where the results are
+                   f"results in {nb_dir.parent}: headline table tables/main.md (not made yet), "
+                   "figures figures/ (not made yet), executed notebooks notebooks/*.html"]  # the closing line
     with pytest.raises(SystemExit) as e:
         main(["run", "params/smoke.yaml", "--only", "06_nothing"])
     assert e.value.code == 2 and "invalid choice: '06_nothing'" in capsys.readouterr().err

@@ -108,3 +108,20 @@ def test_a_notebook_shows_params_as_what_the_run_sets():
     assert "  train.method = 'full'" in shown and "  generate.teacher.model = 'gpt-4o'" in shown
     assert "  evaluate.searching_baseline = {'agent.n_exemplars': 3}" in shown
     assert "train.learning_rate" not in shown  # cpu.yaml sets the schema's own value
+
+
+@pytest.mark.parametrize("name, decoding, training", [
+    ("cpu.yaml", "auto", "float32"),            # auto decoding (fp32 on CPU, bf16 on GPU), fp32 master weights
+    ("paper.yaml", "bfloat16", "bfloat16"),     # Llama-2-7B: bf16 both ways, as when model.dtype set both
+    ("cpu_vote.yaml", "bfloat16", "float32"),   # bf16 sampling; seeds train in fp32 masters as cpu_full's
+    ("gpu_headline.yaml", "float32", "float32"),
+])
+def test_decoding_and_training_dtypes_are_separate_fields(name, decoding, training):
+    """model.dtype is the decoding dtype, train.dtype the fine-tune's weights; each params file keeps
+    the meaning it had when model.dtype set both (training "auto" was fp32 masters)."""
+    from fireact_utils.config import REPO_ROOT
+
+    p = load_params(REPO_ROOT / "params" / name)
+    assert (p.model.dtype, p.train.dtype) == (decoding, training)
+    with pytest.raises(ParamsError, match=r"train\.dtype"):  # training has no device-dependent auto
+        load_params(None, {"train.dtype": "auto"})

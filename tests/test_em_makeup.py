@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from scripted import ScriptedLLM, by_question
 
-from fireact_utils import pipeline, recipes
+from fireact_utils import recipes, tables
 from fireact_utils.agent import SEARCH_FIRST, run_episodes
 from fireact_utils.config import AgentParams, load_params
 from fireact_utils.evaluate import behaviour, behaviour_summary, markdown_table, question_type, results_table
@@ -63,12 +63,12 @@ def test_paired_gain_per_type(tmp_path):
     p = load_params(PARAMS / "smoke.yaml", {"output_root": str(tmp_path), "evaluate.bootstrap": 50})
     base = [_rec(0, "Rome or Paris?", "Rome", False), _rec(1, "Who?", "Bob", False), _rec(2, "Why?", "C", True)]
     ft = [_rec(0, "Rome or Paris?", "Rome", True), _rec(1, "Who?", "Bob", True), _rec(2, "Why?", "C", True)]
-    g = pipeline.paired_gain(p, {"base_fewshot_react": base, "finetuned_react": ft})
+    g = tables.paired_gain(p, {"base_fewshot_react": base, "finetuned_react": ft})
     assert g["gain"] == pytest.approx(2 / 3)
     assert g["by_type"]["two_option"] == {"n": 1, "gain": 1.0, "lo": 1.0, "hi": 1.0}
     assert g["by_type"]["open"]["n"] == 2 and g["by_type"]["open"]["gain"] == 0.5
     with pytest.raises(ValueError, match="same questions"):
-        pipeline.paired_gain(p, {"base_fewshot_react": base[::-1], "finetuned_react": ft})
+        tables.paired_gain(p, {"base_fewshot_react": base[::-1], "finetuned_react": ft})
 
 
 def _search(query: str) -> str:
@@ -117,6 +117,6 @@ def test_hand_edited_numbers_are_marked(tmp_path):
     p = load_params(PARAMS / "smoke.yaml", {"output_root": str(tmp_path), "evaluate.bootstrap": 50})
     atomic_write_json(p.run_dir / "eval" / "finetuned_react.meta.json",
                       {"wall_s": 600.0, "episodes_run": 499, "repaired": "wall_s from the progress log"})
-    table = pipeline.condition_table(p, {"finetuned_react": [_rec(0, "Q?", "x", True)]})
+    table = tables.condition_table(p, {"finetuned_react": [_rec(0, "Q?", "x", True)]})
     md = markdown_table(table)
     assert "FireAct fine-tuned ReAct †" in md and "edited by hand (wall_s from the progress log)" in md

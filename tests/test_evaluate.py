@@ -50,3 +50,61 @@ def test_results_and_markdown_table():
     assert md.rstrip().endswith("[1] wiki: x")
     assert fmt_ci(0.148, 0.1233, 0.1733) == "14.8 [12.3, 17.3]"
     assert isinstance(df, pd.DataFrame)
+
+
+# ---------------------------------------------------------------- notebook 03: an episode pair, the paper
+
+
+@pytest.fixture(scope="module")
+def react_pair(data_dir):
+    from eval_records import react_records
+
+    base, ft, _ = react_records(data_dir)
+    assert [(bool(b["em"]), bool(f["em"])) for b, f in zip(base, ft, strict=True)] == [
+        (False, False), (True, False), (False, True)]  # the script did what it says
+    return base, ft
+
+
+def test_differing_pair_prefers_the_fine_tuned_win(react_pair):
+    from fireact_utils.evaluate import differing_pair
+
+    base, ft = react_pair
+    assert differing_pair(base, ft) == (base[2], ft[2])  # fine-tuned right, few-shot wrong, though later
+    assert differing_pair(base[:2], ft[:2]) == (base[1], ft[1])  # else the reverse
+    assert differing_pair(base[:1], ft[:1]) is None  # both wrong everywhere
+    assert differing_pair(base[::-1], ft) == (base[2], ft[2])  # paired by question index, not position
+
+
+def test_compare_episodes_annotates_both_and_where_they_part(react_pair):
+    from fireact_utils.evaluate import compare_episodes, episode_markdown
+
+    base, ft = react_pair
+    md = compare_episodes(base, ft)
+    assert ft[2]["question"] in md and f"Only fine-tuned ReAct got it right (gold {ft[2]['gold']!r})." in md
+    assert f"**few-shot ReAct**: 1 turn (finished); searched nothing; answered '1998' against gold {ft[2]['gold']!r}: EM 0." in md
+    assert (f"**fine-tuned ReAct**: 2 turns (finished); searched `second topic`; answered {ft[2]['gold']!r} against "
+            f"gold {ft[2]['gold']!r}: EM 1.") in md
+    assert "Observation: Results for second topic: nothing useful." in md  # the scratchpad, as the tool answered
+    assert md.endswith("turn 1: few-shot ReAct finish[1998]; fine-tuned ReAct search[second topic].")
+    assert compare_episodes(base[:1], ft[:1]).startswith("No question separates the two agents: on each of the 1")
+    assert episode_markdown(ft[0], "ft").startswith(
+        f"**ft**: 4 turns (max_turns); searched {'; '.join(['`zeroth topic`'] * 4)}; gave no answer (gold {ft[0]['gold']!r}): EM 0.")
+
+
+def test_paper_comparison_sentence_and_table(react_pair):
+    from fireact_utils.evaluate import PAPER_HOTPOTQA_EM, episode_values, fmt_pct_ci, paper_comparison
+
+    base, ft = react_pair
+    table = results_table({"few": base, "ft": ft}, n_boot=500)
+    mean, lo, hi = paired_bootstrap_diff(episode_values(base, "em"), episode_values(ft, "em"), 500)
+    gain = {"n": 3, "gain": mean, "lo": lo, "hi": hi}
+    md = paper_comparison(table, gain, "few", "ft", "smollm2-135m")
+    b, f = table.iloc[0], table.iloc[1]
+    assert md.startswith(f"Fine-tuning took our smollm2-135m student from {fmt_pct_ci(b['em'], b['em_lo'], b['em_hi'])} "
+                         f"to {fmt_pct_ci(f['em'], f['em_lo'], f['em_hi'])} EM on 3 questions (paired gain +0.0 [")
+    assert fmt_pct_ci(1 / 3, 0.0, 1.0) == "33.3% [0.0, 100.0]"
+    assert "the paper took Llama-2-7B from 14.8% to 26.2% (+11.4)" in md
+    assert "lies inside our gain's 95% CI" in md  # one win each way: a CI around 0 wide enough for +11.4
+    assert md.rstrip().endswith("| " + " | ".join(map(str, PAPER_HOTPOTQA_EM.values())) + " | +11.4 |")
+    narrow = paper_comparison(table, {**gain, "lo": -0.05, "hi": 0.05}, "few", "ft", "smollm2-135m")
+    assert "lies above our gain's 95% CI" in narrow

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from tiny import tiny_llama  # tests/ is on sys.path (no package)
 
-from fireact_utils import pipeline, self_consistency, self_improve
+from fireact_utils import pipeline, provenance, self_consistency, self_improve
 from fireact_utils.config import load_params
 from fireact_utils.data import load_fireact
 from fireact_utils.models import model_fingerprint
@@ -58,7 +58,7 @@ def test_fingerprint_names_the_weights_not_the_place(models, tmp_path):
 def test_a_condition_resumes_only_with_its_model(models, tmp_path, data_dir):
     a, b = models
     recs = _run(_params(tmp_path, a))
-    meta = pipeline.condition_meta(_params(tmp_path, a), "base_fewshot_react")
+    meta = provenance.condition_meta(_params(tmp_path, a), "base_fewshot_react")
     assert (meta["model"], meta["model_fingerprint"], meta["model_dtype"]) == (str(a), model_fingerprint(str(a)), "float32")
     with pytest.raises(ValueError) as err:
         _run(_params(tmp_path, b))
@@ -77,7 +77,7 @@ def test_a_meta_older_than_the_record_resumes_and_records_the_model(models, tmp_
            if k not in ("model", "model_fingerprint", "model_dtype")}
     meta_path.write_text(json.dumps(old))
     assert _run(p) == recs
-    assert pipeline.condition_meta(p, "base_fewshot_react")["model_fingerprint"] == model_fingerprint(str(a))
+    assert provenance.condition_meta(p, "base_fewshot_react")["model_fingerprint"] == model_fingerprint(str(a))
     # a meta naming its model without a fingerprint (written before fingerprints) compares the names
     meta_path.write_text(json.dumps({**old, "model": str(a)}))
     with pytest.raises(ValueError, match=rf"model {a} \(fingerprint unknown\), not {b} "):

@@ -1,7 +1,7 @@
 """The notebooks: committed clean, parameterised by literals only, and the whole chain runs.
 
 The chain test executes every notebook in order with params/smoke.yaml through papermill
-(`pipeline.run_chain`, once per module) into a temporary output root and checks the artifacts.
+(`chain.run_chain`, once per module) into a temporary output root and checks the artifacts.
 It takes a few minutes on a 2-core CPU.
 """
 
@@ -15,9 +15,11 @@ import pandas as pd
 import pytest
 
 from fireact_utils import rl
+from fireact_utils.chain import NOTEBOOK_DIR, NOTEBOOKS, chain_kernel, run_chain
 from fireact_utils.config import load_params
 from fireact_utils.holdout import question_key, reserved_keys
-from fireact_utils.pipeline import NOTEBOOK_DIR, NOTEBOOKS, SEARCHING, chain_kernel, condition_label, run_chain
+from fireact_utils.pipeline import SEARCHING
+from fireact_utils.tables import condition_label
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "params" / "smoke.yaml"

@@ -160,15 +160,13 @@ def test_recipe_search_reuses_a_complete_evaluation(tmp_path, multihop_dir):
 def test_seed_model_trains_once_with_its_own_provenance(tmp_path):
     """A training seed's model: the main fine-tune for train.seed, else trained under seeds/s<seed>
     (the real model, 2 LoRA steps) with its own provenance record, and found, not retrained, after.
-    It trains in the main fine-tune's weight dtype, whatever model.dtype says (a decoding choice)."""
+    It trains in train.dtype, whatever model.dtype says (a decoding choice)."""
     p = load_params(SMOKE, [f"output_root={tmp_path}", "model.dtype=bfloat16"])
     main = tmp_path / "main"
     assert recipes.seed_model(p, p.train.seed, main) == main
-    main.mkdir()
-    (main / "train_done.json").write_text(json.dumps({"model": p.model.model_dump(mode="json") | {"dtype": "auto"}}))
     model = recipes.seed_model(p, 7, main)
     assert model == p.run_dir / "seeds" / "s7" / "final" and (model / "train_done.json").is_file()
-    assert json.loads((model / "train_done.json").read_text())["model"]["dtype"] == "auto"
+    assert json.loads((model / "train_done.json").read_text())["params"]["dtype"] == "float32"
     prov = json.loads((p.run_dir / "provenance" / "seeds_s7.json").read_text())
     assert prov["params"]["train"]["seed"] == 7 and not (p.run_dir / "provenance" / "finetune.json").exists()
     stamp = (model / "train_done.json").stat().st_mtime_ns

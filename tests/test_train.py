@@ -1,6 +1,7 @@
 """Fine-tuning on real FireAct trajectories with the real built-in model (a few CPU steps)."""
 
 import csv
+import json
 import platform
 import subprocess
 import sys
@@ -173,15 +174,51 @@ def test_lora_finetune_lowers_loss_saves_and_changes_agent(tmp_path, records, da
     assert [r["steps"] for r in base] != [r["steps"] for r in tuned]
 
 
-def test_full_finetune_honours_model_dtype(tmp_path, records):
-    """`model.dtype` reaches training: bf16 weights train and are saved in bf16 (fp32 by default)."""
+def test_trainer_holds_train_dtype_and_decoder_model_dtype(tmp_path, records, model_path):
+    """train.dtype is the weights' dtype while fine-tuning (bf16 weights train and are saved in bf16),
+    model.dtype the one the fine-tuned model decodes in; fp32 masters by default, with a note when
+    model.dtype alone asks for half precision (before train.dtype, it set training's too)."""
+    import warnings
+
     import torch
+    from tiny import tiny_llama  # tests/ is on sys.path (no package)
     from transformers import AutoModelForCausalLM
 
-    p = TrainParams(method="full", max_steps=1, batch_size=2, max_length=128, logging_steps=1, bf16=False)
-    out = finetune(records[:2], tmp_path / "bf16", p, ModelParams(dtype="bfloat16"))
+    from fireact_utils.llm import GenerateBackend
+
+    p = TrainParams(method="full", max_steps=1, batch_size=2, max_length=128, logging_steps=1, bf16=False,
+                    dtype="bfloat16")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = finetune(records[:2], tmp_path / "bf16", p, ModelParams(dtype="float32"))
+    assert not [w for w in seen if "train.dtype" in str(w.message)]  # fp32 decoding of bf16 training: no note
     assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
+    assert json.loads((out / "train_done.json").read_text())["params"]["dtype"] == "bfloat16"
     assert "full fine-tuning" in (out / "README.md").read_text()
+    assert GenerateBackend(adapter_model_params(ModelParams(dtype="float32", device="cpu"), out)).model.dtype \
+        == torch.float32
+
+    tiny = str(tiny_llama(tmp_path / "tiny", model_path, 0))  # default train.dtype, bf16 decoding: fp32 masters
+    mp = ModelParams(name=tiny, dtype="bfloat16", device="cpu")
+    with pytest.warns(UserWarning, match="set train.dtype=bfloat16"):
+        out = finetune(records[:2], tmp_path / "fp32", p.model_copy(update={"dtype": "float32"}), mp)
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.float32
+    assert GenerateBackend(adapter_model_params(mp, out)).model.dtype == torch.bfloat16
+
+
+def test_records_older_than_train_dtype_keep_the_dtype_they_trained_in():
+    """A record saved before train.dtype trained in its model.dtype (auto: fp32 masters): it still
+    counts as the same recipe under the train.dtype that means that dtype, and under no other."""
+    from fireact_utils.train import same_train_params, trained_params
+
+    saved = TrainParams().model_dump(mode="json")
+    saved.pop("dtype")
+    for old, now in (("auto", "float32"), ("float32", "float32"), ("bfloat16", "bfloat16")):
+        rec = trained_params({"params": saved, "model": ModelParams(dtype=old).model_dump(mode="json")})
+        assert same_train_params(rec, TrainParams(dtype=now))
+        assert not same_train_params(rec, TrainParams(dtype="float16"))
+    new = {"params": TrainParams(dtype="bfloat16").model_dump(mode="json"), "model": ModelParams().model_dump()}
+    assert trained_params(new)["dtype"] == "bfloat16"  # a new record's own train.dtype wins over model.dtype
 
 
 def test_train_switches_are_params_and_old_fine_tunes_stay_usable(tmp_path):

@@ -13,7 +13,9 @@ from fireact_utils.agent import run_episodes
 from fireact_utils.config import AgentParams, SearchParams, load_params
 from fireact_utils.evaluate import markdown_table
 from fireact_utils.io import DataFileError, atomic_write_json, read_json, read_jsonl
-from fireact_utils.pipeline import machine_label, merge_tool_stats, outcome_table, run_condition, table_extras
+from fireact_utils.pipeline import run_condition
+from fireact_utils.provenance import machine_label, merge_tool_stats
+from fireact_utils.tables import outcome_table, table_extras
 from fireact_utils.tasks import WIKI_TASKS, load_task
 from fireact_utils.tools import EMPTY_QUERY, NO_RESULTS, NoisyTool, make_search, noise_pool
 from fireact_utils.wiki import WikiSearch, cut_words, evidence, fidelity, outcome
@@ -221,6 +223,6 @@ def test_scripted_episode_sees_the_gold(hotpot_wiki, multihop_dir):
 
 def _one_row_table(rec: dict, card: dict):
     from fireact_utils.evaluate import results_table
-    from fireact_utils.pipeline import environment_label
+    from fireact_utils.tables import environment_label
 
     return results_table({"scripted": [rec]}, 50, extra={"scripted": {"environment": environment_label(card)}})
