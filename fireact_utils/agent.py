@@ -15,6 +15,7 @@ Prompt modes:
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -211,6 +212,13 @@ def load_done(out_path: str | Path | None) -> dict[str, dict]:
     return {r["id"]: r for r in iter_jsonl(out_path)}
 
 
+def progress_bar(total: int, desc: str, enabled: bool = True) -> tqdm:
+    """tqdm.auto's bar, off when TQDM_DISABLE is set: tqdm's notebook bar ignores that variable, and
+    the notebook chain sets it so that executed notebooks hold no stale bars."""
+    off = os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true")
+    return tqdm(total=total, desc=desc, disable=not enabled or off)
+
+
 def run_episodes(task: Task, indices: Iterable[int], llm: LLM, search: Callable[[str], str] | None,
                  params: AgentParams, out_path: str | Path | None = None, redo: bool = False,
                  progress: bool = True, fewshot: str | None = None,
@@ -227,7 +235,7 @@ def run_episodes(task: Task, indices: Iterable[int], llm: LLM, search: Callable[
     chat_llm = llm.chat
     todo = [Episode(episode_id(task, i), i, task.questions[i], task.answers[i], params.method)
             for i in indices if episode_id(task, i) not in done]
-    bar = tqdm(total=len(todo), desc=f"{task.name} {params.method}/{params.mode}", disable=not progress)
+    bar = progress_bar(len(todo), f"{task.name} {params.method}/{params.mode}", progress)
     finished: dict[str, dict] = {}
 
     def after(ep: Episode, gen: Generation) -> bool:

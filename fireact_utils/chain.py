@@ -5,7 +5,7 @@ to HTML, resumable (a notebook whose executed copy finished is skipped).
 
 The console shows one line per notebook and a closing line naming the results. The kernels get
 CurveZMQ keys from their manager (the kernelspecs declare support), so ipykernel does not warn
-that it talks over plain TCP; progress bars are off (TQDM_DISABLE), so the HTML holds no bar lines.
+that it talks over plain TCP; progress bars are off (`QUIET`), so the HTML holds no bar lines.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from .provenance import provenance
 NOTEBOOKS = ("00_walkthrough", "01_generate_trajectories", "02_finetune", "03_evaluate", "04_scaling_and_robustness",
              "05_beyond_sft")
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+QUIET = ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS")  # the kit's, datasets', transformers'
 KERNEL_CONFIG = {"KernelManager": {"transport_encryption": "auto"}}  # CurveZMQ keys where the kernelspec supports them
 
 
@@ -35,7 +36,8 @@ def run_chain(params_file: str | Path, overrides: list[str] | None = None, noteb
     nb_dir = p.run_dir / "notebooks"
     nb_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(p.run_dir / "params.json", provenance(p))
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the kernels inherit it: no progress-bar lines in the saved HTML
+    for var in QUIET:  # the kernels inherit them: no progress bars in the saved notebooks
+        os.environ.setdefault(var, "1")
     kernel = chain_kernel()
     config = Config(KERNEL_CONFIG)
     for nb in notebooks:

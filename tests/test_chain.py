@@ -4,6 +4,7 @@ closing line that names the results."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -45,6 +46,13 @@ def _stderr_outputs(ipynb: Path) -> list[str]:
             if o.get("output_type") == "stream" and o.get("name") == "stderr"]
 
 
+def _bars(ipynb: Path) -> list[str]:
+    """Every output of an executed notebook that looks like a progress bar (`  0%|`, `3/3 [`)."""
+    nb = nbformat.read(str(ipynb), as_version=4)
+    texts = [o.get("text") or "".join(o.get("data", {}).get("text/plain", "")) for c in nb.cells for o in c.get("outputs", [])]
+    return [t for t in texts if re.search(r"\d+%\||\d+/\d+ \[", t)]
+
+
 def test_chain_console_is_clean(tmp_path, monkeypatch, capfd):
     """A notebook through the chain: the console (this process's and the kernel's file descriptors)
     shows the chain's lines only, no kernel warning (the kernel gets CurveZMQ keys, so ipykernel does
@@ -53,19 +61,24 @@ def test_chain_console_is_clean(tmp_path, monkeypatch, capfd):
     nb_dir.mkdir()
     params = nbformat.v4.new_code_cell('params_file = "x"\noverrides = []')
     params.metadata["tags"] = ["parameters"]
-    body = nbformat.v4.new_code_cell("from tqdm.auto import tqdm\nsum(tqdm(range(3)))")  # a progress bar: off
+    body = nbformat.v4.new_code_cell(  # the kit's progress bar and datasets' (saving a dataset): both off
+        "import tempfile, datasets\nfrom fireact_utils.agent import progress_bar\n"
+        "bar = progress_bar(3, 'episodes')\nbar.update(3)\nbar.close()\n"
+        "datasets.Dataset.from_dict({'a': [1, 2]}).save_to_disk(tempfile.mkdtemp())")
     nb = nbformat.v4.new_notebook(cells=[params, body], metadata={"kernelspec": {"name": "python3", "language": "python",
                                                                                   "display_name": "Python 3"}})
     nbformat.write(nb, str(nb_dir / "tiny.ipynb"))
     monkeypatch.setattr(chain, "NOTEBOOK_DIR", nb_dir)
-    monkeypatch.setenv("TQDM_DISABLE", "0")  # restored afterwards ...
-    monkeypatch.delenv("TQDM_DISABLE")  # ... and unset here: the chain turns the bars off itself
+    for var in chain.QUIET:
+        monkeypatch.setenv(var, "0")  # restored afterwards ...
+        monkeypatch.delenv(var)  # ... and unset here: the chain turns the bars off itself
     run = run_chain(SMOKE, [f"output_root={tmp_path}"], notebooks=("tiny",), html=False)
     out, err = capfd.readouterr()
     assert err == ""
     lines = out.splitlines()
     assert len(lines) == 2 and lines[0].startswith("[done] tiny in ") and lines[1] == results_line(run)
     assert _stderr_outputs(run / "notebooks" / "tiny.ipynb") == []
+    assert _bars(run / "notebooks" / "tiny.ipynb") == []
 
 
 @pytest.mark.slow
