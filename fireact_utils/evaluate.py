@@ -136,6 +136,12 @@ def _pct(x) -> str:
     return "" if pd.isna(x) else f"{x * 100:.0f}"
 
 
+def shorten(text: str, width: int = 40) -> str:
+    """`text` cut to `width` characters for a table cell (a degenerate answer can repeat a phrase
+    for hundreds); the CSV keeps it whole."""
+    return text if len(text) <= width else text[:width - 1].rstrip() + "…"
+
+
 def markdown_table(df: pd.DataFrame) -> str:
     """Human table: EM/F1/finish in % with CIs, turns and tokens as means; the search fidelity
     columns where the table has them (replay: exact-hit %; wiki: gold-top % and saw-all-gold %),
@@ -155,7 +161,7 @@ def markdown_table(df: pd.DataFrame) -> str:
         by_type = ["" if pd.isna(r[f"em_{t}"]) else f"{r[f'em_{t}'] * 100:.1f} ({r[f'n_{t}']:.0f})" for t in types]
         acts = [_pct(r["searched"]), f"{r['searches_per_episode']:.2f}"] if "searched" in tool else []
         if "top_answer" in tool:
-            acts.append("" if pd.isna(r["top_answer"]) else f"{r['top_answer']} ({r['top_answer_count']:.0f})")
+            acts.append("" if pd.isna(r["top_answer"]) else f"{shorten(r['top_answer'])} ({r['top_answer_count']:.0f})")
         edited = isinstance(r.get("edited_by_hand"), str)
         cells = [*(str(r[c]) for c in lead), str(r["condition"]) + (" †" if edited else ""), str(r["n"]),
                  fmt_ci(r["em"], r["em_lo"], r["em_hi"]),
@@ -184,7 +190,7 @@ def behaviour_summary(df: pd.DataFrame) -> str:
             parts.append(f"searched in {r['searched'] * 100:.0f}% of episodes ({r['searches_per_episode']:.2f} "
                          "searches per episode)")
         if isinstance(r.get("top_answer"), str):
-            parts.append(f"most frequent answer {r['top_answer']!r}, {r['top_answer_count']:.0f} of {r['n']:.0f}")
+            parts.append(f"most frequent answer {shorten(r['top_answer'])!r}, {r['top_answer_count']:.0f} of {r['n']:.0f}")
         if not pd.isna(r.get("em_two_option")):
             parts.append(f"EM {r['em_two_option'] * 100:.0f}% on the {r['n_two_option']:.0f} two-option questions "
                          f"(a coin: 50%) and {r.get('em_open', float('nan')) * 100:.0f}% on the {r.get('n_open', 0):.0f} open ones")

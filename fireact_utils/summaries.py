@@ -123,7 +123,7 @@ def evaluation(run_dir: str | Path) -> str:
     and the paired fine-tuning gain (tables/paired_gain.json), with whether its CI excludes 0."""
     import pandas as pd
 
-    from .evaluate import fmt_pct_ci
+    from .evaluate import fmt_pct_ci, shorten
 
     tables = Path(run_dir) / "tables"
     df = pd.read_csv(tables / "main.csv", dtype={"condition": str, "top_answer": str})
@@ -133,7 +133,7 @@ def evaluation(run_dir: str | Path) -> str:
         if not pd.isna(r.get("searched")):
             parts.append(f"searched in {r['searched']:.0%} of episodes")
         if isinstance(r.get("top_answer"), str):
-            parts.append(f"most frequent answer {_q(r['top_answer'])} ({r['top_answer_count']:.0f} of {r['n']})")
+            parts.append(f"most frequent answer {_q(shorten(r['top_answer']))} ({r['top_answer_count']:.0f} of {r['n']})")
         if not pd.isna(r.get("em_two_option")):
             parts.append(f"EM {r['em_two_option']:.0%} on two-option questions ({r['n_two_option']:.0f}; a coin scores 50%)")
         lines.append(f"- **{r['condition']}**: " + "; ".join(parts) + ".")

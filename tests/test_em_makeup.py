@@ -120,3 +120,16 @@ def test_hand_edited_numbers_are_marked(tmp_path):
     table = tables.condition_table(p, {"finetuned_react": [_rec(0, "Q?", "x", True)]})
     md = markdown_table(table)
     assert "FireAct fine-tuned ReAct †" in md and "edited by hand (wall_s from the progress log)" in md
+
+
+def test_a_degenerate_top_answer_is_cut_in_the_table_only():
+    """A few-shot IO model that repeats a phrase answers the same 200 characters many times: the
+    Markdown table and the text show its first 40, the CSV keeps it whole."""
+    long = "answer is " * 20
+    recs = [_rec(i, "Who?", "Bob", False, answer=long) for i in range(3)]
+    table = results_table({"io": recs}, 50)
+    top = table.loc[0, "top_answer"]
+    assert top.strip() == long.strip()
+    md = markdown_table(table)
+    assert "| answer is answer is answer is answer is… (3) |" in md and top.strip() not in md
+    assert "'answer is answer is answer is answer is…', 3 of 3" in behaviour_summary(table)
