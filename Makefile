@@ -36,7 +36,7 @@ setup: .venv/.setup-done .venv-vllm/.setup-done
 demo: setup              ## run all notebooks with $(PARAMS) into outputs/runs/<name>/ (resumes where it stopped)
 	$(PY) -m fireact_utils run $(PARAMS)
 
-test: setup              ## the fast tests (no GPU, no network; 4-8 min on 2 cores)
+test: setup              ## the fast tests (no GPU, no network; 4-10 min on 2 cores)
 	$(PY) -m pytest -q -m "not slow"
 
 test-slow: setup         ## the long ones: the notebook chain, real trainings, a 2-process accelerate run
