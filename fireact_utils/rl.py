@@ -172,7 +172,7 @@ def grpo_config(r: RLParams, dtype: str, out_dir: Path, device: str):
         per_device_train_batch_size=r.micro_batch, gradient_accumulation_steps=episodes // r.micro_batch,
         max_completion_length=r.max_episode_tokens, logging_steps=1, save_steps=r.save_steps, save_total_limit=1,
         seed=r.seed, use_cpu=device == "cpu", bf16=pick_dtype(dtype, device) == torch.bfloat16,
-        gradient_checkpointing=False, report_to="none", disable_tqdm=True)
+        activation_checkpointing=False, report_to="none", disable_tqdm=True)
 
 
 def _student(p: Params, trained: str | Path):

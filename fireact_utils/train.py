@@ -124,7 +124,7 @@ def make_sft_config(p: TrainParams, out_dir: Path, device: str):
         padding_free=use_padding_free(p, device),
         train_sampling_strategy="group_by_length" if p.group_by_length else "random",
         bf16=use_bf16(p, device),
-        gradient_checkpointing=gc,
+        activation_checkpointing=gc,  # transformers 5.24 renamed gradient_checkpointing (a FutureWarning)
         logging_steps=p.logging_steps,
         save_steps=p.save_steps,
         save_total_limit=2,

@@ -267,3 +267,20 @@ def test_model_card_has_hub_metadata_and_measured_em(tmp_path):
         assert metric == {"type": "exact_match", "value": 50.0, "name": "EM % (4 questions)"}
         assert "hotpotqa dev, 4 questions): EM 50.0%" in text and "huggingface.co/None" not in text
     assert json.loads((final / "eval_results.json").read_text())["finetuned_react"]["n"] == 4
+
+
+def test_configs_use_transformers_current_names(tmp_path):
+    """SFT's and GRPO's configs set activation checkpointing by its current name: the old one makes
+    transformers print a FutureWarning into notebook 02 (and 05)."""
+    import warnings
+
+    from fireact_utils import rl
+    from fireact_utils.config import RLParams
+    from fireact_utils.train import make_sft_config
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        sft = make_sft_config(TrainParams(gradient_checkpointing=True), tmp_path, "cpu")
+        grpo = rl.grpo_config(RLParams(), "float32", tmp_path, "cpu")
+    assert sft.activation_checkpointing is True and grpo.activation_checkpointing is False
+    assert not [w for w in seen if "checkpointing" in str(w.message)]
