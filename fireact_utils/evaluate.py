@@ -126,7 +126,7 @@ def fmt_ci(mean: float, lo: float, hi: float, scale: float = 100.0, digits: int 
 
 def fmt_pct_ci(mean: float, lo: float, hi: float) -> str:
     """A rate in running text: '15.0% [8.0, 23.0]'."""
-    return f"{mean * 100:.1f}% [{lo * 100:.1f}, {hi * 100:.1f}]"
+    return fmt_ci(mean, lo, hi).replace(" [", "% [", 1)
 
 
 TYPE_HEADERS = {"two_option": "two-option EM %", "four_option": "four-option EM %", "open": "open EM %"}
