@@ -293,6 +293,10 @@ class RLParams(TrainingQuestions):
     loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = Field("dapo", description="TRL's GRPO loss normalization")
     format_reward: float = Field(0.0, ge=0, description="reward added when an episode finishes with an answer")
     max_episode_tokens: int = Field(1024, ge=64, description="an episode's tokens after the prompt (model + observations)")
+    decoder: Literal["generate", "vllm"] = Field(
+        "generate", description="where rollouts sample: model.generate on the policy, or the SFT student's vLLM "
+        "server with the policy's adapter loaded each step (2-core CPU: rollouts 55-57 s a step against 91-111 s "
+        "on vLLM, docs/speed.md)")
     save_steps: int = Field(10, ge=1, description="checkpoint every N steps (resume point)")
     seed: int = Field(0, description="seed of the question order and sampling")
 

@@ -52,6 +52,7 @@ class Generation:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None  # set when the request failed for good (text is then "")
+    token_ids: list[int] | None = None  # the ids sampled, where asked of a server that returns them
 
 
 @runtime_checkable
@@ -103,8 +104,11 @@ class OpenAIBackend:
         self._lock = threading.Lock()  # retries/failures are updated from `concurrency` threads
 
     def _once(self, prompt: Prompt | list[int], stop: list[Stop], max_new_tokens: int, temperature: float,
-              seed: int | None = None) -> Generation:
-        extra = {} if seed is None else {"seed": seed}
+              seed: int | None = None, body: dict | None = None) -> Generation:
+        """One request; `body`: fields a server takes beyond OpenAI's (vLLM's top_k, return_token_ids)."""
+        extra: dict = {} if seed is None else {"seed": seed}
+        if body:
+            extra["extra_body"] = body
         if self.p.chat:
             msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
             r = self.client.chat.completions.create(model=self.p.model, messages=msgs, stop=_server_stops(stop),
@@ -118,7 +122,8 @@ class OpenAIBackend:
             text = r.choices[0].text or ""
         u = getattr(r, "usage", None)
         return Generation(cut_at_stop(text, stop), getattr(u, "prompt_tokens", 0) or 0,
-                          getattr(u, "completion_tokens", 0) or 0)
+                          getattr(u, "completion_tokens", 0) or 0,
+                          token_ids=getattr(r.choices[0], "token_ids", None))
 
     def _scrub(self, text: str) -> str:
         """`text` without the API key: a server may echo the Authorization header in its error body."""
@@ -145,11 +150,11 @@ class OpenAIBackend:
         return min(2.0 ** attempt, 30.0) * (0.5 + random.random())  # exponential backoff, full jitter
 
     def _with_retries(self, prompt: Prompt | list[int], stop: list[Stop], max_new_tokens: int, temperature: float,
-                      seed: int | None = None) -> Generation:
+                      seed: int | None = None, body: dict | None = None) -> Generation:
         slept, attempt = 0.0, 0
         while True:
             try:
-                return self._once(prompt, stop, max_new_tokens, temperature, seed)
+                return self._once(prompt, stop, max_new_tokens, temperature, seed, body)
             except Exception as e:  # noqa: BLE001 - every failure becomes a recorded error
                 delay = self._retry_delay(e, attempt)
                 if delay is None or attempt >= self.p.max_retries or slept + delay > self.p.retry_budget_s:
@@ -175,8 +180,10 @@ class VLLMBackend:
     Prompts go as token ids from `encode`, so the engine sees exactly the tokens the in-process
     decoders see (no second tokenization with other special-token rules). Follow-up turns are
     sent as soon as the turn before ends (`stream`), so the engine's continuous batching always
-    has the episodes that can run. A fine-tuned LoRA adapter is loaded into the base model's
-    server (vLLM serves adapters on CPU and GPU): base and fine-tuned conditions share one start.
+    has the episodes that can run. The server starts at the first request, so conditions already
+    saved cost no start (a busy port or a missing vLLM environment is an error at once). A
+    fine-tuned LoRA adapter is loaded into the base model's server (vLLM serves adapters on CPU and
+    GPU): base and fine-tuned conditions share one start.
     A server that dies mid-run is restarted once per failure and the failed turn retried; a turn
     that still fails is an `api_error` episode, re-run when the condition resumes. Sampling
     (temperature > 0) seeds each request from torch's seed and the prompt's tokens, so a sample
@@ -197,11 +204,22 @@ class VLLMBackend:
         path = resolve_model(mp.name, mp.cache_dir)
         self.tok = AutoTokenizer.from_pretrained(path)
         self.name = mp.name + (f"+{mp.adapter}" if mp.adapter else "")
+        device = pick_device(mp.device)
         args = tuple(mp.vllm_args) + (("--enable-lora", "--max-lora-rank", str(_lora_rank(mp.adapter)))
                                       if mp.adapter else ())
-        dtype = str(pick_dtype(mp.dtype, pick_device(mp.device))).removeprefix("torch.")
+        self._serve_args = (path, str(pick_dtype(mp.dtype, device)).removeprefix("torch."), mp.vllm_port,
+                            serving.default_args(device) + args)
+        serving.check_can_serve(mp.vllm_port)  # a busy port or no vLLM: one line now, not at the first turn
         self._lock = threading.Lock()
-        self._connect(serving.serve(path, dtype, mp.vllm_port, args))
+        self.server = None  # started (or the running one reused) by the first request: `_ensure_server`
+
+    def _ensure_server(self) -> None:
+        """The server, at the first request: a backend built for conditions already saved starts none."""
+        from . import serving
+
+        with self._lock:
+            if self.server is None:
+                self._connect(serving.serve(*self._serve_args))
 
     def _connect(self, server) -> None:
         """Talk to `server` (its adapter loaded): a short retry budget, as a dead server is restarted."""
@@ -214,14 +232,17 @@ class VLLMBackend:
                                               chat=False, concurrency=self.concurrency, timeout_s=600.0,
                                               max_retries=2, retry_budget_s=10.0))
 
-    def _one(self, ids: list[int], stop: list[Stop], max_new_tokens: int, temperature: float) -> Generation:
-        seed = None
-        if temperature > 0:
+    def _one(self, ids: list[int], stop: list[Stop], max_new_tokens: int, temperature: float,
+             seed: int | None = None, token_ids: bool = False) -> Generation:
+        body: dict = {"return_token_ids": True} if token_ids else {}
+        if temperature > 0:  # plain sampling, as `GenerateBackend`'s: no top-k/top-p from generation_config
             import torch
 
-            seed = zlib.crc32(np.asarray(ids, dtype=np.int64).tobytes(), torch.initial_seed() & 0xFFFFFFFF)
+            body |= {"top_k": 0, "top_p": 1.0}
+            if seed is None:
+                seed = zlib.crc32(np.asarray(ids, dtype=np.int64).tobytes(), torch.initial_seed() & 0xFFFFFFFF)
         server = self.server
-        gen = self.client._with_retries(ids, stop, max_new_tokens, temperature, seed)
+        gen = self.client._with_retries(ids, stop, max_new_tokens, temperature, seed, body)
         if gen.error and not server.alive():
             from .serving import restart
 
@@ -229,13 +250,36 @@ class VLLMBackend:
                 if self.server is server:  # the first thread to see the death restarts it
                     print(f"vLLM server died ({gen.error[:80]}); restarting", file=sys.stderr)
                     self._connect(restart(server))
-            gen = self.client._with_retries(ids, stop, max_new_tokens, temperature, seed)
+            gen = self.client._with_retries(ids, stop, max_new_tokens, temperature, seed, body)
         return gen
+
+    def continue_ids(self, ids: list[list[int]], stop: list[Stop], max_new_tokens: int, temperature: float = 0.0,
+                     seeds: list[int] | None = None) -> list[list[int]]:
+        """The ids the engine sampled after each prompt of `ids`, through the stop it ended at (GRPO's
+        rollouts keep them as sampled); `seeds` one per prompt, so equal prompts can draw apart."""
+        self._ensure_server()
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            gens = list(pool.map(lambda a: self._one(a[0], stop, max_new_tokens, temperature, a[1], token_ids=True),
+                                 zip(ids, seeds or [None] * len(ids), strict=True)))
+        failed = next((g.error for g in gens if g.error), None)
+        if failed:  # a rollout cannot be an api_error episode: GRPO would learn from its reward
+            from .serving import ServerError
+
+            raise ServerError(f"vLLM rollout failed: {failed} (log: {self.server.log})")
+        return [g.token_ids or [] for g in gens]
+
+    def close(self) -> None:
+        """Unload this backend's adapter from its server (GRPO's per-step policies); the server
+        keeps running for the next backend."""
+        if self.server is not None and self.model_params.adapter:
+            self.server.unload_adapter(self.client.name)
 
     def stream(self, requests: list[tuple[object, Prompt]], stop: list[Stop], max_new_tokens: int,
                temperature: float, on_done: Callable[[object, Generation], list[tuple[object, Prompt]]]) -> None:
         """Send each (key, prompt) at once; `on_done(key, generation)` runs as each one ends and
         returns follow-up (key, prompt) requests, sent at once too (the engine batches them)."""
+        if requests:
+            self._ensure_server()
         with ThreadPoolExecutor(self.concurrency) as pool:
             def submit(key: object, prompt: Prompt):
                 ids = encode(self.tok, prompt).tolist()
@@ -309,8 +353,9 @@ class GenerateBackend:
         self.name = mp.name + (f"+{mp.adapter}" if mp.adapter else "")
 
     def continue_ids(self, contexts: list[list[int]], stop: list[Stop], max_new_tokens: int,
-                     temperature: float) -> list[list[int]]:
-        """Each context's new token ids, up to and including the token that ended it."""
+                     temperature: float, seeds: list[int] | None = None) -> list[list[int]]:
+        """Each context's new token ids, up to and including the token that ended it. Samples draw
+        from torch's generator (`seeds`, for a server's per-request sampling, is not used)."""
         import torch
 
         from .tokens import eos_ids

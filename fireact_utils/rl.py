@@ -12,15 +12,23 @@ run_dir/rl/final when training ends.
     final = rl.train_grpo(p, "outputs/runs/cpu/finetune/final")   # resumes from rl/checkpoint-*
     table = rl.report(p, "outputs/runs/cpu/finetune/final")       # before/after EM, reward curve
 
-Rollouts use transformers' `generate` on the training model (`llm.GenerateBackend.continue_ids`,
-sampling at rl.temperature, the temperature GRPO's loss divides logits by, no top-k/top-p), turn
-by turn, all unfinished episodes together, in evaluation's dtype, prompt format (`Agent.prompt`:
-Alpaca or chat, per train.format) and parsing, so that GRPO trains on the tokens evaluation shows.
+Rollouts sample with transformers' `generate` on the training model itself
+(`GenerateBackend.continue_ids`), or with rl.decoder=vllm on the vLLM server of the SFT student,
+the policy's adapter saved and loaded into it afresh each step (`VLLMBackend.continue_ids`, which
+returns the ids the engine sampled): on a 2-core CPU the first is about twice as fast (vLLM's
+LoRA path decodes slowly there; docs/speed.md). Either way at rl.temperature, the temperature
+GRPO's loss divides logits by, no top-k/top-p, turn by turn, all unfinished episodes together, in
+evaluation's dtype, prompt format (`Agent.prompt`: Alpaca or chat, per train.format) and parsing,
+so that GRPO trains on the tokens evaluation shows. TRL's own vLLM integration (`use_vllm`) is not
+used: it needs vLLM and TRL in one environment, and vLLM pins an older transformers than the kit's.
 """
 
 from __future__ import annotations
 
 import random
+import shutil
+import time
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,7 +41,7 @@ from .trajectories import to_chat
 if TYPE_CHECKING:
     import pandas as pd
 
-    from .config import AgentParams, Params, RLParams
+    from .config import AgentParams, ModelParams, Params, RLParams
 
 
 class Rollouts:
@@ -42,8 +50,13 @@ class Rollouts:
     where evaluation cuts it). `agent`: the fine-tuned agent as evaluation runs it
     (`finetuned_agent`); it samples at rl.temperature."""
 
-    def __init__(self, agent: AgentParams, rl: RLParams, task, search, tok):
+    def __init__(self, agent: AgentParams, rl: RLParams, task, search, tok, server: ModelParams | None = None,
+                 adapters: Path | None = None):
+        """`server`: the SFT student as a model dir to serve on vLLM (None: sample in-process);
+        `adapters`: where each step's policy adapter is saved for the server."""
         self.rl, self.task, self.tok = rl, task, tok
+        self.server, self.adapters, self._served = server, adapters, None
+        self._calls = self._steps = 0  # sampling calls (seeds), policies saved (adapter dirs)
         self.agent = Agent(task, agent.model_copy(update={"temperature": rl.temperature}), search)
         self.chat = self.agent.p.format == "chat"
         self.index = {q: i for i, q in enumerate(task.questions)}
@@ -60,14 +73,16 @@ class Rollouts:
         comp: list[list[int]] = [[] for _ in prompts]
         env: list[list[int]] = [[] for _ in prompts]
         cap = self.rl.max_episode_tokens
-        policy = GenerateBackend(model=model, tokenizer=self.tok, batch_size=len(prompts))
+        policy = self._policy(model, len(prompts))
         active = list(range(len(prompts)))
         was_training = model.training
         model.eval()  # no dropout while sampling
         try:
             while active:
+                self._calls += 1  # a sampling seed per request: a group's identical prompts draw apart
+                seeds = [zlib.crc32(f"{self.rl.seed} {self._calls} {i}".encode()) for i in active]
                 news = policy.continue_ids([prompt_ids[i] + comp[i] for i in active], STOP,
-                                           self.agent.p.max_new_tokens, self.rl.temperature)
+                                           self.agent.p.max_new_tokens, self.rl.temperature, seeds)
                 for i, new in zip(active, news, strict=True):
                     ep, raw = eps[i], self.tok.decode(new, skip_special_tokens=True)
                     text = cut_at_stop(raw, STOP)  # what evaluation's backends hand the agent
@@ -86,6 +101,26 @@ class Rollouts:
             model.train(was_training)
         return [self.agent.record(ep, "policy") for ep in eps], prompt_ids, [c[:cap] for c in comp], \
             [m[:cap] for m in env]
+
+    def _policy(self, model, batch: int):
+        """What samples this step: `model` in-process, or the student's vLLM server with `model`'s
+        LoRA adapter (saved under a new name, the last step's unloaded), or without one where
+        `model` is the student itself (`masked_episode`)."""
+        if self.server is None:
+            return GenerateBackend(model=model, tokenizer=self.tok, batch_size=batch)
+        from .llm import VLLMBackend
+
+        adapter = None
+        if hasattr(model, "peft_config"):
+            self._steps += 1  # a new dir, so the server loads the new weights under a new name
+            adapter = self.adapters / f"policy-{self._steps}"
+            model.save_pretrained(str(adapter))
+        if self._served is not None:  # the server holds one policy: the last step's goes
+            self._served.close()
+            if self._served.model_params.adapter:
+                shutil.rmtree(self._served.model_params.adapter, ignore_errors=True)
+        self._served = VLLMBackend(self.server.model_copy(update={"adapter": adapter and str(adapter)}), batch)
+        return self._served
 
     def _between_turns(self, ep: Episode, context: list[int], turn_end: set[int]) -> list[int]:
         """The ids evaluation's next prompt adds after the model's turn: the Observation line (or, after
@@ -108,10 +143,13 @@ class Rollouts:
         return piece_ids(self.tok, tail)
 
     def __call__(self, prompts: list[str], trainer) -> dict:
+        t0 = time.perf_counter()
         recs, prompt_ids, comp, env = self.episodes(trainer.model, prompts)
+        rollout_s = time.perf_counter() - t0
         rewards = [reward(r, self.rl.format_reward) for r in recs]
         n = len(recs)
-        self.log.append({"step": trainer.state.global_step, "episodes": n, "reward": sum(rewards) / n,
+        self.log.append({"step": trainer.state.global_step, "episodes": n, "rollout_s": round(rollout_s, 2),
+                         "reward": sum(rewards) / n,
                          "em": sum(r["em"] for r in recs) / n,
                          "searches": sum(sum(s["action"] == "search" for s in r["steps"]) for r in recs) / n,
                          "format_errors": sum(bool(r["errors"]) for r in recs) / n,
@@ -188,7 +226,15 @@ def _student(p: Params, trained: str | Path):
     model, tok = load_model(mp.name, mp.adapter, mp.cache_dir, p.model.device, p.model.dtype, merge=True)
     task, ds = training_prompts(p)
     search = make_search(p.search, p.data_dir, task.corpus, p.multihop_dir)
-    return model, tok, ds, Rollouts(finetuned_agent(p), p.rl, task, search, tok)
+    server = None
+    if p.rl.decoder == "vllm":  # the server needs the student as a model dir: a LoRA one merged once
+        student = p.run_dir / "rl" / "student"
+        if mp.adapter and not (student / "config.json").is_file():
+            model.save_pretrained(str(student))
+            tok.save_pretrained(str(student))
+        server = mp.model_copy(update={"name": str(student) if mp.adapter else mp.name, "adapter": None,
+                                       "decoder": "vllm"})
+    return model, tok, ds, Rollouts(finetuned_agent(p), p.rl, task, search, tok, server, p.run_dir / "rl" / "policy")
 
 
 def grpo_trainer(p: Params, trained: str | Path, reward_funcs=None, trainer_cls=None):

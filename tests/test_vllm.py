@@ -45,6 +45,26 @@ def test_auto_without_vllm_falls_back_with_one_notice(capsys):
     assert err.count("no vLLM environment") <= 1  # once per process, whichever test asked first
 
 
+def test_the_server_starts_at_the_first_request_not_when_the_backend_is_built(tmp_path, model_path, local_llm,
+                                                                              monkeypatch):
+    """A vLLM backend for a condition already saved starts no server (a notebook that re-reads
+    saved conditions pays no start); the first real request starts one, and a server that cannot
+    start (here an interpreter without vLLM) is one error naming its log, the saved episodes kept."""
+    from fireact_utils import pipeline
+    from fireact_utils.llm import local_backend
+
+    p = load_params(SMOKE, [f"output_root={tmp_path}", f"model.name={model_path}", "evaluate.n_questions=2",
+                            "agent.max_turns=1"])
+    saved = pipeline.run_condition(p, "fewshot", local_llm, pipeline.fewshot_react(p), progress=False)
+    monkeypatch.setenv("FIREACT_VLLM_PYTHON", sys.executable)  # "vLLM" that cannot start
+    llm = local_backend(p.model.model_copy(update={"decoder": "vllm"}), 2)
+    assert pipeline.run_condition(p, "fewshot", llm, pipeline.fewshot_react(p), progress=False) == saved
+    assert llm.server is None and not serving._running
+    with pytest.raises(serving.ServerError, match=r"exited with 1 while starting: see .*\.log$"):
+        pipeline.run_condition(p, "fewshot_more", llm, pipeline.fewshot_react(p), n=3, progress=False)
+    assert pipeline.saved_condition(p, "fewshot") == saved
+
+
 def _lora(model_path: str, out: Path) -> str:
     """A real PEFT adapter with non-zero weights (B != 0), so the fine-tuned model differs from the base."""
     import torch
@@ -129,19 +149,21 @@ def test_a_server_that_dies_mid_run_is_restarted_and_the_condition_completes(tmp
     p = load_params(SMOKE, [f"output_root={tmp_path}", f"model.name={model_path}", "model.decoder=vllm",
                             "evaluate.n_questions=6", "agent.max_turns=3", "agent.batch_size=2"])
     llm = local_backend(adapter_model_params(p.model, lora_dir), p.agent.batch_size)
-    first = llm.server
     episodes = p.run_dir / "eval" / "finetuned.jsonl"
+    killed = []
 
     def kill_after_first_episode():
         while not (episodes.is_file() and episodes.read_text().strip()):
             time.sleep(0.2)
-        os.killpg(first.proc.pid, signal.SIGKILL)
+        killed.append(llm.server)  # started by the first request
+        os.killpg(killed[0].proc.pid, signal.SIGKILL)
 
     killer = threading.Thread(target=kill_after_first_episode, daemon=True)
     killer.start()
     try:
         recs = pipeline.run_condition(p, "finetuned", llm, pipeline.finetuned_agent(p), progress=False)
         killer.join(5)
+        first = killed[0]
         assert not first.alive() and llm.server is not first and llm.server.alive()
         if any(r["status"] == "api_error" for r in recs):  # a turn lost in the crash: the resume re-runs it
             recs = pipeline.run_condition(p, "finetuned", llm, pipeline.finetuned_agent(p), progress=False)
