@@ -129,6 +129,11 @@ def fmt_pct_ci(mean: float, lo: float, hi: float) -> str:
     return fmt_ci(mean, lo, hi).replace(" [", "% [", 1)
 
 
+def fmt_gain(mean: float, lo: float, hi: float) -> str:
+    """A paired difference in signed points with its CI: '+9.0 [+1.0, +17.0]'."""
+    return f"{mean * 100:+.1f} [{lo * 100:+.1f}, {hi * 100:+.1f}]"
+
+
 TYPE_HEADERS = {"two_option": "two-option EM %", "four_option": "four-option EM %", "open": "open EM %"}
 
 
@@ -239,7 +244,7 @@ def paper_comparison(table: pd.DataFrame, gain: dict, base: str, ft: str, studen
     b, f = rows.loc[base], rows.loc[ft]
     paper_base, paper_ft = PAPER_HOTPOTQA_EM.values()  # few-shot, then fine-tuned
     paper_gain = paper_ft - paper_base
-    ours = f"{gain['gain'] * 100:+.1f} [{gain['lo'] * 100:+.1f}, {gain['hi'] * 100:+.1f}]"
+    ours = fmt_gain(gain["gain"], gain["lo"], gain["hi"])
     where = ("inside" if gain["lo"] * 100 <= paper_gain <= gain["hi"] * 100
              else "above" if paper_gain > gain["hi"] * 100 else "below")
     text = (f"Fine-tuning took our {student} student from {fmt_pct_ci(b['em'], b['em_lo'], b['em_hi'])} to "

@@ -123,7 +123,7 @@ def evaluation(run_dir: str | Path) -> str:
     and the paired fine-tuning gain (tables/paired_gain.json), with whether its CI excludes 0."""
     import pandas as pd
 
-    from .evaluate import fmt_pct_ci, shorten
+    from .evaluate import fmt_gain, fmt_pct_ci, shorten
 
     tables = Path(run_dir) / "tables"
     df = pd.read_csv(tables / "main.csv", dtype={"condition": str, "top_answer": str})
@@ -143,7 +143,7 @@ def evaluation(run_dir: str | Path) -> str:
         verdict = ("its CI excludes 0" if g["lo"] > 0 or g["hi"] < 0
                    else "its CI includes 0: this run cannot tell the two agents apart")
         lines += ["", f"**Paired gain** (`{g['treatment']}` minus `{g['baseline']}`, the same {g['n']} questions): "
-                  f"{g['gain'] * 100:+.1f} [{g['lo'] * 100:+.1f}, {g['hi'] * 100:+.1f}] EM points; {verdict}."]
+                  f"{fmt_gain(g['gain'], g['lo'], g['hi'])} EM points; {verdict}."]
     return "\n".join(lines)
 
 
@@ -184,9 +184,9 @@ def fine_tune(run_dir: str | Path) -> str:
 # ---------------------------------------------------------------- 04: the sweeps
 
 def _em(r) -> str:
-    from .evaluate import fmt_ci
+    from .evaluate import fmt_pct_ci
 
-    return f"EM {fmt_ci(r['em'], r['em_lo'], r['em_hi'])}%"
+    return f"EM {fmt_pct_ci(r['em'], r['em_lo'], r['em_hi'])}"
 
 
 def scaling_and_robustness(run_dir: str | Path, task: str) -> str:
@@ -230,15 +230,17 @@ def scaling_and_robustness(run_dir: str | Path, task: str) -> str:
 # ---------------------------------------------------------------- 05: beyond SFT
 
 def _gain(r, col: str) -> str:
-    """A paired difference as signed EM points with its CI ('+9.0 [+1.0, +17.0]')."""
-    return f"{r[col] * 100:+.1f} [{r[col + '_lo'] * 100:+.1f}, {r[col + '_hi'] * 100:+.1f}]"
+    """Column `col` of a row, a paired difference, as signed EM points with its CI."""
+    from .evaluate import fmt_gain
+
+    return fmt_gain(r[col], r[col + "_lo"], r[col + "_hi"])
 
 
 def _splits(r, gain: str | None) -> str:
     """Validation and test EM of a `self_improve.round_table` row, each with its paired `gain` column."""
-    from .evaluate import fmt_ci
+    from .evaluate import fmt_pct_ci
 
-    return "; ".join(f"{split} EM {fmt_ci(r[f'{split}_em'], r[f'{split}_lo'], r[f'{split}_hi'])}% ({r[f'{split}_n']:.0f} q)"
+    return "; ".join(f"{split} EM {fmt_pct_ci(r[f'{split}_em'], r[f'{split}_lo'], r[f'{split}_hi'])} ({r[f'{split}_n']:.0f} q)"
                      + (f", {_gain(r, f'{split}_{gain}')}" if gain else "") for split in ("val", "test"))
 
 

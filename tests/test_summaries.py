@@ -153,7 +153,7 @@ def test_scaling_and_robustness_summary_from_saved_tables(tmp_path, data_dir):
     import pandas as pd
     from eval_records import react_records
 
-    from fireact_utils.evaluate import fmt_ci, grouped_results_table, results_table, write_table
+    from fireact_utils.evaluate import fmt_pct_ci, grouped_results_table, results_table, write_table
     from fireact_utils.tables import condition_label, noise_effects
 
     base, ft, _ = react_records(data_dir)
@@ -167,7 +167,7 @@ def test_scaling_and_robustness_summary_from_saved_tables(tmp_path, data_dir):
     text = summaries.scaling_and_robustness(tmp_path, "hotpotqa")
     row = pd.read_csv(tables / "robustness.csv").iloc[1]
     assert text.startswith("**Noisy tool on hotpotqa** (`tables/robustness.csv`;")
-    assert (f'- FireAct fine-tuned ReAct, 50% of obs -> "None": EM {fmt_ci(row["em"], row["em_lo"], row["em_hi"])}%, '
+    assert (f'- FireAct fine-tuned ReAct, 50% of obs -> "None": EM {fmt_pct_ci(row["em"], row["em_lo"], row["em_hi"])}, '
             f'vs clean {row["vs_clean"] * 100:+.1f} [{row["vs_clean_lo"] * 100:+.1f}, {row["vs_clean_hi"] * 100:+.1f}]; '
             '25 corrupted observations\n') in text
     assert row["vs_clean"] == 0 and row["vs_clean_lo"] < 0 < row["vs_clean_hi"]  # one question lost, one won
@@ -180,7 +180,7 @@ def test_scaling_and_robustness_summary_from_saved_tables(tmp_path, data_dir):
     write_table(results_table({"hotpotqa_multimethod": ft}, 200), tables / "mixtures")
     lines = summaries.scaling_and_robustness(tmp_path, "hotpotqa").splitlines()
     r = results_table({"ft": ft}, 200).iloc[0]
-    em = f"EM {fmt_ci(r['em'], r['em_lo'], r['em_hi'])}%"
+    em = f"EM {fmt_pct_ci(r['em'], r['em_lo'], r['em_hi'])}"
     assert r["em"] == results_table({"base": base}, 200).iloc[0]["em"] == 1 / 3  # one question right each
     assert lines[-3] == f"- **Generalization**: hotpotqa-wiki (3 questions): base few-shot ReAct {em}, FireAct fine-tuned {em}."
     assert lines[-2] == f"- **Data scaling** (fine-tuned on the first N trajectories): N = 100: {em}; N = 500: {em}."
@@ -192,7 +192,7 @@ def test_beyond_sft_summary_from_saved_tables(tmp_path, data_dir):
     stages save them; the paired gains are read back with their sign."""
     from eval_records import react_records
 
-    from fireact_utils.evaluate import fmt_ci
+    from fireact_utils.evaluate import fmt_pct_ci
     from fireact_utils.self_improve import round_table
 
     base, ft, _ = react_records(data_dir)
@@ -207,7 +207,7 @@ def test_beyond_sft_summary_from_saved_tables(tmp_path, data_dir):
     text = summaries.beyond_sft(p.run_dir)
     assert "GRPO" not in text
     r0, r1 = si.iloc[0], si.iloc[1]
-    em = f"{fmt_ci(r0['val_em'], r0['val_lo'], r0['val_hi'])}% (3 q)"
+    em = f"{fmt_pct_ci(r0['val_em'], r0['val_lo'], r0['val_hi'])} (3 q)"
     gain = f"{r1['val_gain'] * 100:+.1f} [{r1['val_gain_lo'] * 100:+.1f}, {r1['val_gain_hi'] * 100:+.1f}]"
     assert f"- SFT student: val EM {em}; test EM {em}\n" in text
     assert f"- round 1 (+204 of its own episodes, yield 17%, 176 steps): val EM {em}, {gain}; " in text
