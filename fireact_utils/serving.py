@@ -100,13 +100,8 @@ class Server:
         name = f"adapter-{zlib.crc32(str(Path(adapter).resolve()).encode()):08x}"
         if name in self.adapters:
             return name
-        body = json.dumps({"lora_name": name, "lora_path": str(Path(adapter).resolve())}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/load_lora_adapter", body,
-                                     {"Content-Type": "application/json"})
-        try:
-            urllib.request.urlopen(req, timeout=300).close()
-        except OSError as e:
-            raise ServerError(f"vLLM could not load the adapter {adapter}: {e} (log: {self.log})") from e
+        self._post("load_lora_adapter", {"lora_name": name, "lora_path": str(Path(adapter).resolve())}, 300,
+                   f"load the adapter {adapter}")
         self.adapters.add(name)
         return name
 
@@ -114,14 +109,17 @@ class Server:
         """Drop a loaded adapter from the engine (GRPO loads a new policy every step)."""
         if name not in self.adapters or not self.alive():
             return
-        body = json.dumps({"lora_name": name}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/unload_lora_adapter", body,
+        self._post("unload_lora_adapter", {"lora_name": name}, 60, f"unload the adapter {name}")
+        self.adapters.discard(name)
+
+    def _post(self, route: str, payload: dict, timeout_s: float, what: str) -> None:
+        """POST JSON to one of the server's /v1 routes; a failure is a ServerError naming `what` and the log."""
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/{route}", json.dumps(payload).encode(),
                                      {"Content-Type": "application/json"})
         try:
-            urllib.request.urlopen(req, timeout=60).close()
+            urllib.request.urlopen(req, timeout=timeout_s).close()
         except OSError as e:
-            raise ServerError(f"vLLM could not unload the adapter {name}: {e} (log: {self.log})") from e
-        self.adapters.discard(name)
+            raise ServerError(f"vLLM could not {what}: {e} (log: {self.log})") from e
 
     def stop(self) -> None:
         """Stop the server and the engine processes it started (its whole process group)."""

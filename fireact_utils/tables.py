@@ -121,12 +121,12 @@ def paired_gain(p: Params, conds: dict[str, list[dict]], base: str = "base_fewsh
 
 def gain_summary(gain: dict) -> str:
     """`paired_gain`'s result as Markdown: the gain with its CI, then per question type."""
-    from .evaluate import TYPE_HEADERS, fmt_ci
+    from .evaluate import TYPE_HEADERS, fmt_gain
 
     head = (f"**{condition_label(gain['treatment'])} minus {condition_label(gain['baseline'])}**: "
-            f"{fmt_ci(gain['gain'], gain['lo'], gain['hi'])} EM points (95% CI, {gain['n']} questions)")
+            f"{fmt_gain(gain['gain'], gain['lo'], gain['hi'])} EM points (95% CI, {gain['n']} questions)")
     return head + "".join(f"\n- {TYPE_HEADERS[t].split(' EM')[0]} questions ({g['n']}): "
-                          f"{fmt_ci(g['gain'], g['lo'], g['hi'])}" for t, g in gain.get("by_type", {}).items())
+                          f"{fmt_gain(g['gain'], g['lo'], g['hi'])}" for t, g in gain.get("by_type", {}).items())
 
 
 MIN_CORRUPTED = 20  # a noisy run with fewer corrupted observations measures searching, not robustness

@@ -67,6 +67,10 @@ def test_paired_gain_per_type(tmp_path):
     assert g["gain"] == pytest.approx(2 / 3)
     assert g["by_type"]["two_option"] == {"n": 1, "gain": 1.0, "lo": 1.0, "hi": 1.0}
     assert g["by_type"]["open"]["n"] == 2 and g["by_type"]["open"]["gain"] == 0.5
+    assert tables.gain_summary(g).splitlines()[1:] == ["- open questions (2): +50.0 [+0.0, +100.0]",
+                                                       "- two-option questions (1): +100.0 [+100.0, +100.0]"]
+    worse = tables.gain_summary(tables.paired_gain(p, {"base_fewshot_react": ft, "finetuned_react": base}, save=False))
+    assert worse.startswith("**FireAct fine-tuned ReAct minus base few-shot ReAct**: -66.7 [")  # a loss reads as one
     with pytest.raises(ValueError, match="same questions"):
         tables.paired_gain(p, {"base_fewshot_react": base[::-1], "finetuned_react": ft})
 
