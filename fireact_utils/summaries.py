@@ -83,10 +83,10 @@ def skipped(section: str, params_file: str, cost: str, command: str = "run") -> 
 # that sets it, measured cost from that file's header, CLI command). `test_summaries` checks each file sets its key.
 SKIPPED = {
     "study.seeds": ("Training seeds", "params/headline.yaml",
-                    "hours on 2 CPU cores; ~25 min on one GPU with params/gpu_headline.yaml", "headline"),
+                    "hours on 2 CPU cores; ~25 min on one GPU with params/headline_gpu.yaml", "headline"),
     "study.sc_ks": ("Self-consistency", "params/headline.yaml",
                     "hours on 2 CPU cores, where params/cpu_vote.yaml's vote to k = 9 took 3.1 h of sampling; "
-                    "~25 min on one GPU with params/gpu_headline.yaml", "headline"),
+                    "~25 min on one GPU with params/headline_gpu.yaml", "headline"),
     "evaluate.searching_baseline": ("The few-shot ReAct baseline that must search", "params/cpu.yaml",
                                     "one more few-shot condition in `make demo`'s notebook 03, about 10 min in all "
                                     "on 2 CPU cores", "run"),

@@ -115,6 +115,7 @@ def test_a_notebook_shows_params_as_what_the_run_sets():
     ("paper.yaml", "bfloat16", "bfloat16"),     # Llama-2-7B: bf16 both ways, as when model.dtype set both
     ("cpu_vote.yaml", "bfloat16", "float32"),   # bf16 sampling; seeds train in fp32 masters as cpu_full's
     ("gpu_headline.yaml", "float32", "float32"),
+    ("headline_gpu.yaml", "float32", "float32"),
 ])
 def test_decoding_and_training_dtypes_are_separate_fields(name, decoding, training):
     """model.dtype is the decoding dtype, train.dtype the fine-tune's weights; each params file keeps
@@ -125,3 +126,16 @@ def test_decoding_and_training_dtypes_are_separate_fields(name, decoding, traini
     assert (p.model.dtype, p.train.dtype) == (decoding, training)
     with pytest.raises(ParamsError, match=r"train\.dtype"):  # training has no device-dependent auto
         load_params(None, {"train.dtype": "auto"})
+
+
+def test_the_gpu_headline_differs_from_the_preregistered_one_only_where_no_number_changes():
+    """headline_gpu.yaml runs headline.yaml's pre-registered settings on a GPU: a setting that moves a
+    number (recipe, seeds, vote, decoding dtype, questions) must not differ."""
+    from fireact_utils.config import REPO_ROOT
+
+    runs = [load_params(REPO_ROOT / "params" / f) for f in ("headline.yaml", "headline_gpu.yaml")]
+    cpu, gpu = (p.changed() for p in runs)
+    differs = {k for k in cpu.keys() | gpu.keys() if cpu.get(k) != gpu.get(k)}
+    # model.dtype: headline.yaml's auto decodes in fp32 on the CPU it was fixed on; on a GPU auto is bf16
+    assert differs == {"name", "model.dtype", "agent.batch_size", "train.gradient_checkpointing"}
+    assert [p.model.dtype for p in runs] == ["auto", "float32"] and gpu["study.preregistered"]
