@@ -123,13 +123,13 @@ def evaluation(run_dir: str | Path) -> str:
     and the paired fine-tuning gain (tables/paired_gain.json), with whether its CI excludes 0."""
     import pandas as pd
 
-    from .evaluate import fmt_gain, fmt_pct_ci, shorten
+    from .evaluate import fmt_gain, shorten
 
     tables = Path(run_dir) / "tables"
     df = pd.read_csv(tables / "main.csv", dtype={"condition": str, "top_answer": str})
     lines = [f"**This run's evaluation** (`tables/main.csv`, {df['n'].max()} questions per condition):", ""]
     for _, r in df.iterrows():
-        parts = [f"EM {fmt_pct_ci(r['em'], r['em_lo'], r['em_hi'])}", f"{r['turns']:.2f} turns, {r['finish']:.0%} finished"]
+        parts = [_em(r), f"{r['turns']:.2f} turns, {r['finish']:.0%} finished"]
         if not pd.isna(r.get("searched")):
             parts.append(f"searched in {r['searched']:.0%} of episodes")
         if isinstance(r.get("top_answer"), str):
