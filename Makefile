@@ -34,6 +34,8 @@ setup: .venv/.setup-done .venv-vllm/.setup-done
 	touch $@
 
 demo: setup              ## run all notebooks with $(PARAMS) into outputs/runs/<name>/ (resumes where it stopped)
+	@test -f "$(FIREACT_DATA_DIR)/hotpotqa/dev.json" -a -f "$(FIREACT_MULTIHOP_DIR)/hotpotqa/corpus.jsonl" \
+		|| $(MAKE) --no-print-directory data   # no data yet: fetch it
 	$(PY) -m fireact_utils run $(PARAMS)
 
 test: setup              ## the fast tests (no GPU, no network; 4-10 min on 2 cores)
@@ -48,11 +50,13 @@ test-all: setup          ## both
 lint: setup
 	$(PY) -m ruff check .
 
-lab: setup               ## JupyterLab on the notebooks
-	.venv/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
+lab: setup               ## JupyterLab at the repository root (notebooks/, outputs/, docs/)
+	.venv/bin/jupyter lab --ServerApp.root_dir="$(CURDIR)" $(if $(filter 0,$(shell id -u)),--allow-root)
 
-data: setup              ## download FireAct's public data into ./data (needs internet)
-	$(PY) -m fireact_utils download --dest data
+# Fetches what is missing or differs from fireact_utils/data_manifest.json (FireAct's files from GitHub,
+# the multihop ones from FIREACT_MULTIHOP_URL); files already there and matching are only checked.
+data: setup              ## FireAct's data into $(FIREACT_DATA_DIR), multihop into $(FIREACT_MULTIHOP_DIR), checked
+	$(PY) -m fireact_utils download --dest "$(FIREACT_DATA_DIR)" --multihop-dest "$(FIREACT_MULTIHOP_DIR)"
 
 bench: setup             ## speed benchmarks, printed as side-by-side ratios
 	$(PY) benchmarks/rollouts.py --skip generate_batch   # generate_batch: > 14 min on 2 CPU cores

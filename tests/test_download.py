@@ -1,0 +1,179 @@
+"""The downloader against a real loopback HTTP server: a fresh dir gets the manifest's bytes, a
+connection dropped halfway is resumed (or restarted) by the next run, and a file that differs
+from the manifest is one error line naming it. Files are served in FireAct's repository layout
+(`data/...`, `trajs/...`), so the path mapping is tested too. Nothing leaves 127.0.0.1."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fireact_utils import download as dl
+from fireact_utils.cli import main
+
+FILES = {  # set -> relative path -> content (the trajs file is long enough to be cut halfway)
+    "fireact": {"bamboogle/test.csv": b"Question,Answer\nWho?,Me\n",
+                "mmlu/dev/x_dev.csv": b"q,a,b,c,d,A\n",
+                "trajs/run.json": b'{"0": {"em": 1}}' + b" " * 50_000 + b"\n"},
+    "multihop": {"hotpotqa/questions.jsonl": b'{"id": "1", "question": "q"}\n'},
+}
+
+
+class FileServer:
+    """Serves `root` on 127.0.0.1 with `Range: bytes=N-` support (unless `ranges` is False). `cut`
+    maps a URL path to a byte count: its first request sends the full Content-Length, that many
+    bytes, then drops the connection. A daemon thread, shut down on exit or after `max_s`."""
+
+    def __init__(self, root: Path, cut: dict[str, int] | None = None, ranges: bool = True, max_s: float = 60.0):
+        self.root, self.cut, self.ranges, self.max_s = root, dict(cut or {}), ranges, max_s
+        self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
+
+    @contextmanager
+    def running(self) -> Iterator[str]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                server.requests.append((self.path, self.headers.get("Range")))
+                f = server.root / self.path.lstrip("/")
+                if not f.is_file():
+                    self.send_error(404)
+                    return
+                body = f.read_bytes()
+                start = int(rng[6:-1]) if server.ranges and (rng := self.headers.get("Range")) else 0
+                self.send_response(206 if start else 200)
+                self.send_header("Content-Length", str(len(body) - start))
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                self.end_headers()
+                if (n := server.cut.pop(self.path, None)) is not None:
+                    self.wfile.write(body[start:start + n])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body[start:])
+
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        httpd.daemon_threads = True
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        stop = threading.Timer(self.max_s, httpd.shutdown)
+        stop.daemon = True
+        stop.start()
+        try:
+            yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+        finally:
+            stop.cancel()
+            httpd.shutdown()
+            httpd.server_close()
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> tuple[Path, dl.Manifest]:
+    """A served tree (fire/ in FireAct's repository layout, hop/ flat), and its manifest, built from
+    reference folders with the kit's own `write_manifest`."""
+    for name, files in FILES.items():
+        for rel, body in files.items():
+            for path in (tmp_path / "ref" / name / rel, tmp_path / "www" / ("fire" if name == "fireact" else "hop")
+                         / dl.remote_path(name, rel)):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(body)
+    out = dl.write_manifest({n: tmp_path / "ref" / n for n in FILES}, tmp_path / "manifest.json")
+    return tmp_path / "www", dl.load_manifest(out)
+
+
+def _dirs(tmp_path: Path) -> dict[str, Path]:
+    return {"fireact": tmp_path / "data", "multihop": tmp_path / "data" / "multihop"}
+
+
+def _urls(base: str) -> dict[str, str | None]:
+    return {"fireact": base + "fire", "multihop": base + "hop/"}
+
+
+def test_manifest_lists_every_file_of_the_data_dirs(data_dir, multihop_dir):
+    """The committed manifest is what the reference copies hold, file for file."""
+    manifest = dl.load_manifest()
+    assert manifest["fireact"] == dl.scan(data_dir, (multihop_dir,)) and manifest["multihop"] == dl.scan(multihop_dir)
+    assert {"trajs", "mmlu", "finetune", "hotpotqa"} <= {rel.split("/")[0] for rel in manifest["fireact"]}
+    assert dl.remote_path("fireact", "trajs/a.json") == "trajs/a.json"
+    assert dl.remote_path("fireact", "mmlu/dev/a.csv") == "data/mmlu/dev/a.csv"
+
+
+def test_fresh_download_matches_and_rerun_skips(tmp_path, served, capsys):
+    www, manifest = served
+    server = FileServer(www)
+    with server.running() as base:
+        dl.download(_dirs(tmp_path), _urls(base), manifest)
+        assert dl.check(_dirs(tmp_path), manifest) == []
+        assert (tmp_path / "data" / "trajs" / "run.json").read_bytes() == FILES["fireact"]["trajs/run.json"]
+        n = len(server.requests)
+        dl.download(_dirs(tmp_path), _urls(base), manifest)  # everything matches: no request
+    assert n == 4 and len(server.requests) == n
+    assert "all 3 files" in capsys.readouterr().out
+    assert not list(tmp_path.rglob("*.part"))
+
+
+@pytest.mark.parametrize("ranges", [True, False], ids=["resumes", "restarts"])
+def test_dropped_connection_errors_then_next_run_completes(tmp_path, served, ranges):
+    www, manifest = served
+    server = FileServer(www, cut={"/fire/trajs/run.json": 20_000}, ranges=ranges)
+    out = tmp_path / "data" / "trajs" / "run.json"
+    with server.running() as base:
+        with pytest.raises(dl.DownloadError) as e:
+            dl.download(_dirs(tmp_path), _urls(base), manifest)
+        msg = str(e.value)
+        assert "\n" not in msg and str(out) in msg and "interrupted" in msg and "run again" in msg
+        assert not out.exists()  # the partial bytes are never the real file
+        done = tmp_path / "data" / "bamboogle" / "test.csv"
+        assert dl.differs(done, manifest["fireact"]["bamboogle/test.csv"]) is None  # finished before: kept
+        dl.download(_dirs(tmp_path), _urls(base), manifest)
+    assert dl.check(_dirs(tmp_path), manifest) == []
+    retry = [r for p, r in server.requests if p == "/fire/trajs/run.json"]
+    assert retry == [None, "bytes=20000-"]  # asked to resume; a server without Range sent it all again
+    assert server.requests.count(("/fire/data/bamboogle/test.csv", None)) == 1  # the finished file is not fetched again
+
+
+def test_file_that_differs_from_manifest_is_one_line_naming_it(tmp_path, served):
+    www, manifest = served
+    (www / "fire" / "data" / "mmlu" / "dev" / "x_dev.csv").write_bytes(b"q,a,b,c,d,B\n")  # same size, other bytes
+    out = tmp_path / "data" / "mmlu" / "dev" / "x_dev.csv"
+    with FileServer(www).running() as base, pytest.raises(dl.DownloadError) as e:
+        dl.download(_dirs(tmp_path), _urls(base), manifest)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{out}: downloaded file differs from the manifest")
+    assert not out.exists() and not out.with_name(out.name + ".part").exists()
+
+
+def test_multihop_without_url_names_the_setting(tmp_path, served, monkeypatch):
+    www, manifest = served
+    monkeypatch.delenv("FIREACT_MULTIHOP_URL", raising=False)
+    with FileServer(www).running() as base, pytest.raises(dl.DownloadError, match="FIREACT_MULTIHOP_URL"):
+        dl.download(_dirs(tmp_path), {"fireact": base + "fire"}, manifest)
+    assert dl.check(_dirs(tmp_path), {"fireact": manifest["fireact"]}) == []  # FireAct's files came first
+
+
+def test_cli_download_and_check(tmp_path, served, capsys):
+    www, manifest = served
+    mf = tmp_path / "manifest.json"
+    dest = ["--dest", str(tmp_path / "data"), "--manifest", str(mf)]
+    assert main(["download", "--check", *dest]) == 1
+    assert len(capsys.readouterr().out.strip().splitlines()) == 4  # every file missing
+    with FileServer(www).running() as base:
+        assert main(["download", *dest, "--base-url", base + "fire", "--multihop-url", base + "hop"]) == 0
+    assert main(["download", "--check", *dest]) == 0
+    (tmp_path / "data" / "bamboogle" / "test.csv").write_text("edited\n")
+    capsys.readouterr()
+    assert main(["download", "--check", *dest]) == 1
+    assert capsys.readouterr().out.strip() == f"{tmp_path / 'data' / 'bamboogle' / 'test.csv'}: size 7, manifest 24"
+    with FileServer(www, cut={"/fire/data/bamboogle/test.csv": 3}).running() as base:
+        assert main(["download", *dest, "--base-url", base + "fire"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "bamboogle/test.csv" in err[0]
