@@ -286,6 +286,31 @@ def plot_outcomes(outcomes: pd.DataFrame, stem: str | Path | None = None):
     return _done(fig, stem)
 
 
+FAILURE_COLORS = {"right": "#4c9a5b", "saw the evidence, answered wrong": "#e3a33b",
+                  "saw some of the evidence, answered wrong": "#f0cf7a", "searched, missed the evidence": "#c44e52",
+                  "searched, answered wrong": "#dd8452", "never searched": "#4c72b0", "malformed action": "#8172b3",
+                  "turn limit": "#8c8c8c", "api_error": "#2f2f2f"}  # the keys are failures.CLASSES, in order
+
+
+def plot_failures(table: pd.DataFrame, stem: str | Path | None = None):
+    """Why episodes fail: per condition, the share of episodes in each failure class, stacked in
+    the classes' fixed order (classes no condition has are left out of the legend).
+    `table` is `failures.failure_table` (a `<class> (share)` column per class)."""
+    if _empty(table, "failure classes"):
+        return None
+    cols = [c for c in FAILURE_COLORS if table[c].sum() > 0]
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(table) + 2))
+    left = np.zeros(len(table))
+    for c in cols:
+        share = table[f"{c} (share)"].to_numpy(float) * 100
+        ax.barh(table["condition"], share, left=left, color=FAILURE_COLORS[c], label=c)
+        left += share
+    ax.invert_yaxis()
+    ax.set(xlabel="episodes (%)", xlim=(0, 100), title="Why episodes fail: one class per episode")
+    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.18))
+    return _done(fig, stem)
+
+
 def _grouped_bars(ax, df: pd.DataFrame, group: str, hue: str) -> None:
     groups, hues = list(dict.fromkeys(df[group])), list(dict.fromkeys(df[hue]))
     width = 0.8 / len(hues)

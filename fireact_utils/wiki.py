@@ -21,9 +21,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +162,14 @@ class WikiSearch:
 # ---------------------------------------------------------------- fidelity
 
 
+def shown_titles(observation: str, titles: Iterable[str]) -> set[str]:
+    """Which of `titles` head a paragraph of `observation`, read off its text (the inverse of
+    `WikiSearch.format`: 'title: text', or '[j] title: text' for each of k > 1 paragraphs). The one
+    rule for "this observation holds that paragraph": `evidence` applies it to replayed observations,
+    `failures.failure_class` to a record's own, which needs no index."""
+    return {t for t in titles if re.match(rf"(?:.*?\[\d+\] )?{re.escape(t)}: ", observation, re.S)}
+
+
 def evidence(record: dict, gold: list[str], tool: WikiSearch) -> dict[str, Any]:
     """What one episode's searches surfaced of its gold paragraphs.
 
@@ -176,7 +186,7 @@ def evidence(record: dict, gold: list[str], tool: WikiSearch) -> dict[str, Any]:
             continue
         titles = [tool.titles[i] for i in hits]
         top_gold += bool(titles) and titles[0] in gold_set
-        seen |= gold_set.intersection(titles)
+        seen |= shown_titles(obs, gold_set)
     return {"searches": searches, "gold_top": top_gold, "saw_any_gold": bool(seen),
             "saw_all_gold": bool(gold_set) and seen == gold_set}
 
