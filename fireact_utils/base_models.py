@@ -95,7 +95,7 @@ def model_conditions(q: Params, qq: Params, trained: Path, progress: bool = True
         llm = None
         for task, split, n in eval_sets(q):
             name = condition_name(agent, task, split, n)
-            recs = saved_condition(q, name, task, split, n, model=mp)
+            recs = saved_condition(q, name, task, split, n, model=mp, agent=ap)
             if recs is None:
                 llm = llm or local_llm(*llm_p)
                 recs = run_condition(q, name, llm, ap, task=task, split=split, n=n, progress=progress)
@@ -126,6 +126,15 @@ def model_rows(q: Params, label: str, trained: Path, conds: dict[str, list[dict]
         keyed[key], extra[key] = recs, row
     return results_table(keyed, q.evaluate.bootstrap, extra=extra).assign(
         condition=lambda d: [f"{q.name}: {AGENTS[a]}" for a in d["agent"]])
+
+
+def run_model(p: Params, spec: str, progress: bool = True) -> None:
+    """One model's part of the axis (a piece, `pieces`): its recipe search on the selection split,
+    the chosen fine-tune, both agents on every evaluation set."""
+    check_study(p)
+    q = model_run(p, spec)
+    qq, _, trained = chosen_finetune(q, progress)
+    model_conditions(q, qq, trained, progress)
 
 
 def report(p: Params, progress: bool = True) -> pd.DataFrame:

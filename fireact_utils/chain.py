@@ -14,8 +14,9 @@ import os
 import time
 from pathlib import Path
 
+from . import keys
 from .config import load_params
-from .io import atomic_write_json
+from .io import atomic_write_json, read_json
 from .provenance import provenance
 
 NOTEBOOKS = ("00_walkthrough", "01_generate_trajectories", "02_finetune", "03_evaluate", "04_scaling_and_robustness",
@@ -28,12 +29,20 @@ KERNEL_CONFIG = {"KernelManager": {"transport_encryption": "auto"}}  # CurveZMQ 
 def run_chain(params_file: str | Path, overrides: list[str] | None = None, notebooks=NOTEBOOKS,
               html: bool = True, redo: bool = False) -> Path:
     """Execute the notebooks in order into run_dir/notebooks/. A notebook whose executed copy
-    finished (marker file) is skipped, so a killed chain resumes at the first unfinished one."""
+    finished under the same settings (its marker's key) is skipped, so a killed chain resumes at the
+    first unfinished one; one finished under other settings is refused naming them, unless `redo`
+    (which executes every notebook again, each stage recomputing only what other settings made)."""
     import papermill as pm
     from traitlets.config import Config
 
     p = load_params(params_file, overrides)  # fail on bad params before any kernel starts
     nb_dir = p.run_dir / "notebooks"
+    now = keys.make("notebook", keys.run_settings(p))
+    if redo:  # the kernels inherit it: every stage recomputes what another key made
+        os.environ[keys.REDO_ENV] = "1"
+    todo = notebooks if redo else [nb for nb in notebooks
+                                   if not keys.reuse(nb_dir / f"{nb}.done", now, saved=_done_key(nb_dir / f"{nb}.done"),
+                                                     where=nb_dir / f"{nb}.ipynb")]
     nb_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(p.run_dir / "params.json", provenance(p))
     for var in QUIET:  # the kernels inherit them: no progress bars in the saved notebooks
@@ -42,8 +51,8 @@ def run_chain(params_file: str | Path, overrides: list[str] | None = None, noteb
     config = Config(KERNEL_CONFIG)
     for nb in notebooks:
         done = nb_dir / f"{nb}.done"
-        if done.is_file() and not redo:
-            print(f"[skip] {nb} (already executed; delete {done} to redo)")
+        if nb not in todo:
+            print(f"[skip] {nb} (executed with these settings; --redo executes it again)")
             continue
         t0 = time.time()
         out = nb_dir / f"{nb}.ipynb"
@@ -53,10 +62,15 @@ def run_chain(params_file: str | Path, overrides: list[str] | None = None, noteb
                             kernel_name=kernel, progress_bar=False, config=config)
         if html:
             export_html(out)
-        atomic_write_json(done, {"seconds": time.time() - t0, "kernel": kernel})
+        atomic_write_json(done, {"seconds": time.time() - t0, "kernel": kernel, "key": now})
         print(f"[done] {nb} in {time.time() - t0:.0f}s")
     print(results_line(p.run_dir))
     return p.run_dir
+
+
+def _done_key(done: Path) -> dict | None:
+    """The key a notebook's marker records (None: a marker older than keys)."""
+    return read_json(done).get("key") if done.is_file() else None
 
 
 def results_line(run_dir: Path) -> str:

@@ -9,11 +9,19 @@
     python -m fireact_utils evaluate params/cpu.yaml --task q.jsonl --search wiki --corpus paragraphs.jsonl
     python -m fireact_utils select params/recipes.yaml          # recipes and prompts compared on validation
     python -m fireact_utils headline params/cpu_full.yaml       # baselines, seeds, self-consistency on evaluate.task
+    python -m fireact_utils pieces params/headline.yaml         # a study's pieces (headline, base-models)
+    python -m fireact_utils piece params/headline.yaml seed-1   # run one anywhere; writes its bundle
+    python -m fireact_utils merge params/headline.yaml b1.tar.gz b2.tar.gz   # the study's tables from bundles
     python -m fireact_utils consistency params/cpu_full.yaml --trained outputs/runs/cpu/finetune/final
     python -m fireact_utils beyond params/cpu_full.yaml         # self-improvement rounds and GRPO (notebook 05)
     python -m fireact_utils base-models params/base_models.yaml # per model: recipe chosen on val, few-shot vs fine-tuned
+    python -m fireact_utils compare outputs/runs/cpu outputs/runs/cpu_lora   # paired gains, flipped questions
     python -m fireact_utils params params/cpu.yaml              # print resolved params
-    python -m fireact_utils download --dest data                # FireAct public data (online)
+    python -m fireact_utils download --dest data                # FireAct's data + multihop, checked (online)
+    python -m fireact_utils download --check --dest ../shared/fireact --multihop-dest ../shared/multihop
+
+Every stage reuses only what its own settings made (`keys`); an output made under other settings
+stops the command with one line naming them, and `--redo` recomputes it.
 
 Overrides are `section.key=value` (YAML values), before or after the flags. Unknown keys fail
 before any work starts. A user's mistake (bad params, a missing data dir, a malformed question
@@ -24,8 +32,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
+from . import keys
+from .download import DownloadError
 from .serving import ServerError
 
 
@@ -35,12 +47,26 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fireact", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("run", "generate", "finetune", "evaluate", "select", "headline", "consistency", "beyond", "base-models",
-                 "params"):
+                 "pieces", "piece", "merge", "params"):
         s = sub.add_parser(name)
         s.add_argument("params_file")
+        if name == "piece":
+            s.add_argument("piece", help="a piece's name (`pieces` lists them)")
+            s.add_argument("--root", help="parent of the piece's output root (default <output_root>/pieces)")
+            s.add_argument("--bundle-dir", help="where its bundle goes (default beside its run dir)")
+        if name == "merge":
+            s.add_argument("bundles", nargs="+", help="the pieces' bundles (.tar.gz)")
+        if name == "pieces":
+            s.add_argument("--submit", metavar="CLUSTER", help="run every piece (or --only ones) through submitit: "
+                           "'local' (processes here), 'slurm' (a job array), 'auto' (slurm where there is one)")
+            s.add_argument("--only", action="append", metavar="PIECE", help="with --submit: this piece; repeat for more")
+            s.add_argument("--folder", default="outputs/submitit", help="submitit's logs and job files")
         s.add_argument("overrides", nargs="*", help="section.key=value")
+        if name != "params":
+            s.add_argument("--redo", action="store_true", help="recompute what other settings made (each stage "
+                           "reuses only what its own settings made, else stops naming them)"
+                           + ("; re-execute notebooks already done" if name == "run" else ""))
         if name == "run":
-            s.add_argument("--redo", action="store_true", help="re-execute notebooks already done")
             s.add_argument("--no-html", action="store_true")
             s.add_argument("--only", action="append", choices=NOTEBOOKS, metavar="NOTEBOOK",
                            help=f"execute this notebook only; repeat for more, run in chain order ({', '.join(NOTEBOOKS)})")
@@ -57,8 +83,20 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--search", choices=["recorded", "serpapi", "wiki"])
             s.add_argument("--corpus", help="--search wiki: a multihop corpus name or a JSONL of {title, text}")
             s.add_argument("--name", default=None, help="condition name (output file stem)")
-    d = sub.add_parser("download")
-    d.add_argument("--dest", default="data")
+    d = sub.add_parser("download", help="fetch FireAct's data and the multihop paragraphs, checked against "
+                       "fireact_utils/data_manifest.json (resumes; skips files that match)")
+    d.add_argument("--dest", default="data", help="FireAct data dir (FIREACT_DATA_DIR)")
+    d.add_argument("--multihop-dest", help="multihop dir (FIREACT_MULTIHOP_DIR); default <dest>/multihop")
+    d.add_argument("--base-url", help="FireAct files' base URL, laid out as its repository (default $FIREACT_DATA_URL, "
+                   "else raw GitHub at the manifest's commit)")
+    d.add_argument("--multihop-url", help="multihop files' base URL (default $FIREACT_MULTIHOP_URL; no public host)")
+    d.add_argument("--manifest", help="another manifest (default fireact_utils/data_manifest.json)")
+    mode = d.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="download nothing: print the files that are missing or differ")
+    mode.add_argument("--write-manifest", action="store_true", help="regenerate the manifest from --dest/--multihop-dest")
+    c = sub.add_parser("compare", help="two runs' shared conditions: EM of each, paired gain with CI, flipped ids")
+    c.add_argument("run_a", help="a run directory (with eval/), e.g. outputs/runs/cpu")
+    c.add_argument("run_b", help="the other run; the gain is run_b minus run_a")
     return ap
 
 
@@ -69,9 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides += extra  # overrides after the flags
+    if args.cmd == "merge":  # bundles and overrides share the positionals: an override has a '='
+        args.overrides += [b for b in args.bundles if "=" in Path(b).name]
+        args.bundles = [b for b in args.bundles if "=" not in Path(b).name]
     try:
         return _run(args)
-    except (ValueError, FileNotFoundError, ServerError) as e:  # ParamsError, DataFileError, ModelSpecError, bad tasks
+    except (ValueError, FileNotFoundError, ServerError, DownloadError) as e:  # ParamsError, DataFileError, ModelSpecError, bad tasks
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -79,11 +120,26 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from .config import load_params
 
-    if args.cmd == "download":
-        from .download import download_fireact
+    if args.cmd == "compare":
+        from .failures import compare_main
 
-        print(download_fireact(args.dest))
+        return compare_main(args.run_a, args.run_b)
+    if args.cmd == "download":
+        from . import download as dl
+
+        dirs = {"fireact": Path(args.dest), "multihop": Path(args.multihop_dest or Path(args.dest) / "multihop")}
+        manifest = Path(args.manifest) if args.manifest else dl.MANIFEST
+        if args.write_manifest:
+            print(dl.write_manifest(dirs, manifest))
+        elif args.check:
+            bad = dl.check(dirs, dl.load_manifest(manifest))
+            print("\n".join(bad) or f"every file in the manifest matches under {dirs['fireact']} and {dirs['multihop']}")
+            return 1 if bad else 0
+        else:
+            dl.download(dirs, {"fireact": args.base_url, "multihop": args.multihop_url}, dl.load_manifest(manifest))
         return 0
+    if getattr(args, "redo", False):  # read by every stage (`keys.reuse`) and inherited by the chain's kernels
+        os.environ[keys.REDO_ENV] = "1"
     ov = list(args.overrides)
     if args.cmd == "evaluate":
         flags = {"model.name": args.model, "evaluate.task": args.task, "agent.method": args.method,
@@ -113,7 +169,11 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"{recipes.TITLES[which]}, chosen: {recipes.chosen_label(table)}")
                 print(table[["condition", "n", "em", "em_lo", "em_hi", "settings"]].to_string(index=False))
     elif args.cmd == "headline":
-        _headline(p)
+        from .headline import report
+
+        report(p)
+    elif args.cmd in ("pieces", "piece", "merge"):
+        _pieces(args, p)
     elif args.cmd == "consistency":
         _consistency(p, args.trained)
     elif args.cmd == "beyond":
@@ -139,29 +199,28 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _headline(p) -> None:
-    """The main recipe on evaluate.task: few-shot baselines and the fine-tuned agent, the recipe
-    over study.seeds, every seed's agent in the held-out environments of study.transfer_tasks,
-    and the self-consistency curve of both agents (study.sc_ks). study.preregistered freezes it."""
-    from . import pipeline, recipes
-    from .evaluate import write_table
-    from .tables import condition_table, paired_gain
+def _pieces(args: argparse.Namespace, p) -> None:
+    """List a study's pieces, run one (writing its bundle), submit them, or merge bundles."""
+    from . import pieces
 
-    recipes.preregister(p)
-    trained = pipeline.finetune(p)
-    conds = pipeline.evaluate(p, trained)
-    table = condition_table(p, conds)
-    write_table(table, p.run_dir / "tables" / "main")  # as notebook 03
-    print(table[["condition", "n", "em", "em_lo", "em_hi", "turns", "completion_tokens"]].to_string(index=False))
-    print(json.dumps(paired_gain(p, conds)))
-    if p.study.seeds:
-        seeds = recipes.report_seeds(p, trained, conds.get("base_fewshot_react"))
-        print(seeds[[c for c in recipes.SEED_COLUMNS if c in seeds]].to_string(index=False))
-    if p.study.transfer_tasks:
-        transfer = recipes.report_transfer(p, trained)
-        print(transfer[["task", *[c for c in recipes.SEED_COLUMNS if c in transfer]]].to_string(index=False))
-    if p.study.sc_ks:
-        _consistency(p, trained)
+    if args.cmd == "piece":
+        out = pieces.run_piece(p, args.piece, args.root, args.bundle_dir)
+        print(f"bundle: {out} ({pieces.bundle_summary(out)})")
+    elif args.cmd == "merge":
+        out = pieces.merge(p, args.bundles)
+        print(f"merged {len(args.bundles)} bundles into {out}: tables {out / 'tables'}, figures {out / 'figures'}")
+    elif args.submit:
+        names = args.only or [x.name for x in pieces.pieces(p)]
+        jobs = pieces.submit(args.params_file, args.overrides, names, args.folder,
+                             None if args.submit == "auto" else args.submit)
+        for name, job in zip(names, jobs, strict=True):
+            print(f"{name}: job {job.job_id}")
+        for name, job in zip(names, jobs, strict=True):
+            print(f"{name}: bundle {job.result()}")
+    else:
+        print(f"{pieces.study_of(p)} of {p.name}, study key {pieces.study_key(p)['key']}:")
+        for x in pieces.pieces(p):
+            print(f"  {x.name}: {x.what}")
 
 
 def _consistency(p, trained) -> None:

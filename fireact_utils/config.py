@@ -208,8 +208,8 @@ class StudyParams(Section):
     fewshot_rule: Literal["em", "grounded_em"] = Field(
         "grounded_em", description="how a few-shot prompt is chosen: EM, or grounded EM (an answer counts only if "
         "its episode searched), which does not reward skipping the tool")
-    preregistered: bool = Field(False, description="`headline` records every setting at its first run and refuses "
-                                "to resume under other settings: the final evaluation is run once, as registered")
+    preregistered: bool = Field(False, description="`headline` or the first evaluation records every resolved setting; "
+                                "every evaluation refuses other settings: the final evaluation is run once, as registered")
     transfer_tasks: list[str] = Field(
         ["2wikimultihopqa", "strategyqa-wiki"], description="held-out Wikipedia environments where `headline` also "
         "scores every fine-tuned agent it reports (whole default splits), so a gain that holds only on dev-500 shows")

@@ -102,6 +102,7 @@ def condition_row(name: str, records: list[dict], n_boot: int = N_BOOT, wall_s: 
         row[m], row[f"{m}_lo"], row[f"{m}_hi"] = mean, lo, hi
     statuses = pd.Series([r["status"] for r in records]).value_counts().to_dict()
     row["statuses"] = ", ".join(f"{k}:{v}" for k, v in sorted(statuses.items()))
+    row["api_errors"] = statuses.get("api_error", 0)  # counted wrong until a resume re-runs them (`not_final`)
     if records and "gold" in records[0]:  # episode records (not hand-built rows)
         row.update(behaviour(records, n_boot))
     if wall_s is not None and records:
@@ -109,13 +110,27 @@ def condition_row(name: str, records: list[dict], n_boot: int = N_BOOT, wall_s: 
     return row
 
 
+def not_final(row: dict) -> str | None:
+    """Why a condition's numbers are not final, or None: episodes that ended in api_error (an
+    outage, scored wrong until the condition is resumed, which re-runs them) and, where `row` has
+    `questions` (how many the condition is to run), the questions it has not run yet."""
+    why = []
+    if errors := row.get("api_errors") or 0:
+        why.append(f"{errors:.0f} of {row['n']} episodes ended in api_error (scored wrong)")
+    if not pd.isna(planned := row.get("questions")) and row["n"] < planned:
+        why.append(f"{planned - row['n']:.0f} of {planned:.0f} questions not run")
+    return "; ".join(why) or None
+
+
 def results_table(conditions: dict[str, list[dict]], n_boot: int = N_BOOT, wall: dict[str, float] | None = None,
                   extra: dict[str, dict] | None = None) -> pd.DataFrame:
-    """One row per condition; `extra[name]` adds columns (e.g. search hit rates, noise rate)."""
+    """One row per condition; `extra[name]` adds columns (e.g. search hit rates, noise rate,
+    `questions` planned); `not_final` says why a row may still change (`markdown_table` marks it ‡)."""
     rows = []
     for name, recs in conditions.items():
         row = condition_row(name, recs, n_boot, (wall or {}).get(name))
         row.update((extra or {}).get(name, {}))
+        row["not_final"] = not_final(row)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -150,7 +165,9 @@ def shorten(text: str, width: int = 40) -> str:
 def markdown_table(df: pd.DataFrame) -> str:
     """Human table: EM/F1/finish in % with CIs, turns and tokens as means; the search fidelity
     columns where the table has them (replay: exact-hit %; wiki: gold-top % and saw-all-gold %),
-    and the environment card of each condition as a numbered note below the table."""
+    and the environment card of each condition as a numbered note below the table. A row that is
+    not final (api_error episodes, questions not run: `not_final`) is marked ‡ with its reason
+    below, and an `api errors` column appears: its EM counts those episodes wrong."""
     lead = [c for c in ("task",) if c in df]  # grouped tables (grouped_results_table) show their group first
     fid = [(c, h) for c, h in (("search_exact_hit_rate", "exact hit %"), ("gold_top_rate", "gold top %"),
                                ("saw_all_gold_rate", "saw all gold %")) if c in df]
@@ -158,7 +175,8 @@ def markdown_table(df: pd.DataFrame) -> str:
     types = [t for t in CHANCE if f"em_{t}" in df]  # EM by question type, with its count
     tool = [c for c in ("searched", "top_answer") if c in df]
     grounded = ["grounded EM % [95% CI]"] if "grounded_em" in df else []  # selection tables: right after a search
-    cols = [*lead, "condition", "n", "EM % [95% CI]", *grounded, *(TYPE_HEADERS[t] for t in types), "F1 %", "finish %", "turns",
+    unfinal = "not_final" in df and bool(df["not_final"].map(lambda x: isinstance(x, str)).any())
+    cols = [*lead, "condition", "n", *(["api errors"] if unfinal else []), "EM % [95% CI]", *grounded, *(TYPE_HEADERS[t] for t in types), "F1 %", "finish %", "turns",
             "prompt tok", "completion tok", *(["searched %", "searches/ep"] if "searched" in tool else []),
             *(["top answer (count)"] if "top_answer" in tool else []), *(h for _, h in fid), *(["env"] if envs else [])]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -167,9 +185,10 @@ def markdown_table(df: pd.DataFrame) -> str:
         acts = [_pct(r["searched"]), f"{r['searches_per_episode']:.2f}"] if "searched" in tool else []
         if "top_answer" in tool:
             acts.append("" if pd.isna(r["top_answer"]) else f"{shorten(r['top_answer'])} ({r['top_answer_count']:.0f})")
-        edited = isinstance(r.get("edited_by_hand"), str)
-        cells = [*(str(r[c]) for c in lead), str(r["condition"]) + (" †" if edited else ""), str(r["n"]),
-                 fmt_ci(r["em"], r["em_lo"], r["em_hi"]),
+        edited, why = isinstance(r.get("edited_by_hand"), str), r.get("not_final")
+        mark = (" †" if edited else "") + (" ‡" if isinstance(why, str) else "")
+        cells = [*(str(r[c]) for c in lead), str(r["condition"]) + mark, str(r["n"]),
+                 *([f"{r.get('api_errors') or 0:.0f}"] if unfinal else []), fmt_ci(r["em"], r["em_lo"], r["em_hi"]),
                  *([fmt_ci(r["grounded_em"], r["grounded_em_lo"], r["grounded_em_hi"])] if grounded else []), *by_type, f"{r['f1'] * 100:.1f}", f"{r['finish'] * 100:.0f}", f"{r['turns']:.2f}",
                  f"{r['prompt_tokens']:.0f}", f"{r['completion_tokens']:.0f}", *acts, *(_pct(r[c]) for c, _ in fid)]
         if envs:
@@ -179,6 +198,8 @@ def markdown_table(df: pd.DataFrame) -> str:
     notes = [f"\n[{i}] {e}" for i, e in enumerate(envs, 1)]
     notes += [f"\n† {r['condition']}: edited by hand ({r['edited_by_hand']})" for _, r in df.iterrows()
               if isinstance(r.get("edited_by_hand"), str)]
+    notes += [f"\n‡ {r['condition']}: not final: {r['not_final']}; resume the condition to finish it"
+              for _, r in df.iterrows() if isinstance(r.get("not_final"), str)]
     if types:
         notes.insert(0, "\nEM by question type: % (questions). " + "; ".join(
             f"{TYPE_HEADERS[t].split(' EM')[0]}: chance {CHANCE[t] * 100:.0f}%" for t in types if CHANCE[t]) + ".")

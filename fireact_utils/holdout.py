@@ -1,39 +1,54 @@
 """Held-out questions: the sets a run is scored on, and the guards that keep choices and training off them.
 
-Two rules make a run's numbers safe by construction rather than by care:
+Four rules make a run's numbers safe by construction rather than by care:
 1. No choice (recipe, prompt, temperature, epochs, decoding setting) is made on a split that any
    evaluation of the run uses, nor on one of the kit's standing test sets (`check_choice`).
 2. No training or sampling question (generation, a fine-tuning mixture, self-improvement, GRPO)
    is a question the run is scored or chooses on (`check_training`; generation leaves them out of
    its pool, `reserved_keys`; `dataset.drop_held_out` drops them from released data instead).
+3. A split a choice was made on is never scored afterwards, by any run under the same output
+   root: every choice is recorded (`CHOICES`), and only a selection's own conditions may score it.
+4. A pre-registered study evaluates only under its registered, resolved settings (`preregister`).
+Rules 3 and 4 hold at evaluation time: `pipeline.run_condition`, which every entry point (CLI,
+notebooks, studies) evaluates through, calls `check_evaluation` first.
 
 Questions are compared as text (case and spacing folded), so one question under two names
 (HotpotQA dev and HotpotQA-wiki, StrategyQA dev and StrategyQA-wiki) is one question. The
-standing sets are held out in every run, whatever its params name: FireAct's dev-500 (all 500
-when any part is evaluated, since other runs report on the rest) and HotpotQA-wiki val and test.
+standing sets are facts about the data, held out in every run whatever its params name: FireAct's
+dev-500 (seed 233's first 500; all 500 when any part is evaluated, since other runs report on the
+rest) and HotpotQA-wiki val and test.
 
-    holdout.check_choice(p)                                    # before a selection runs
+    holdout.check_choice(p)                                    # before a selection runs; records it
     holdout.check_training(p, [r["question"] for r in recs], "dataset")   # before a fine-tune
+    holdout.check_evaluation(p, task, idx)                     # before a condition scores a question
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from . import keys
+from .io import append_jsonl, atomic_write_json, iter_jsonl, read_json
 from .tasks import eval_indices, load_task
 
 if TYPE_CHECKING:
     from .config import Params
+    from .tasks import Task
 
 DEV500 = ("hotpotqa", "dev", 500, 233)  # task, split, n, seed: FireAct's evaluation subset
 STANDING_TEST = (("hotpotqa-wiki", "test"),)  # the kit's test split besides dev-500: never chosen on
 STANDING_VAL = (("hotpotqa-wiki", "val"),)  # validation: chosen on, never trained on
+CHOICES = "choices.jsonl"  # <output_root>/choices.jsonl: one line per choice made by any run there
+REGISTRATION = "preregistration.json"  # <run>/preregistration.json: a pre-registered study's settings
 
 
 class HoldoutError(ValueError):
-    """A choice on an evaluation split, or a training question that is held out."""
+    """A choice on an evaluation split, a training question that is held out, or a score on a split chosen on."""
 
 
 def question_key(question: str) -> str:
@@ -54,16 +69,18 @@ def _whole(p: Params, label: str, task: str, split: str | None) -> QuestionSet:
 
 def evaluation_sets(p: Params) -> list[QuestionSet]:
     """Every question set the run reports a number on: evaluate.task's questions (also the
-    self-consistency ones; all of dev-500 when any of it is evaluated), the noise, generalization,
-    transfer and base-model evaluation tasks (whole splits), and the standing test sets."""
+    self-consistency ones; all of dev-500 when they are dev-500's), the noise, generalization,
+    transfer and base-model evaluation tasks (whole splits), and the standing test sets: dev-500
+    and HotpotQA-wiki test, whatever evaluate.* names (another task, split or shuffle seed)."""
     task, split, n500, seed500 = DEV500
     t = load_task(p.evaluate.task, p.evaluate.split, p.data_dir, p.multihop_dir)
     n = max(p.evaluate.n_questions, p.study.sc_n)
     label = f"evaluate: {t.name} {t.split}, first {n} (seed {p.evaluate.seed})"
-    if (t.name, t.split, p.evaluate.seed) == (task, split, seed500):
+    dev500 = (t.name, t.split, p.evaluate.seed) == (task, split, seed500)
+    if dev500:
         n, label = max(n, n500), f"evaluate: {t.name} {t.split} (FireAct's dev-500)"
     sets = [QuestionSet(label, frozenset(question_key(t.questions[i]) for i in eval_indices(t, n, p.evaluate.seed)))]
-    if (t.name, t.split) != (task, split):  # dev-500 is standing: held out even when another task is evaluated
+    if not dev500:  # standing: held out even when evaluate.* names another task, split or seed
         dev = load_task(task, split, p.data_dir, p.multihop_dir)
         sets.append(QuestionSet("FireAct's dev-500", frozenset(question_key(dev.questions[i])
                                                                for i in eval_indices(dev, n500, seed500))))
@@ -84,22 +101,24 @@ def choice_set(p: Params) -> QuestionSet:
     return _whole(p, "study.select_task", p.study.select_task, p.study.select_split)
 
 
-def _overlaps(keys: frozenset[str], sets: list[QuestionSet]) -> list[tuple[QuestionSet, int]]:
-    return [(s, len(keys & s.keys)) for s in sets if keys & s.keys]
+def _overlaps(qs: frozenset[str], sets: list[QuestionSet]) -> list[tuple[QuestionSet, int]]:
+    return [(s, len(qs & s.keys)) for s in sets if qs & s.keys]
 
 
 def check_choice(p: Params) -> None:
-    """Refuse to choose on a split that shares a question with any evaluation set of the run."""
+    """Refuse to choose on a split that shares a question with any evaluation set of the run;
+    else record the choice (`record_choice`), since every caller is about to make one."""
     chosen = choice_set(p)
     if hits := _overlaps(chosen.keys, evaluation_sets(p)):
         where = "; ".join(f"{n} questions of {s.label}" for s, n in hits)
         raise HoldoutError(f"choices on {chosen.label.split(': ', 1)[1]} would be made on test questions ({where}): "
                            "set study.select_task/select_split to a validation split, e.g. hotpotqa-wiki val")
+    record_choice(p)
 
 
 def reserved_sets(p: Params) -> list[QuestionSet]:
-    """Every set no training or sampling question may come from: the evaluation sets, the choice
-    split and the standing validation split."""
+    """Every set no training or sampling question may come from: the evaluation sets (dev-500 and
+    HotpotQA-wiki test among them), the choice split and the standing validation split."""
     sets = [*evaluation_sets(p), choice_set(p)]
     return sets + [_whole(p, "validation", name, sp) for name, sp in STANDING_VAL if
                    (name, sp) != (p.study.select_task, p.study.select_split)]
@@ -121,9 +140,106 @@ def without_held_out(p: Params, records: list[dict]) -> list[dict]:
 
 def check_training(p: Params, questions: Iterable[str], what: str) -> None:
     """Refuse training or sampling questions (`what` names their source) that a held-out set holds."""
-    keys = {question_key(q) for q in questions}
-    if hits := _overlaps(frozenset(keys), reserved_sets(p)):
-        example = sorted(keys & hits[0][0].keys)[0]
+    asked = frozenset(question_key(q) for q in questions)
+    if hits := _overlaps(asked, reserved_sets(p)):
+        example = sorted(asked & hits[0][0].keys)[0]
         where = "; ".join(f"{n} of {s.label}" for s, n in hits)
         raise HoldoutError(f"{what}: training questions are held-out questions of this run ({where}), "
                            f"e.g. {example!r}: train on other questions")
+
+
+# ---------------------------------------------------------------- at evaluation time
+
+def check_evaluation(p: Params, task: Task, idx: list[int]) -> None:
+    """Before a condition scores `task`'s questions `idx`: the study's registered settings
+    (`preregister`), and no question of a split a choice was made on (`check_unchosen`)."""
+    if not keys.is_saved_only():  # a merge evaluates nothing: its bundles' registrations are compared instead
+        preregister(p)
+    check_unchosen(p, task, idx)
+
+
+_selecting: ContextVar[bool] = ContextVar("selecting", default=False)
+
+
+@contextmanager
+def selecting() -> Iterator[None]:
+    """Conditions run inside are a selection's own (`recipes.select_condition`): the only
+    evaluations that may score a split chosen on, since their numbers are the choice's data."""
+    token = _selecting.set(True)
+    try:
+        yield
+    finally:
+        _selecting.reset(token)
+
+
+def choices_path(p: Params) -> Path:
+    """The registry of choices, shared by every run under p's output root: a choice made under one
+    run name binds the others, or the chosen-on split could be reported under a new name."""
+    return p.run_dir.parent / CHOICES
+
+
+def record_choice(p: Params) -> None:
+    """Record that `p` chooses on study.select_task/select_split: run, task, split, n and the key of
+    the questions a selection scores (the first select_n of the seeded shuffle; all without it).
+    An identical line is written once, so resumed selections do not grow the file."""
+    t = load_task(p.study.select_task, p.study.select_split, p.data_dir, p.multihop_dir)
+    qs = [question_key(t.questions[i]) for i in eval_indices(t, p.study.select_n or len(t), p.evaluate.seed)]
+    line = {"run": p.name, "task": t.name, "split": t.split, "n": len(qs),
+            "key": keys.data_hash({"question": q} for q in qs)}
+    path = choices_path(p)
+    if not path.is_file() or line not in iter_jsonl(path):
+        append_jsonl(path, line)
+
+
+def check_unchosen(p: Params, task: Task, idx: list[int]) -> None:
+    """Refuse to score a question of a split that any recorded choice was made on (the whole split,
+    compared as text: a subset chosen on makes the split a validation split), except inside
+    `selecting`. One rule for every entry point and run name."""
+    path = choices_path(p)
+    if _selecting.get() or not path.is_file():
+        return
+    asked = frozenset(question_key(task.questions[i]) for i in idx)
+    for c in {(c["task"], c["split"]): c for c in iter_jsonl(path)}.values():
+        if n := len(asked & _whole(p, "chosen on", c["task"], c["split"]).keys):
+            raise HoldoutError(f"{n} of the {len(asked)} questions to score on {task.name} {task.split} are of "
+                               f"{c['task']} {c['split']}, which run {c['run']!r} chose on ({path}): a split a "
+                               "choice was made on is never reported; evaluate on another split")
+
+
+def registered_settings(p: Params) -> dict[str, Any]:
+    """What a pre-registration fixes: every setting that moves a number (`keys.run_settings`; paths,
+    ports and batch sizes left out) with its autos resolved on this machine (decoding device, dtype
+    and decoder; the fine-tune's bf16), so `auto` cannot mean fp32 when registered and bf16 later."""
+    from .models import pick_device
+    from .train import use_bf16
+
+    return {**keys.run_settings(p), **keys.model_settings(p.model),
+            "train.bf16": use_bf16(p.train, pick_device(p.model.device))}
+
+
+def preregister(p: Params) -> None:
+    """With study.preregistered, the first call (`headline`, or the first evaluation from any entry
+    point) writes <run>/preregistration.json with the resolved settings. Once it exists, every call
+    refuses other settings (study.preregistered itself included), naming them: a pre-registered
+    run is run once, as registered, never re-tuned under its name."""
+    path = p.run_dir / REGISTRATION
+    if not (path.is_file() or p.study.preregistered):
+        return
+    now = registered_settings(p)
+    if not path.is_file():
+        atomic_write_json(path, {"params": p.dump(), "settings": now})
+        return
+    was = read_json(path).get("settings")
+    if was is None:
+        raise ValueError(f"{path} holds no resolved settings (written by an older kit): register the study "
+                         "under a new name")
+    if diff := keys.differences(_nulls(was), _nulls(now)):
+        raise ValueError(f"{p.name} was pre-registered with other settings ({'; '.join(diff[:3])}"
+                         f"{'; ...' if len(diff) > 3 else ''}): a pre-registered run is run as registered; "
+                         "give a new study another name")
+
+
+def _nulls(settings: dict[str, Any]) -> dict[str, Any]:
+    """None as a value ("null"): `keys.differences` skips None as unknown, but every registered
+    setting is known, and adding a model.adapter to a registered None is a change."""
+    return {k: "null" if v is None else v for k, v in settings.items()}

@@ -223,12 +223,10 @@ class VLLMBackend:
 
     def _connect(self, server) -> None:
         """Talk to `server` (its adapter loaded): a short retry budget, as a dead server is restarted."""
-        from .serving import SERVED_NAME
-
         self.server = server
         adapter = self.model_params.adapter
         model = server.load_adapter(adapter) if adapter else None
-        self.client = OpenAIBackend(LLMParams(backend="openai", model=model or SERVED_NAME, base_url=server.base_url,
+        self.client = OpenAIBackend(LLMParams(backend="openai", model=model or server.name, base_url=server.base_url,
                                               chat=False, concurrency=self.concurrency, timeout_s=600.0,
                                               max_retries=2, retry_budget_s=10.0))
 

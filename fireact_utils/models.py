@@ -23,6 +23,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -157,15 +158,48 @@ def convert_gguf(gguf_file: Path, out_dir: Path, source: dict | None = None) -> 
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
     model.tie_weights()
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = partial_dir(out_dir)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     record = {"gguf": gguf_file.name, "size": gguf_file.stat().st_size, **(source or {})}
     (tmp / "fireact_source.json").write_text(json.dumps(record, indent=1))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)  # atomic: a killed conversion never leaves a half checkpoint in place
+    publish_dir(tmp, out_dir)
     return out_dir
+
+
+def partial_dir(out_dir: Path) -> Path:
+    """A new empty directory beside `out_dir` to build it in, this process's own: two first runs
+    on one machine convert the built-in model at once, and a shared `.partial` path let one delete
+    or move the other's half-written files. Its name carries our pid, so the half-built dirs of
+    killed conversions (540 MB each) are removed here once their process is gone."""
+    for old in out_dir.parent.glob(f"{out_dir.name}.partial-*"):
+        pid = old.name.removeprefix(f"{out_dir.name}.partial-").split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.partial-{os.getpid()}-", dir=out_dir.parent))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
+
+
+def publish_dir(tmp: Path, out_dir: Path) -> None:
+    """Move the finished `tmp` to `out_dir` in one rename (a reader sees no dir or a whole one); if
+    another process published one meanwhile, keep theirs and drop ours (the same conversion)."""
+    try:
+        tmp.rename(out_dir)  # replaces only an empty dir
+    except OSError:
+        if (out_dir / "config.json").is_file():
+            shutil.rmtree(tmp)
+            return
+        shutil.rmtree(out_dir)  # a leftover that is no checkpoint
+        tmp.rename(out_dir)
 
 
 def resolve_model(name: str, cache: str | Path | None = None) -> str:
@@ -234,6 +268,8 @@ def load_model(name: str = "smollm2-135m", adapter: str | None = None, cache: st
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "adapter_model.bin")  # not training_args.bin
 CONFIG_FILES = ("config.json", "adapter_config.json")
 PATH_KEYS = ("_name_or_path", "base_model_name_or_path")  # where a dir was: not what its weights are
+# written by whichever transformers (or PEFT) release saved the dir: the same weights under another release
+NOT_WEIGHTS = (*PATH_KEYS, "transformers_version", "peft_version")
 SAMPLE_BYTES = 2**20  # read at the start, middle and end of each weight file: 3 MiB, not the whole GB
 
 
@@ -313,15 +349,16 @@ def _dir_fingerprint(d: Path) -> str:
     if not files and not any((d / c).is_file() for c in CONFIG_FILES):
         raise ModelSpecError(f"{d} holds no model or adapter to fingerprint")
     stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-    return _sampled_fingerprint(str(d.resolve()), stamp)
+    configs = tuple((c, f.stat().st_mtime_ns) for c in CONFIG_FILES if (f := d / c).is_file())  # an edit re-reads them
+    return _sampled_fingerprint(str(d.resolve()), stamp, configs)
 
 
 @functools.lru_cache(maxsize=256)
-def _sampled_fingerprint(d: str, stamp: tuple) -> str:
+def _sampled_fingerprint(d: str, stamp: tuple, _configs: tuple = ()) -> str:
     h = hashlib.sha256()
     for name in CONFIG_FILES:
         if (f := Path(d) / name).is_file():
-            config = {k: v for k, v in json.loads(f.read_text()).items() if k not in PATH_KEYS}
+            config = {k: v for k, v in json.loads(f.read_text()).items() if k not in NOT_WEIGHTS}
             h.update(json.dumps(config, sort_keys=True).encode())
     for name, size, _mtime in stamp:
         h.update(f"{name}:{size}".encode())

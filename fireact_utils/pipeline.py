@@ -23,18 +23,19 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import keys
 from .agent import run_episodes, summarize
 from .config import AgentParams, Params, SearchParams, override
 from .io import atomic_write_json, read_json
-from .models import check_same_model, model_id
+from .models import ModelId
 from .provenance import (
-    check_same_agent,
+    condition_key,
     condition_meta,
     llm_model,
+    local_decoder,
     machine_label,
     merge_tool_stats,
     save_provenance,
-    saved_model,
 )
 from .tasks import eval_indices, load_task
 
@@ -108,12 +109,19 @@ def dataset_pool(p: Params) -> tuple[list[dict], dict[str, dict]]:
 
 
 def build_dataset(p: Params, tok=None) -> list[dict]:
-    """Released and/or generated successes, mixed per `p.dataset`, saved with its card."""
-    from .data import mix, save_dataset
+    """Released and/or generated successes, mixed per `p.dataset`, saved with its card; a saved
+    dataset is reused under its key (dataset.*, train.format, the pool's content), else refused."""
+    from .data import load_dataset_source, mix, save_dataset
 
     recs, envs = dataset_pool(p)
+    out = p.run_dir / "dataset"
+    now = keys.make("dataset", {**keys.flat(p.dataset, "dataset."), "train.format": p.train.format,
+                                "pool": keys.data_hash(recs)})
+    if keys.reuse(out / keys.KEY_FILE, now, [out], exists=(out / "trajectories.jsonl").is_file()):
+        return load_dataset_source(str(out / "trajectories.jsonl"))
     recs = mix(recs, p.dataset.mixture or None, p.dataset.n_trajectories, p.dataset.seed, p.dataset.tasks)
-    save_dataset(recs, p.run_dir / "dataset", tok, envs)
+    save_dataset(recs, out, tok, envs)
+    keys.write(out / keys.KEY_FILE, now)
     save_provenance(p, "dataset")
     return recs
 
@@ -121,11 +129,8 @@ def build_dataset(p: Params, tok=None) -> list[dict]:
 # ---------------------------------------------------------------- fine-tuning
 
 def training_records(p: Params) -> list[dict]:
-    """The run's fine-tuning data: the saved dataset, built first if need be."""
-    from .data import load_dataset_source
-
-    ds = p.run_dir / "dataset" / "trajectories.jsonl"
-    return load_dataset_source(str(ds)) if ds.is_file() else build_dataset(p)
+    """The run's fine-tuning data (`build_dataset`: the saved one where its key holds)."""
+    return build_dataset(p)
 
 
 def finetune(p: Params, records: list[dict] | None = None, out: str | Path | None = None) -> Path:
@@ -166,19 +171,26 @@ def run_condition(p: Params, name: str, llm, agent: AgentParams, search: SearchP
     for wiki tasks the fidelity of all episodes (`wiki.fidelity`). A wiki task is always
     searched in its own corpus; `search` (default p.search) sets k, observation length and noise.
     """
+    from .holdout import check_evaluation
     from .tools import NoisyTool, make_search
     from .wiki import WikiSearch, fidelity
 
     t, idx = condition_questions(p, task, split, n)
-    sp = search or p.search
-    tool = make_search(sp, p.data_dir, t.corpus, p.multihop_dir) if agent.method in ("react", "reflexion") else None
+    check_evaluation(p, t, idx)  # the registered settings; no score on a split a choice was made on
+    if keys.is_saved_only():
+        check_saved(p, name, t, idx)
+    sp = environment(p, t, agent, search)
+    tool = make_search(sp, p.data_dir, t.corpus, p.multihop_dir) if sp is not None else None
     path = p.run_dir / "eval" / f"{name}.jsonl"
     meta_path = path.with_suffix(".meta.json")
-    base = read_json(meta_path) if meta_path.is_file() else {"wall_s": 0.0, "episodes_run": 0}
     model, dtype = llm_model(llm)
-    if path.is_file() and path.stat().st_size:  # a saved episode: continue only with its settings and model
-        check_same_agent(base.get("agent", {}), agent, path)
-        check_same_model(saved_model(base), model, path)
+    fewshot = fewshot_text(p, agent, t)
+    now = condition_key(model, dtype, local_decoder(llm), agent, sp, t, fewshot, tool.card() if tool else None)
+    saved = read_json(meta_path) if meta_path.is_file() else {}
+    # a saved episode: continue only under the condition's key (model, agent, environment, decoding)
+    keys.reuse(meta_path, now, [path], exists=path.is_file() and path.stat().st_size > 0, saved=saved.get("key"),
+               where=path)
+    base = read_json(meta_path) if meta_path.is_file() else {"wall_s": 0.0, "episodes_run": 0}
     t0 = flushed = time.time()
     ran = 0
 
@@ -201,10 +213,10 @@ def run_condition(p: Params, name: str, llm, agent: AgentParams, search: SearchP
         else:
             meta["environment"] = {"search": "none"}
         meta.update(condition=name, model=model.spec, model_fingerprint=model.fingerprint, model_dtype=dtype,
-                    agent=agent.model_dump(), task=t.name, split=t.split)
+                    agent=agent.model_dump(), task=t.name, split=t.split, key=now)
         atomic_write_json(meta_path, meta)
 
-    def saved(_rec: dict) -> None:
+    def count(_rec: dict) -> None:
         """Counts a saved episode; rewrites the meta now and then, so a killed run keeps its seconds."""
         nonlocal ran, flushed
         ran += 1
@@ -212,11 +224,30 @@ def run_condition(p: Params, name: str, llm, agent: AgentParams, search: SearchP
             write_meta()
             flushed = time.time()
 
-    recs = run_episodes(t, idx, llm, tool, agent, path, progress=progress, fewshot=fewshot_text(p, agent, t),
-                        on_saved=saved)
-    if ran or "environment" not in base or "model_fingerprint" not in base:  # a meta older than fingerprints gets one
+    recs = run_episodes(t, idx, llm, tool, agent, path, progress=progress, fewshot=fewshot, on_saved=count)
+    if ran or "key" not in base:
         write_meta(recs)
     return recs
+
+
+def check_saved(p: Params, name: str, task, idx: list[int]) -> None:
+    """Under `keys.saved_only` (a merge), a condition with a question not saved (or saved as an
+    api_error, which a resume would re-run) is a one-line error."""
+    from .agent import episode_id, load_done
+
+    done = load_done(p.run_dir / "eval" / f"{name}.jsonl")
+    if missing := sum(done.get(episode_id(task, i), {}).get("status", "api_error") == "api_error" for i in idx):
+        raise ValueError(f"condition {name}: {missing} of {len(idx)} questions have no saved episode in the merged "
+                         "bundles; run the piece that makes it, then merge again")
+
+
+def environment(p: Params, task, agent: AgentParams, search: SearchParams | None = None) -> SearchParams | None:
+    """The search settings a condition's agent calls (None: an agent that does not search); a wiki
+    task is searched in its own corpus, whatever search.kind says."""
+    if agent.method not in ("react", "reflexion"):
+        return None
+    sp = search or p.search
+    return sp.model_copy(update={"kind": "wiki", "corpus": task.corpus}) if task.corpus else sp
 
 
 def condition_questions(p: Params, task: str | None = None, split: str | None = None, n: int | None = None):
@@ -227,11 +258,12 @@ def condition_questions(p: Params, task: str | None = None, split: str | None = 
 
 
 def saved_condition(p: Params, name: str, task: str | None = None, split: str | None = None,
-                    n: int | None = None, model: ModelParams | None = None) -> list[dict] | None:
+                    n: int | None = None, model: ModelParams | None = None,
+                    agent: AgentParams | None = None, search: SearchParams | None = None) -> list[dict] | None:
     """The condition's saved records, in question order, if every question is done; else None.
-    Lets a resumed study skip loading (or training) a model whose evaluation is complete; with
-    `model`, the records must be its, where its weights are on this machine (no model is needed
-    to reuse them, so one that is not here is not compared)."""
+    Lets a resumed study (or a merge of bundles) skip loading or training a model whose evaluation
+    is complete. Its key must hold what is known here (`model` where its weights are on this
+    machine, `agent`, the environment, task and few-shot prompt), else StaleOutputError."""
     from .agent import episode_id, load_done
 
     t, idx = condition_questions(p, task, split, n)
@@ -240,9 +272,41 @@ def saved_condition(p: Params, name: str, task: str | None = None, split: str | 
     ids = [episode_id(t, i) for i in idx]
     if any(i not in done or done[i]["status"] == "api_error" for i in ids):
         return None
-    if model is not None and (now := model_id(model.name, model.adapter, model.cache_dir)).fingerprint:
-        check_same_model(saved_model(condition_meta(p, name)), now, path)
+    if agent is not None:
+        keys.check(condition_meta(p, name).get("key"), known_key(p, agent, t, model, search), path)
+    elif model is not None:
+        check_model(condition_meta(p, name).get("key"), known_model(model)[0], path)
     return [done[i] for i in ids]
+
+
+def known_model(model: ModelParams | None) -> tuple[ModelId | None, str | None]:
+    """(model, decoding dtype) as far as this machine knows them: weights that are not here are None."""
+    if model is None or keys.is_saved_only():
+        return None, None
+    dtype = keys.model_settings(model, decoder=False)["model.dtype"]
+    fp = keys.weights_fingerprint(model)
+    return (ModelId(model.name, fp) if fp else None), dtype
+
+
+def known_key(p: Params, agent: AgentParams, task, model: ModelParams | None = None,
+              search: SearchParams | None = None) -> dict:
+    """A condition's key as far as it is known without its tool or decoder (those, and a model whose
+    weights are not here, are None: not compared), for checking saved episodes."""
+    key = condition_key(*known_model(model), None, agent, environment(p, task, agent, search), task,
+                        fewshot_text(p, agent, task))
+    settings = {**key["settings"], "search.card": None}
+    if agent.temperature > 0:
+        settings["model.decoder"] = None
+    return {**key, "settings": settings}
+
+
+def check_model(saved: dict | None, model: ModelId | None, path: Path) -> None:
+    """A saved condition's key names `model`'s weights (not compared where they are not here)."""
+    if model is not None and saved is not None:
+        unknown = dict.fromkeys(saved.get("settings", {}))
+        keys.check(saved, {"stage": "condition", "settings": {**unknown, "model": model.fingerprint}}, path)
+    elif model is not None:
+        keys.check(None, {}, path)
 
 
 def fewshot_text(p: Params, agent: AgentParams, task) -> str | None:
@@ -266,10 +330,25 @@ def agent_model(p: Params, trained: str | Path | None = None) -> ModelParams:
 
 def local_llm(p: Params, trained: str | Path | None = None):
     """`agent_model` on the local backend (which carries it as `model_params`, so each condition
-    records and checks the model it ran: `llm_model`)."""
+    records and checks the model it ran: `llm_model`); under `keys.saved_only`, no model at all."""
     from .llm import local_backend
 
+    if keys.is_saved_only():
+        return SavedOnly()
     return local_backend(agent_model(p, trained), p.agent.batch_size)
+
+
+class SavedOnly:
+    """The backend of a merge (`keys.saved_only`): no model. Its conditions must all be saved
+    (`run_condition` checks before any episode); their keys' models are not compared, since the
+    weights that made them are on other machines."""
+
+    name = "saved-only"
+    saved_only = True
+    chat = False  # read when the agent is built, never used: no episode is run
+
+    def generate(self, *args, **kwargs):
+        raise RuntimeError("no model under keys.saved_only: every episode must be saved")
 
 
 def finetuned_agent(p: Params) -> AgentParams:
@@ -288,11 +367,9 @@ def searching_react(p: Params) -> AgentParams:
 SEARCHING = "base_fewshot_searching_react"  # the few-shot ReAct baseline of evaluate.searching_baseline
 
 
-def evaluate(p: Params, trained: str | Path, progress: bool = True) -> dict[str, list[dict]]:
-    """Few-shot baselines of the base model (and evaluate.searching_baseline's ReAct prompt, which
-    must search) and the fine-tuned agent, on the same questions; its EM goes on its model card."""
-    from .train import record_results
-
+def baselines(p: Params, progress: bool = True) -> dict[str, list[dict]]:
+    """Few-shot baselines of the base model: evaluate.methods, and evaluate.searching_baseline's
+    ReAct prompt, which must search."""
     conds: dict[str, list[dict]] = {}
     base = local_llm(p)
     for m in p.evaluate.methods:
@@ -300,7 +377,14 @@ def evaluate(p: Params, trained: str | Path, progress: bool = True) -> dict[str,
         conds[f"base_fewshot_{m}"] = run_condition(p, f"base_fewshot_{m}", base, ap, progress=progress)
     if p.evaluate.searching_baseline:
         conds[SEARCHING] = run_condition(p, SEARCHING, base, searching_react(p), progress=progress)
-    del base
+    return conds
+
+
+def evaluate(p: Params, trained: str | Path, progress: bool = True) -> dict[str, list[dict]]:
+    """`baselines` and the fine-tuned agent on the same questions; its EM goes on its model card."""
+    from .train import record_results
+
+    conds = baselines(p, progress)
     ft = local_llm(p, trained)
     conds["finetuned_react"] = run_condition(p, "finetuned_react", ft, finetuned_agent(p), progress=progress)
     record_results(trained, "finetuned_react", f"{p.evaluate.task} {p.evaluate.split}", conds["finetuned_react"])

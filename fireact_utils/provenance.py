@@ -17,7 +17,7 @@ from .io import atomic_write_json, read_json
 from .models import ModelId, model_id
 
 if TYPE_CHECKING:
-    from .config import AgentParams, Params
+    from .config import AgentParams, Params, SearchParams
 
 
 def provenance(p: Params) -> dict:
@@ -42,18 +42,46 @@ def machine_label() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu x{os.cpu_count()}"
 
 
-def llm_model(llm) -> tuple[ModelId, str | None]:
+def llm_model(llm) -> tuple[ModelId | None, str | None]:
     """(model, dtype) of `llm` for a condition's meta. A local backend (it carries its
     `model_params`) is fingerprinted; another (HTTP, a test's script) is its name alone. The
     dtype is recorded, not compared: like the batch size, it changes float roundings, not the model
     (`recipes.seed_model` decodes in bf16 what trained in fp32)."""
     from .models import pick_device, pick_dtype
 
+    if getattr(llm, "saved_only", False):  # a merge's: the saved episodes' models are on other machines
+        return None, None
     mp = getattr(llm, "model_params", None)
     if mp is None:
         return ModelId(llm.name), None
     dtype = str(pick_dtype(mp.dtype, pick_device(mp.device))).removeprefix("torch.")
     return model_id(mp.name, mp.adapter, mp.cache_dir), dtype
+
+
+def condition_key(model: ModelId | None, dtype: str | None, decoder: str | None, agent: AgentParams,
+                  search: SearchParams | None, task, fewshot: str | None, card: dict | None = None) -> dict:
+    """A condition's key (`keys`): what its episodes are a function of. The model is its weights'
+    fingerprint (a model with none, an endpoint or a test's script, its name; None: not known
+    here, so not compared), the dtype it decodes in, and the decoder when it samples (greedy
+    decoding gives the same episodes on vLLM and model.generate: tests/test_vllm.py); the agent's
+    settings; the environment (search settings and the tool's card, or none); the task and split;
+    the few-shot prompt. The questions are not in it: episodes are saved per question, so a
+    condition extended to more questions reuses those it has."""
+    from . import keys
+
+    who = None if model is None else model.fingerprint or f"name:{model.spec}"
+    env = {"search": "none"} if search is None else {**keys.search_settings(search), "search.card": card}
+    return keys.make("condition", {
+        "model": who, "model.dtype": dtype, "model.decoder": decoder if agent.temperature > 0 else "any",
+        **keys.agent_settings(agent), **env, "task": task.name, "split": task.split,
+        "fewshot": keys.text_hash(fewshot)})
+
+
+def local_decoder(llm) -> str | None:
+    """vllm or generate for a local backend; None for another (its name identifies it)."""
+    from .llm import VLLMBackend
+
+    return None if getattr(llm, "model_params", None) is None else "vllm" if isinstance(llm, VLLMBackend) else "generate"
 
 
 def saved_model(meta: dict) -> ModelId | None:

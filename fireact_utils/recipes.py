@@ -19,7 +19,7 @@ import numpy as np
 
 from .config import Params, override
 from .evaluate import bootstrap_ci, episode_values, paired_bootstrap_diff, results_table, write_table
-from .holdout import check_choice
+from .holdout import check_choice, selecting
 from .io import atomic_write_json
 from .pipeline import (
     agent_model,
@@ -47,14 +47,19 @@ def _select_n(p: Params) -> int:
 
 
 def select_condition(p: Params, name: str, llm, agent, progress: bool = True) -> list[dict]:
-    """`run_condition` on the selection split (all of it unless study.select_n)."""
-    return run_condition(p, name, llm, agent, task=p.study.select_task, split=p.study.select_split, n=_select_n(p),
-                         progress=progress)
+    """`run_condition` on the selection split (all of it unless study.select_n): a choice's data, so
+    it is checked and recorded (`check_choice`) and is the one evaluation allowed on a split chosen
+    on (`holdout.selecting`); every other evaluation of that split is refused from then on."""
+    check_choice(p)
+    with selecting():
+        return run_condition(p, name, llm, agent, task=p.study.select_task, split=p.study.select_split,
+                             n=_select_n(p), progress=progress)
 
 
-def saved_selection(p: Params, name: str) -> list[dict] | None:
-    """A selection condition already complete on disk (its model need not be loaded or trained)."""
-    return saved_condition(p, name, p.study.select_task, p.study.select_split, _select_n(p))
+def saved_selection(p: Params, name: str, agent) -> list[dict] | None:
+    """A selection condition already complete on disk under `agent`'s settings (its model need not
+    be loaded or trained); one saved under other settings is refused (`keys`)."""
+    return saved_condition(p, name, p.study.select_task, p.study.select_split, _select_n(p), agent=agent)
 
 
 def recipe_search(p: Params, progress: bool = True) -> dict[str, list[dict]]:
@@ -63,7 +68,7 @@ def recipe_search(p: Params, progress: bool = True) -> dict[str, list[dict]]:
     check_choice(p)
     out = {}
     for label, q in variants(p, "recipes").items():
-        if (recs := saved_selection(p, f"recipe_{label}")) is not None:
+        if (recs := saved_selection(p, f"recipe_{label}", finetuned_agent(q))) is not None:
             out[label] = recs
             continue
         trained = finetune(q, recipe_records(q), p.run_dir / "recipes" / label)
@@ -85,9 +90,10 @@ def fewshot_search(p: Params, progress: bool = True) -> dict[str, list[dict]]:
     check_choice(p)
     out, llm = {}, None
     for label, q in variants(p, "fewshot_variants").items():
-        if (recs := saved_selection(p, f"fewshot_{label}")) is None:
+        agent = q.agent.model_copy(update={"mode": "fewshot"})
+        if (recs := saved_selection(p, f"fewshot_{label}", agent)) is None:
             llm = llm or local_llm(p)
-            recs = select_condition(p, f"fewshot_{label}", llm, q.agent.model_copy(update={"mode": "fewshot"}), progress)
+            recs = select_condition(p, f"fewshot_{label}", llm, agent, progress)
         out[label] = recs
     return out
 
@@ -222,60 +228,54 @@ def seed_table(p: Params, runs: dict[int, list[dict]], baseline: list[dict] | No
 
 # ---------------------------------------------------------------- the pre-registered headline
 
-RUN_ONLY = ("agent.batch_size", "llm.concurrency", "data_dir", "multihop_dir", "output_root")  # change no number
+# Its registration, checked at every evaluation from any entry point: `holdout.preregister`.
 
 
-def preregister(p: Params) -> None:
-    """With study.preregistered, the first `headline` writes <run>/preregistration.json (every
-    resolved setting); a later call resumes only with the same settings (batch size and paths
-    aside): a pre-registered run is run once, as registered, never re-tuned under its name."""
-    from .io import read_json
+def transfer_sets(p: Params) -> dict[str, tuple[str, int]]:
+    """task -> (slug, questions) of study.transfer_tasks (whole default splits unless study.generalization_n)."""
+    from .studies import transfer_n
+    from .tables import task_slug
 
-    if not p.study.preregistered:
-        return
-    path, now = p.run_dir / "preregistration.json", _flat(p.dump())
-    if not path.is_file():
-        atomic_write_json(path, {"params": p.dump()})
-        return
-    was = _flat(read_json(path)["params"])
-    if diff := [k for k in sorted(set(was) | set(now)) if k not in RUN_ONLY and was.get(k) != now.get(k)]:
-        changes = ", ".join(f"{k} {was.get(k)!r} -> {now.get(k)!r}" for k in diff[:3])
-        raise ValueError(f"{p.name} was pre-registered with other settings ({changes}{', ...' if len(diff) > 3 else ''}): "
-                         "a pre-registered run is run as registered; give a new study another name")
+    return {t: (task_slug(t), transfer_n(p, t)) for t in p.study.transfer_tasks}
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k not in ("recipes", "fewshot_variants") \
-            else {f"{prefix}{k}": v}
-    return out
+def transfer_base(p: Params, progress: bool = True) -> dict[str, list[dict]]:
+    """task -> few-shot ReAct's episodes on each transfer task (gen_<task>_base); the model is loaded
+    only if one is not saved."""
+    from .pipeline import fewshot_react
+
+    tasks = transfer_sets(p)
+    base = {t: saved_condition(p, f"gen_{slug}_base", t, None, n, model=p.model, agent=fewshot_react(p))
+            for t, (slug, n) in tasks.items()}
+    if any(v is None for v in base.values()):
+        llm = local_llm(p)
+        base = {t: run_condition(p, f"gen_{slug}_base", llm, fewshot_react(p), task=t, n=n, progress=progress)
+                for t, (slug, n) in tasks.items()}
+    return base
+
+
+def transfer_seed(p: Params, seed: int, trained: str | Path | None, progress: bool = True) -> dict[str, list[dict]]:
+    """task -> the fine-tuned agent of training `seed` on each transfer task (gen_<task>_ft[_seed<s>]);
+    `trained` is the main fine-tune (needed for train.seed only); a model is loaded (or trained)
+    only if a condition is missing."""
+    tasks = transfer_sets(p)
+    names = {t: f"gen_{slug}_ft" + ("" if seed == p.train.seed else f"_seed{seed}") for t, (slug, _) in tasks.items()}
+    known = agent_model(p, trained) if seed == p.train.seed and trained else None  # another seed's: checked on resume
+    saved = {t: saved_condition(p, names[t], t, None, tasks[t][1], model=known, agent=finetuned_agent(p))
+             for t in tasks}
+    llm = None if all(v is not None for v in saved.values()) else local_llm(p, seed_model(p, seed, trained))
+    return {t: saved[t] if saved[t] is not None else run_condition(p, names[t], llm, finetuned_agent(p), task=t,
+                                                                    n=n, progress=progress)
+            for t, (_, n) in tasks.items()}
 
 
 def transfer_runs(p: Params, trained: str | Path, progress: bool = True) -> dict[str, tuple[dict[int, list[dict]], list[dict]]]:
     """task -> (training seed -> the fine-tuned agent's episodes, few-shot ReAct's episodes) on each
     of study.transfer_tasks (whole default split, its own Wikipedia environment); every seed of
     study.seeds (or train.seed alone) is loaded once for all tasks."""
-    from .pipeline import fewshot_react
-    from .studies import transfer_n
-    from .tables import task_slug
-
-    tasks = {t: (task_slug(t), transfer_n(p, t)) for t in p.study.transfer_tasks}
-    base = {t: saved_condition(p, f"gen_{slug}_base", t, None, n, model=p.model) for t, (slug, n) in tasks.items()}
-    if any(v is None for v in base.values()):
-        llm = local_llm(p)
-        base = {t: run_condition(p, f"gen_{slug}_base", llm, fewshot_react(p), task=t, n=n, progress=progress)
-                for t, (slug, n) in tasks.items()}
-    runs: dict[str, dict[int, list[dict]]] = {t: {} for t in tasks}
-    for seed in p.study.seeds or [p.train.seed]:
-        names = {t: f"gen_{slug}_ft" + ("" if seed == p.train.seed else f"_seed{seed}") for t, (slug, _) in tasks.items()}
-        known = agent_model(p, trained) if seed == p.train.seed else None  # another seed's: checked on resume
-        saved = {t: saved_condition(p, names[t], t, None, tasks[t][1], model=known) for t in tasks}
-        llm = None if all(v is not None for v in saved.values()) else local_llm(p, seed_model(p, seed, trained))
-        for t, (_, n) in tasks.items():
-            runs[t][seed] = saved[t] if saved[t] is not None else run_condition(
-                p, names[t], llm, finetuned_agent(p), task=t, n=n, progress=progress)
-    return {t: (runs[t], base[t]) for t in tasks}
+    base = transfer_base(p, progress)
+    by_seed = {seed: transfer_seed(p, seed, trained, progress) for seed in p.study.seeds or [p.train.seed]}
+    return {t: ({s: runs[t] for s, runs in by_seed.items()}, base[t]) for t in base}
 
 
 def report_transfer(p: Params, trained: str | Path, progress: bool = True) -> pd.DataFrame:

@@ -253,22 +253,34 @@ def grpo_trainer(p: Params, trained: str | Path, reward_funcs=None, trainer_cls=
     return trainer, rollouts
 
 
+def grpo_key(p: Params, trained: str | Path) -> dict:
+    """GRPO's key (`keys`), one for the policy, its checkpoints and the merged student (rl/student):
+    rl.*, the LoRA on top, the decoding dtype, the search settings and the SFT student's weights."""
+    from . import keys
+    from .train import adapter_model_params
+
+    lora = {k: v for k, v in keys.flat(p.train, "train.").items() if k.startswith("train.lora")}
+    return keys.make("grpo", {**keys.flat(p.rl, "rl."), **lora, **keys.model_settings(p.model, decoder=False),
+                              **keys.search_settings(p.search),
+                              "student": keys.weights_fingerprint(adapter_model_params(p.model, trained))})
+
+
 def train_grpo(p: Params, trained: str | Path) -> Path:
     """GRPO from the SFT student `trained`; returns run_dir/rl/final (the merged model). Resumes
     from the newest checkpoint; each step's rollout statistics go to rl/rollouts.jsonl."""
-    from .config import REPO_ROOT
-    from .io import atomic_write_json, read_json
+    from . import keys
+    from .io import atomic_write_json
     from .train import _write_log, last_checkpoint, train_timed
 
     out = p.run_dir / "rl"
     final = out / "final"
-    if (final / "rl_done.json").is_file():
-        done = read_json(final / "rl_done.json")
-        student = (REPO_ROOT / done["sft_student"]).resolve()  # older runs stored it relative to the repo
-        if done["params"] != p.rl.model_dump(mode="json") or student != Path(trained).resolve():
-            raise ValueError(f"{final} was trained with other rl params or from another SFT student; "
-                             f"delete {out} or pick a new run name")
-        return final
+    now = grpo_key(p, trained)
+    if keys.reuse(out / keys.KEY_FILE, now, [out], exists=(out / keys.KEY_FILE).is_file() or final.is_dir()
+                  or last_checkpoint(out) is not None):
+        if (final / "rl_done.json").is_file():
+            return final
+    else:
+        keys.write(out / keys.KEY_FILE, now)
     trainer, rollouts = grpo_trainer(p, trained)
     trainer.add_callback(_rollout_log(rollouts, out / "rollouts.jsonl"))
     train_s = train_timed(trainer, last_checkpoint(out), p.train)

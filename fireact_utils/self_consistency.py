@@ -24,7 +24,7 @@ import numpy as np
 
 from .evaluate import bootstrap_ci
 from .pipeline import agent_model, fewshot_react, finetuned_agent, local_llm, run_condition, saved_condition
-from .provenance import check_same_agent, condition_meta, hand_edit
+from .provenance import condition_meta, hand_edit
 from .recipes import seed_model, seed_table
 
 if TYPE_CHECKING:
@@ -67,14 +67,10 @@ def saved_samples(p: Params, who: str, model: ModelParams | None = None) -> list
     """Every sample of `who` as saved, if all are complete; else None. A sample saved under other
     agent settings (a temperature) or by another model than `model` (where known) is an error: its
     curve would carry this run's labels."""
-    names = [f"sc_{who}_s{j}" for j in range(max(p.study.sc_ks))]
-    runs = [saved_condition(p, name, n=p.study.sc_n or None, model=model) for name in names]
-    if any(r is None for r in runs):
-        return None
-    for name in names:
-        check_same_agent(condition_meta(p, name).get("agent", {}), sample_agent(p, who != "fewshot"),
-                         p.run_dir / "eval" / f"{name}.jsonl")
-    return runs
+    agent = sample_agent(p, who != "fewshot")
+    runs = [saved_condition(p, f"sc_{who}_s{j}", n=p.study.sc_n or None, model=model, agent=agent)
+            for j in range(max(p.study.sc_ks))]
+    return None if any(r is None for r in runs) else runs
 
 
 def sampler_model(p: Params, who: str, seed: int | None, trained: str | Path | None) -> ModelParams | None:

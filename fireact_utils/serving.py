@@ -5,7 +5,10 @@ transformers than the kit's), so the kit runs it as a server and talks to it thr
 `llm.OpenAIBackend`. One server at a time: asking for another model stops the running one (two
 engines would fight for the CPU cores and memory), asking for the same one reuses it. A server
 dies with this process: it runs in its own process group, is stopped at exit, and gets SIGTERM
-from the kernel if this process is killed outright (Linux `PR_SET_PDEATHSIG`).
+from the kernel if this process is killed outright (Linux `PR_SET_PDEATHSIG`, armed from one
+long-lived thread: `spawn`). Each server answers to a name of its own (`fireact-<random>`), and
+the kit trusts a port only once /v1/models says that name: another run's server that took the
+port in between is refused, never evaluated under this run's fingerprint.
 
     server = serve("/path/to/model", dtype="float32")   # ~2.5 min on 2 CPU cores, then reused
     server.base_url                                     # http://127.0.0.1:<port>/v1
@@ -17,19 +20,25 @@ import atexit
 import ctypes
 import json
 import os
+import queue
+import secrets
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 import zlib
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import REPO_ROOT, cache_dir
 
-SERVED_NAME = "fireact"  # the name the server answers to, whatever the model's path
+SERVED_PREFIX = "fireact-"  # a server answers to this plus a random suffix (`Server.name`), whatever the model's path
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
 
 class ServerError(RuntimeError):
@@ -63,12 +72,75 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """Run in the child before exec: SIGTERM it when the process that started it dies."""
+def _die_with_parent(parent: int) -> None:
+    """Run in the child before exec: SIGTERM it when the thread that forked it dies (`spawn`), or
+    at once if `parent` already died between the fork and this call (the kernel would not tell)."""
     try:
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     except OSError:  # not glibc Linux: atexit still stops the server on a normal exit
-        pass
+        return
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+# Linux fires PR_SET_PDEATHSIG when the *thread* that forked the child exits, not its process: a
+# server restarted from a request thread (`VLLMBackend._one`) died with that thread's pool, at the
+# end of its condition. Every child is forked from one daemon thread, which ends only with the process.
+_spawner: tuple[int, queue.SimpleQueue] | None = None  # (pid, its requests): a forked child starts its own
+_spawner_lock = threading.Lock()
+
+
+def _fork_requests(requests: queue.SimpleQueue) -> None:
+    while True:
+        start, done = requests.get()
+        try:
+            done.set_result(start())
+        except BaseException as e:  # noqa: BLE001 - raised in the thread that asked (`spawn`)
+            done.set_exception(e)
+
+
+def spawn(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Start `cmd` in its own process group (output appended to `log`), killed by the kernel when
+    this process dies and by nothing else: whichever thread asks, the spawner thread forks it."""
+    global _spawner
+
+    def start() -> subprocess.Popen:
+        with open(log, "a") as f:
+            return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                    start_new_session=True, preexec_fn=lambda: _die_with_parent(parent))
+
+    parent = os.getpid()
+    with _spawner_lock:
+        if _spawner is None or _spawner[0] != parent:
+            _spawner = (parent, queue.SimpleQueue())
+            threading.Thread(target=_fork_requests, args=(_spawner[1],), name="fireact-spawner", daemon=True).start()
+        requests = _spawner[1]
+    done: Future = Future()
+    requests.put((start, done))
+    return done.result()
+
+
+def other_runs_servers() -> set[int]:
+    """Pids of the kit's vLLM servers that other processes started on this machine (other runs),
+    told by their command lines; the engine processes a server forks carry its command line too,
+    so only the ones whose parent is neither this process nor such a server count."""
+    parents = {}
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            args = (d / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            if SERVER_MODULE in args and any(a.startswith(SERVED_PREFIX) for a in args):
+                parents[int(d.name)] = int((d / "stat").read_text().rpartition(")")[2].split()[1])
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+    return {pid for pid, ppid in parents.items() if ppid != os.getpid() and ppid not in parents}
+
+
+def cpu_binding(others: set[int]) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for a new server: every core as a range (an OpenMP thread pinned to
+    each), unless another run's kit server (`others`) is up: it is pinned to those same cores (vLLM's
+    "auto" also picks fixed cores), and two engines pinned to one set of cores cannot move apart, so
+    the new one leaves placement to the OS ("nobind")."""
+    return "nobind" if others else f"0-{(os.cpu_count() or 1) - 1}"
 
 
 @dataclass
@@ -78,6 +150,7 @@ class Server:
     port: int
     log: Path
     proc: subprocess.Popen
+    name: str  # what requests name as their model: SERVED_PREFIX + random, this start's own (`ready`)
     args: tuple[str, ...] = ()
     adapters: set[str] = field(default_factory=set)  # names of the LoRA adapters loaded
 
@@ -88,12 +161,27 @@ class Server:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def healthy(self) -> bool:
+    def ready(self) -> bool:
+        """True once this server answers on its port. Any server answers /health, so /v1/models
+        must name this one: anything else holds the port (another run's server, which took it
+        between `free_port` and our bind) and is a one-line ServerError, not a model to evaluate."""
+        url = f"http://127.0.0.1:{self.port}"
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as r:
-                return r.status == 200
+            urllib.request.urlopen(f"{url}/health", timeout=5).close()  # any status but 2xx raises
         except OSError:
+            return False  # not up yet (or dead: `_start` asks)
+        try:
+            with urllib.request.urlopen(f"{url}/v1/models", timeout=5) as r:
+                names = [str(m["id"]) for m in json.load(r)["data"]]
+        except (urllib.error.HTTPError, ValueError, KeyError, TypeError):  # no OpenAI model list: not vLLM either
+            names = []
+        except OSError:  # no answer in time (a busy machine): ask again
             return False
+        if self.name in names:
+            return True
+        raise ServerError(f"port {self.port} is answered by another server (serving {', '.join(names) or 'no model list'}),"
+                          f" not the vLLM server this run started ({self.name}): set model.vllm_port to a free one"
+                          " (0 picks one)")
 
     def load_adapter(self, adapter: str) -> str:
         """Load a PEFT LoRA adapter into the running engine (once); the name requests use for it."""
@@ -165,24 +253,20 @@ def _start(model: str, dtype: str, port: int, args: tuple[str, ...], timeout_s: 
     log = cache_dir() / "vllm-logs" / f"{Path(model).name}-{port}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")  # a range, not "all"
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(other_runs_servers()))
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # GiB of KV cache on CPU (vLLM's default takes far more)
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # adapters load into a running server (`load_adapter`)
-    cmd = [str(py), "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name",
-           SERVED_NAME, "--dtype", dtype, "--host", "127.0.0.1", "--port", str(port), "--seed", "0",
-           "--enable-prefix-caching", *args]
-    with open(log, "w") as f:
-        f.write(" ".join(cmd) + "\n")
-        f.flush()
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                preexec_fn=_die_with_parent)
-    server = Server(model, dtype, port, log, proc, args)
+    name = SERVED_PREFIX + secrets.token_hex(6)
+    cmd = [str(py), "-m", SERVER_MODULE, "--model", model, "--served-model-name", name, "--dtype", dtype,
+           "--host", "127.0.0.1", "--port", str(port), "--seed", "0", "--enable-prefix-caching", *args]
+    log.write_text(" ".join(cmd) + "\n")
+    server = Server(model, dtype, port, log, spawn(cmd, log, env), name, args)
     print(f"vLLM: serving {model} on port {port} (log: {log})", file=sys.stderr)
     t0 = time.time()
     try:
-        while not server.healthy():
+        while not server.ready():
             if not server.alive():
-                raise ServerError(f"vLLM server for {model} exited with {proc.returncode} while starting: see {log}")
+                raise ServerError(f"vLLM server for {model} exited with {server.proc.returncode} while starting: see {log}")
             if time.time() - t0 > timeout_s:
                 raise ServerError(f"vLLM server for {model} not up after {timeout_s:.0f} s: see {log}")
             time.sleep(1.0)

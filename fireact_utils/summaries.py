@@ -136,6 +136,8 @@ def evaluation(run_dir: str | Path) -> str:
             parts.append(f"most frequent answer {_q(shorten(r['top_answer']))} ({r['top_answer_count']:.0f} of {r['n']})")
         if not pd.isna(r.get("em_two_option")):
             parts.append(f"EM {r['em_two_option']:.0%} on two-option questions ({r['n_two_option']:.0f}; a coin scores 50%)")
+        if isinstance(r.get("not_final"), str):  # `evaluate.not_final`: the EM above may still change
+            parts.append(f"**not final**: {r['not_final']}")
         lines.append(f"- **{r['condition']}**: " + "; ".join(parts) + ".")
     gain_file = tables / "paired_gain.json"
     if gain_file.is_file():

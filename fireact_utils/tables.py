@@ -12,7 +12,7 @@ import re
 from typing import TYPE_CHECKING
 
 from .io import atomic_write_json, read_json
-from .pipeline import SEARCHING
+from .pipeline import SEARCHING, condition_questions
 from .provenance import condition_meta, hand_edit
 
 if TYPE_CHECKING:
@@ -23,11 +23,29 @@ if TYPE_CHECKING:
 
 def condition_table(p: Params, conds: dict[str, list[dict]]):
     """`evaluate.results_table` of conditions keyed by run name: labelled rows, CIs with
-    `evaluate.bootstrap` resamples, and the `table_extras` columns."""
+    `evaluate.bootstrap` resamples, the `table_extras` columns, and `questions` (`planned_questions`):
+    a condition with fewer episodes, or with api_error ones, is flagged not final."""
     from .evaluate import results_table
 
     labelled = {condition_label(k): v for k, v in conds.items()}
-    return results_table(labelled, p.evaluate.bootstrap, extra=table_extras(p, conds))
+    extra = table_extras(p, conds)
+    for name, planned in planned_questions(p, conds).items():
+        extra[condition_label(name)]["questions"] = planned
+    return results_table(labelled, p.evaluate.bootstrap, extra=extra)
+
+
+def planned_questions(p: Params, conds: dict[str, list[dict]]) -> dict[str, int]:
+    """How many questions each condition with a meta is to run: on evaluate.task and split, the
+    first evaluate.n_questions; on any task, at least as many as the table's other condition on the
+    same questions with the most episodes. A run that stopped early then shows as not final."""
+    where = {n: (m["task"], m["split"]) for n in conds if "task" in (m := condition_meta(p, n))}
+    most: dict[tuple, int] = {}
+    for name, key in where.items():
+        most[key] = max(most.get(key, 0), len(conds[name]))
+    if where:
+        task, idx = condition_questions(p)
+        most[(task.name, task.split)] = max(most.get((task.name, task.split), 0), len(idx))
+    return {name: most[key] for name, key in where.items()}
 
 
 def table_extras(p: Params, names) -> dict[str, dict]:
@@ -164,7 +182,7 @@ def noise_effects(table: pd.DataFrame, noisy: dict[str, list[dict]], clean: dict
 def robustness_markdown(table: pd.DataFrame) -> str:
     """A `robustness` table in Markdown: EM and the paired difference vs the clean agent (points,
     95% CIs) beside the corrupted-observation count; rows with too few corrupted observations are
-    greyed with their reason, so no one reads them as robustness."""
+    greyed with their reason, so no one reads them as robustness, and rows not final say why."""
     import pandas as pd
 
     from .evaluate import fmt_ci
@@ -175,6 +193,8 @@ def robustness_markdown(table: pd.DataFrame) -> str:
         cells = [str(r["condition"]), str(r["n"]), fmt_ci(r["em"], r["em_lo"], r["em_hi"]),
                  "clean tool" if pd.isna(k) else f"{k:.0f}",
                  "" if pd.isna(d) else fmt_ci(d, r["vs_clean_lo"], r["vs_clean_hi"])]
+        if isinstance(r.get("not_final"), str):  # `evaluate.not_final`
+            cells[0] += f" (not final: {r['not_final']})"
         if bool(r.get("too_few_corrupted", False)):  # a bool column (`noise_effects`)
             cells[0] += f" (greyed: {r['note']})"
             cells = [f'<span style="color:grey">{c}</span>' for c in cells]

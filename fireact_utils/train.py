@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .config import ModelParams, TrainParams, default
 from .io import atomic_write_json, atomic_write_text
-from .models import ModelId, builtin_of, check_same_model, model_id
+from .models import builtin_of, model_id
 from .tokens import bos_ids, piece_ids
 from .trajectories import ALPACA_HEADER, step_text
 
@@ -245,29 +245,34 @@ def finetune(records: list[dict], out_dir: str | Path, p: TrainParams, model_par
 
     Resumes from the newest `checkpoint-*` in `out_dir` when `resume`. Writes `train_log.csv`,
     `train_log.json` (loss per step), `params.json` and the tokenizer next to the weights. A
-    finished fine-tune is reused, and a checkpoint resumed, only on the base model that began it
-    (`BASE_MODEL`, then `train_done.json`, record it: spec and fingerprint).
+    finished fine-tune is reused, and a checkpoint resumed, only under its key (`keys`: train.*
+    resolved, the data's content, the base model's weights), else refused naming what differs.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTTrainer
 
+    from . import keys
     from .models import pick_device, resolve_model
 
     out_dir = Path(out_dir)
     final = out_dir / "final"
     mp = model_params or ModelParams()
-    base = model_id(mp.name, cache=mp.cache_dir)
-    if (final / "train_done.json").is_file():
-        done = read_train_meta(final)
-        check_same_model(trained_on(done), base, final)
-        if not same_train_params(trained_params(done), p) or done.get("n_examples") != len(records):
-            raise ValueError(f"{final} was trained with other params or data; delete {out_dir} or pick a new run name")
+    now = keys.make("finetune", {**keys.train_settings(p, mp), "data": keys.data_hash(records),
+                                 "n_examples": len(records)})
+    # One key for the fine-tune and its checkpoints: written before the first step, so a checkpoint
+    # resumes, and a finished model is reused, only under the settings, data and base that began it.
+    reused = keys.reuse(out_dir / keys.KEY_FILE, now, clear_paths=[out_dir],
+                        exists=(out_dir / keys.KEY_FILE).is_file() or final.is_dir() or last_checkpoint(out_dir) is not None)
+    if reused and (final / "train_done.json").is_file():
         return final
+    if keys.is_saved_only():
+        raise ValueError(f"{out_dir}: no merged bundle holds this fine-tune; run the piece that trains it")
+    if not reused:
+        keys.write(out_dir / keys.KEY_FILE, now)
+    base = model_id(mp.name, cache=mp.cache_dir)
     ckpt = last_checkpoint(out_dir) if resume else None
-    if ckpt and (out_dir / BASE_MODEL).is_file():  # a checkpoint older than the record resumes, and gets it
-        check_same_model(trained_on(json.loads((out_dir / BASE_MODEL).read_text())), base, ckpt)
-    started = {"model": mp.model_dump(mode="json"), "model_fingerprint": base.fingerprint}
+    started = {"model": mp.model_dump(mode="json"), "model_fingerprint": base.fingerprint, "key": now["key"]}
     atomic_write_json(out_dir / BASE_MODEL, started)
     device = pick_device(mp.device)
     path = resolve_model(mp.name, mp.cache_dir)
@@ -399,20 +404,6 @@ def note_decoding_dtype(p: TrainParams, mp: ModelParams) -> None:
                       f"decoding dtype: set train.dtype={mp.dtype} to train in it", stacklevel=3)
 
 
-def trained_params(meta: dict) -> dict:
-    """train.* of a fine-tune's record (`train_done.json`). Before train.dtype existed, model.dtype
-    set the training weights' dtype (its auto: fp32): an older record's train.dtype is read from there."""
-    old = meta.get("model", {}).get("dtype", "auto")
-    return {"dtype": "float32" if old == "auto" else old, **meta["params"]}
-
-
-def same_train_params(saved: dict, p: TrainParams) -> bool:
-    """A saved fine-tune's params equal `p`'s; a setting added to the schema since it trained counts
-    as equal while `p` keeps its default (older models stay usable)."""
-    now = p.model_dump(mode="json")
-    return all(saved.get(k, TrainParams.model_fields[k].get_default(call_default_factory=True)) == v for k, v in now.items()) and set(saved) <= set(now)
-
-
 def peak_memory(device: str) -> dict:
     """The fine-tune's peak memory: torch's allocated peak on CUDA (reset before training); on CPU
     the process's peak resident set, which includes whatever the process held before training."""
@@ -431,12 +422,6 @@ def adapter_model_params(base: ModelParams, trained: str | Path) -> ModelParams:
     if (trained / "adapter_config.json").is_file():
         return base.model_copy(update={"adapter": str(trained)})
     return base.model_copy(update={"name": str(trained), "adapter": None})
-
-
-def trained_on(record: dict) -> ModelId:
-    """The base model a fine-tune's record (`train_done.json`, `BASE_MODEL`) names; its fingerprint
-    is None in records older than fingerprints."""
-    return ModelId(record["model"]["name"], record.get("model_fingerprint"))
 
 
 def read_train_meta(trained: str | Path) -> dict:

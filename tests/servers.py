@@ -1,4 +1,5 @@
-"""Real local servers for tests: `transformers serve`, and a fault-injecting OpenAI-shaped server.
+"""Real local servers for tests: `transformers serve`, a fault-injecting OpenAI-shaped server, and
+a stand-in for vLLM that the kit's own server lifecycle (`serving`) can start in a fraction of a second.
 
     with transformers_serve(model_path) as served:          # Served(base_url, model, log)
         OpenAIBackend(LLMParams(backend="openai", base_url=served.base_url, model=served.model))
@@ -9,6 +10,9 @@
 `FaultServer` is plain `http.server` in a daemon thread on 127.0.0.1 at a free port. Each
 request takes the first `Fault` that still has uses left and matches its body; with none it is
 forwarded to `upstream` or answered with a canned chat/text completion built by `reply`.
+
+    monkeypatch.setenv("FIREACT_VLLM_PYTHON", str(fake_vllm(tmp_path)))  # serving.serve starts it
+    with ModelListServer(["fireact-other"]) as port: ...   # someone else's server on a loopback port
 """
 
 from __future__ import annotations
@@ -249,6 +253,77 @@ class FaultServer:
         self._httpd.block_on_close = False
         threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+
+
+# ---------------------------------------------------------------- the kit's vLLM server, stood in for
+
+FAKE_VLLM = """
+import json, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+a = sys.argv
+name, port = a[a.index("--served-model-name") + 1], int(a[a.index("--port") + 1])
+
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        body = {"/health": {}, "/v1/models": {"object": "list", "data": [{"id": name, "object": "model"}]}}.get(self.path)
+        data = json.dumps(body).encode()
+        self.send_response(404 if body is None else 200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+HTTPServer(("127.0.0.1", port), Handler).serve_forever()
+"""
+
+
+def fake_vllm(directory: Path) -> Path:
+    """An executable to set as $FIREACT_VLLM_PYTHON: run with the kit's server command line
+    (`-m vllm.entrypoints.openai.api_server ... --served-model-name N --port P ...`), it answers
+    /health and lists N at /v1/models on P, as vLLM does once up, in a fraction of a second."""
+    path = directory / "fake-vllm-python"
+    path.write_text(f"#!{sys.executable}\n{FAKE_VLLM}")
+    path.chmod(0o755)
+    return path
+
+
+class ModelListServer:
+    """A loopback server that is up (/health 200) and serves `names` at /v1/models: another
+    run's vLLM server, as the kit sees it on a port. The port is what `with` gives."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self._httpd: ThreadingHTTPServer | None = None
+
+    def __enter__(self) -> int:
+        names = self.names
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                body = {"object": "list", "data": [{"id": n, "object": "model"} for n in names]}
+                data = json.dumps(body if self.path == "/v1/models" else {}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        return self._httpd.server_address[1]
 
     def __exit__(self, *exc: object) -> None:
         if self._httpd is not None:

@@ -9,8 +9,13 @@ import shutil
 import pandas as pd
 import pytest
 
+from fireact_utils import pipeline
 from fireact_utils.cli import main
+from fireact_utils.config import load_params
+from fireact_utils.io import atomic_write_json
 from fireact_utils.provenance import machine_label
+from fireact_utils.self_consistency import sample_agent
+from fireact_utils.tasks import load_task
 
 
 def _error_line(capsys) -> str:
@@ -76,7 +81,7 @@ def test_select_consistency_mistakes_and_resumed_tables(tmp_path, capsys, multih
     evaluations only reads them back and writes the table and the choice."""
     from fireact_utils.agent import episode_id
     from fireact_utils.io import write_jsonl
-    from fireact_utils.tasks import eval_indices, load_task
+    from fireact_utils.tasks import eval_indices
 
     assert main(["consistency", "params/smoke.yaml", "--trained", str(tmp_path), f"output_root={tmp_path}",
                  "study.sc_ks=[]"]) == 2
@@ -86,6 +91,9 @@ def test_select_consistency_mistakes_and_resumed_tables(tmp_path, capsys, multih
     dev = load_task("hotpotqa", "dev")  # the main fine-tune's sample saved, seed 7's not: still one line, no traceback
     write_jsonl(tmp_path / "smoke" / "eval" / "sc_finetuned_s0.jsonl",
                 [{"id": episode_id(dev, i), "status": "finished", "em": True} for i in eval_indices(dev, 2)])
+    p = load_params("params/smoke.yaml", [f"output_root={tmp_path}", "study.sc_ks=[1]"])
+    atomic_write_json(tmp_path / "smoke" / "eval" / "sc_finetuned_s0.meta.json",
+                      {"key": pipeline.known_key(p, sample_agent(p, finetuned=True), dev)})
     assert main(["consistency", "params/smoke.yaml", f"output_root={tmp_path}", "study.sc_ks=[1]"]) == 2
     assert "finetuned_seed7 not all saved" in _error_line(capsys)
     task = load_task("hotpotqa-wiki", "val", multihop_dir=multihop_dir)
@@ -95,6 +103,8 @@ def test_select_consistency_mistakes_and_resumed_tables(tmp_path, capsys, multih
         write_jsonl(tmp_path / "smoke" / "eval" / f"recipe_{label}.jsonl",
                     [{"id": episode_id(task, i), "status": "finished", "em": e, "f1": float(e), "turns": 1,
                       "prompt_tokens": 1, "completion_tokens": 1} for i, e in zip(eval_indices(task, 2), ems, strict=True)])
+        atomic_write_json(tmp_path / "smoke" / "eval" / f"recipe_{label}.meta.json",
+                          {"key": pipeline.known_key(p, pipeline.finetuned_agent(p), task)})
     assert main(["select", "params/smoke.yaml", *ov]) == 0
     assert "chosen: b" in capsys.readouterr().out
     chosen = json.loads((tmp_path / "smoke" / "tables" / "recipes_chosen.json").read_text())
@@ -119,13 +129,15 @@ def test_consistency_of_the_fewshot_base_alone_then_over_seeds(tmp_path, capsys,
     # saved samples re-drawn under another temperature would be mislabelled: a one-line error
     capsys.readouterr()
     assert main(["consistency", "params/smoke.yaml", *ov, "study.sc_temperature=0.9"]) == 2
-    assert "other agent settings (agent.temperature 0.4 -> 0.9)" in _error_line(capsys)
+    assert "was made with other settings (agent.temperature 0.4 -> 0.9): rerun with --redo" in _error_line(capsys)
     # complete saved samples re-draw the curve without --trained and without loading a model
-    # (copied as the fine-tuned agent's, their meta names its settings)
+    # (copied as the fine-tuned agent's, their meta names its settings and key)
+    p = load_params("params/smoke.yaml", ov)
     for j in range(2):
         shutil.copy(eval_dir / f"sc_fewshot_s{j}.jsonl", eval_dir / f"sc_finetuned_s{j}.jsonl")
         meta = json.loads((eval_dir / f"sc_fewshot_s{j}.meta.json").read_text())
         meta["agent"] |= {"mode": "finetuned", "format": "alpaca"}
+        meta["key"] = pipeline.known_key(p, sample_agent(p, finetuned=True), load_task("hotpotqa", "dev"))
         (eval_dir / f"sc_finetuned_s{j}.meta.json").write_text(json.dumps(meta))
     capsys.readouterr()
     assert main(["consistency", "params/smoke.yaml", *ov, "study.sc_agents=[finetuned]", "model.name=/no/such/model"]) == 0
@@ -177,15 +189,19 @@ def test_beyond_with_nothing_to_run_and_a_group_of_one(tmp_path, capsys):
 def test_run_only_executes_the_named_notebooks(tmp_path, capsys):
     """`run --only` keeps chain order and the done markers: finished notebooks are skipped, the
     others never start; an unknown notebook name is a usage error (exit 2)."""
+    from fireact_utils import keys
+    from fireact_utils.config import load_params
+    from fireact_utils.io import atomic_write_json
+
     nb_dir = tmp_path / "smoke" / "notebooks"
-    nb_dir.mkdir(parents=True)
+    made = keys.make("notebook", keys.run_settings(load_params("params/smoke.yaml", [f"output_root={tmp_path}"])))
     for nb in ("05_beyond_sft", "02_finetune"):
-        (nb_dir / f"{nb}.done").write_text("{}")
+        atomic_write_json(nb_dir / f"{nb}.done", {"seconds": 1.0, "key": made})
     argv = ["run", "params/smoke.yaml", "--only", "05_beyond_sft", "--only", "02_finetune", "--no-html"]
     assert main([*argv, f"output_root={tmp_path}"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out == ["[skip] 02_finetune (already executed; delete {} to redo)".format(nb_dir / "02_finetune.done"),
-                   "[skip] 05_beyond_sft (already executed; delete {} to redo)".format(nb_dir / "05_beyond_sft.done"),
+    assert out == ["[skip] 02_finetune (executed with these settings; --redo executes it again)",
+                   "[skip] 05_beyond_sft (executed with these settings; --redo executes it again)",
                    f"results in {nb_dir.parent}: headline table tables/main.md (not made yet), "
                    "figures figures/ (not made yet), executed notebooks notebooks/*.html"]  # the closing line
     with pytest.raises(SystemExit) as e:

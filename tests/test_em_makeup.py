@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from scripted import ScriptedLLM, by_question
 
-from fireact_utils import recipes, tables
+from fireact_utils import holdout, recipes, tables
 from fireact_utils.agent import SEARCH_FIRST, run_episodes
 from fireact_utils.config import AgentParams, load_params
 from fireact_utils.evaluate import behaviour, behaviour_summary, markdown_table, question_type, results_table
@@ -109,10 +109,10 @@ def test_grounded_rule_does_not_reward_skipping_the_tool(tmp_path):
 
 def test_preregistered_run_refuses_other_settings(tmp_path):
     p = load_params(PARAMS / "headline.yaml", {"output_root": str(tmp_path)})
-    recipes.preregister(p)
-    recipes.preregister(load_params(PARAMS / "headline.yaml", {"output_root": str(tmp_path), "agent.batch_size": 8}))
+    holdout.preregister(p)
+    holdout.preregister(load_params(PARAMS / "headline.yaml", {"output_root": str(tmp_path), "agent.batch_size": 8}))
     with pytest.raises(ValueError, match=r"pre-registered with other settings \(study.sc_ks \[1, 5\] -> \[1, 9\]\)"):
-        recipes.preregister(load_params(PARAMS / "headline.yaml", {"output_root": str(tmp_path), "study.sc_ks": [1, 9]}))
+        holdout.preregister(load_params(PARAMS / "headline.yaml", {"output_root": str(tmp_path), "study.sc_ks": [1, 9]}))
 
 
 def test_hand_edited_numbers_are_marked(tmp_path):

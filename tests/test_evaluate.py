@@ -1,11 +1,15 @@
 """Bootstrap confidence intervals behind every table, checked against scipy and by hand."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
 
 from fireact_utils.evaluate import bootstrap_ci, fmt_ci, markdown_table, paired_bootstrap_diff, results_table
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bootstrap_ci_matches_scipy_percentile():
@@ -108,3 +112,54 @@ def test_paper_comparison_sentence_and_table(react_pair):
     assert md.rstrip().endswith("| " + " | ".join(map(str, PAPER_HOTPOTQA_EM.values())) + " | +11.4 |")
     narrow = paper_comparison(table, {**gain, "lo": -0.05, "hi": 0.05}, "few", "ft", "smollm2-135m")
     assert "lies above our gain's 95% CI" in narrow
+
+
+# ---------------------------------------------------------------- conditions that are not final
+
+
+def test_api_errors_and_unrun_questions_flag_the_condition_in_the_main_table(tmp_path, data_dir):
+    """A condition whose episode ended in api_error (scored wrong) and one that ran 2 of its 3
+    questions are marked ‡ in tables/main.md with the reason, counted in main.csv, and said in
+    notebook 03's summary and the robustness table; the complete condition is not; resuming them
+    (which re-runs the api_error episode) clears the flags."""
+    from scripted import ScriptedLLM, by_question
+
+    from fireact_utils import pipeline, summaries, tables
+    from fireact_utils.config import AgentParams, load_params
+    from fireact_utils.evaluate import write_table
+    from fireact_utils.llm import Generation
+    from fireact_utils.tasks import eval_indices, load_task
+
+    p = load_params(ROOT / "params" / "smoke.yaml", [f"output_root={tmp_path}", "evaluate.n_questions=3"])
+    task = load_task(p.evaluate.task, p.evaluate.split, data_dir)
+    questions = [task.questions[i] for i in eval_indices(task, 3, p.evaluate.seed)]
+    answers = {q: ["Action: finish[1998]"] for q in questions}
+    outage = answers | {questions[1]: [Generation("", error="APIConnectionError: down")]}
+    agent = AgentParams(method="react", mode="finetuned", max_turns=2)
+
+    def run(name: str, script: dict, n: int | None = None) -> list[dict]:
+        return pipeline.run_condition(p, name, ScriptedLLM(by_question(script)), agent, n=n, progress=False)
+
+    conds = {"finetuned_react": run("finetuned_react", outage),
+             "base_fewshot_react": run("base_fewshot_react", answers, n=2),
+             "base_fewshot_io": run("base_fewshot_io", answers)}
+    table = tables.condition_table(p, conds)
+    _, md_path = write_table(table, p.run_dir / "tables" / "main")
+    md = md_path.read_text()
+    header = md.splitlines()[0]
+    assert header.startswith("| condition | n | api errors | EM % [95% CI] |")
+    assert "| FireAct fine-tuned ReAct ‡ | 3 | 1 |" in md and "| base few-shot ReAct ‡ | 2 | 0 |" in md
+    assert "| base few-shot IO | 3 | 0 |" in md
+    assert ("‡ FireAct fine-tuned ReAct: not final: 1 of 3 episodes ended in api_error (scored wrong); "
+            "resume the condition to finish it") in md
+    assert "‡ base few-shot ReAct: not final: 1 of 3 questions not run; resume the condition to finish it" in md
+    csv = pd.read_csv(p.run_dir / "tables" / "main.csv")
+    assert list(csv["api_errors"]) == [1, 0, 0] and list(csv["questions"]) == [3, 3, 3]
+    assert "**not final**: 1 of 3 episodes ended in api_error (scored wrong)" in summaries.evaluation(p.run_dir)
+    assert "| FireAct fine-tuned ReAct (not final: 1 of 3 episodes ended in api_error (scored wrong)) |" in \
+        tables.robustness_markdown(table)  # notebook 04's noise tables too
+
+    conds["finetuned_react"] = run("finetuned_react", answers)  # the resume
+    conds["base_fewshot_react"] = run("base_fewshot_react", answers)
+    md = markdown_table(tables.condition_table(p, conds))
+    assert "‡" not in md and "api errors" not in md

@@ -1,14 +1,17 @@
-"""Guards of `holdout`: no choice on a test split, no training question from a held-out set.
-Real data (FireAct's and the multihop questions), real stage functions; each refusal comes
-before any model is loaded."""
+"""Guards of `holdout`: no choice on a test split, no training question from a held-out set, no
+score on a split chosen on, no evaluation of a pre-registered study under other settings. Real
+data (FireAct's and the multihop questions), real params and stage functions (a scripted model
+where an evaluation must run); each refusal comes before any model is loaded."""
 
 from pathlib import Path
 
 import pytest
+from scripted import ScriptedLLM
 
-from fireact_utils import holdout, pipeline, recipes
-from fireact_utils.config import load_params
+from fireact_utils import holdout, keys, pipeline, recipes
+from fireact_utils.config import AgentParams, load_params
 from fireact_utils.data import load_dataset_source
+from fireact_utils.io import read_json, read_jsonl
 from fireact_utils.tasks import eval_indices, load_task
 
 PARAMS = Path(__file__).resolve().parent.parent / "params"
@@ -89,3 +92,67 @@ def test_the_base_model_axis_evaluation_sets_are_held_out(tmp_path, data_dir, mu
     with pytest.raises(holdout.HoldoutError, match="study.base_model_evals: hotpotqa-wiki:train:5"):
         holdout.check_training(p, [t.questions[idx[4]]], "a fine-tune")
     holdout.check_training(p, [t.questions[idx[5]]], "a fine-tune")
+
+
+def test_dev500_and_the_wiki_splits_are_held_out_whatever_evaluate_names(tmp_path, data_dir, multihop_dir):
+    """evaluate.seed=1 scores 4 other HotpotQA dev questions; FireAct's dev-500 (seed 233) is a fact
+    about the data and stays held out: a fine-tune on its last question is refused, and generation
+    draws none of it, nor of HotpotQA-wiki val or test."""
+    p = _params(tmp_path, **{"evaluate.seed": 1})
+    dev = load_task("hotpotqa", "dev", data_dir)
+    dev500 = {holdout.question_key(dev.questions[i]) for i in eval_indices(dev, 500, 233)}
+    last = dev.questions[eval_indices(dev, 500, 233)[-1]]
+    assert holdout.question_key(last) not in {holdout.question_key(dev.questions[i]) for i in eval_indices(dev, 4, 1)}
+    recs = load_dataset_source("fireact:hotpotqa", data_dir)[:4]
+    with pytest.raises(holdout.HoldoutError, match="1 of FireAct's dev-500"):
+        pipeline.finetune(p, [*recs, {**recs[0], "question": last}], tmp_path / "never")
+    picked = pipeline.generation_indices(dev, 1500, 0, holdout.reserved_keys(p))
+    assert not {holdout.question_key(dev.questions[i]) for i in picked} & dev500
+    for split in ("val", "test"):
+        wiki = {holdout.question_key(q) for q in load_task("hotpotqa-wiki", split, multihop_dir=multihop_dir).questions}
+        assert wiki <= holdout.reserved_keys(p)
+
+
+def test_a_split_chosen_on_is_never_scored_again(tmp_path, multihop_dir):
+    """A prompt chosen on 2 HotpotQA-wiki val questions (`select_condition`, as `select` runs it)
+    is recorded in <output_root>/choices.jsonl; afterwards val is scored by no other condition,
+    under this run's name or another's, through run_condition (the CLI's `evaluate`, notebooks,
+    studies); the selection itself resumes, and HotpotQA-wiki test stays free."""
+    p = _params(tmp_path)
+    llm, io = ScriptedLLM(lambda _: "Action: finish[Paris]"), AgentParams(method="io")
+    assert len(recipes.select_condition(p, "fewshot_io", llm, io, progress=False)) == 2
+    val = load_task("hotpotqa-wiki", "val", multihop_dir=multihop_dir)
+    chosen = [{"question": holdout.question_key(val.questions[i])} for i in eval_indices(val, 2, p.evaluate.seed)]
+    assert read_jsonl(tmp_path / "choices.jsonl") == [
+        {"run": "smoke", "task": "hotpotqa-wiki", "split": "val", "n": 2, "key": keys.data_hash(chosen)}]
+    other = load_params(PARAMS / "smoke.yaml", {"output_root": str(tmp_path), "name": "other",
+                                                "evaluate.task": "hotpotqa-wiki", "evaluate.split": "val"})
+    with pytest.raises(holdout.HoldoutError, match=r"^4 of the 4 questions to score on hotpotqa-wiki val are of "
+                       r"hotpotqa-wiki val, which run 'smoke' chose on .*; evaluate on another split$"):
+        pipeline.run_condition(other, "fewshot_io", llm, io, progress=False)
+    with pytest.raises(holdout.HoldoutError, match="which run 'smoke' chose on"):
+        pipeline.run_condition(p, "io_val", llm, io, task="hotpotqa-wiki", split="val", n=2, progress=False)
+    assert len(recipes.select_condition(p, "fewshot_io", llm, io, progress=False)) == 2
+    assert len(read_jsonl(tmp_path / "choices.jsonl")) == 1  # a resumed selection is the same choice
+    assert len(pipeline.run_condition(other, "io_test", llm, io, task="hotpotqa-wiki", n=2, progress=False)) == 2
+
+
+def test_a_preregistered_study_evaluates_only_as_registered(tmp_path, data_dir):
+    """The registration binds every evaluation, from any entry point (run_condition), by resolved
+    settings: headline_gpu.yaml's explicit fp32 and headline.yaml's `auto` are one setting on a
+    CPU, while a GPU (auto: bf16) or switching the lock off is refused, naming what differs."""
+    def evaluate(name: str, **ov) -> list[dict]:
+        p = load_params(PARAMS / "headline.yaml", {"output_root": str(tmp_path), "model.device": "cpu", **ov})
+        return pipeline.run_condition(p, name, ScriptedLLM(lambda _: "Action: finish[Paris]"), AgentParams(method="io"),
+                                      n=1, progress=False)
+
+    evaluate("first", **{"model.dtype": "float32"})  # the first evaluation registers the study
+    settings = read_json(tmp_path / "headline" / "preregistration.json")["settings"]
+    assert (settings["model.device"], settings["model.dtype"]) == ("cpu", "float32")
+    assert len(evaluate("second")) == 1  # model.dtype auto: fp32 on a CPU, as registered
+    with pytest.raises(ValueError, match=r"^headline was pre-registered with other settings \(model.device cpu -> "
+                       r"cuda; model.dtype float32 -> bfloat16"):
+        evaluate("gpu", **{"model.device": "cuda"})
+    with pytest.raises(ValueError, match=r"\(study.preregistered true -> false\)"):
+        evaluate("unlocked", **{"study.preregistered": False})
+    assert not (tmp_path / "headline" / "eval" / "gpu.jsonl").exists()

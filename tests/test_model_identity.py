@@ -2,8 +2,8 @@
 
 Two tiny real Llama models (1 layer, 32 wide, the built-in model's tokenizer, different seeds)
 run real conditions on 2 questions; asking for the same run name with the other model is a
-one-line error naming both, while the same weights (even copied elsewhere, or in another
-dtype) resume, and a meta older than the record resumes and gets it.
+one-line error naming both fingerprints (`keys`), while the same weights (even copied elsewhere,
+or saved by another transformers release) resume; another decoding dtype is another condition.
 """
 
 import json
@@ -40,12 +40,11 @@ def _run(p, trained=None, name: str = "base_fewshot_react") -> list[dict]:
     return pipeline.run_condition(p, name, pipeline.local_llm(p, trained), agent, progress=False)
 
 
-def _refusal(err: pytest.ExceptionInfo, path: Path, saved: str, now: str) -> None:
-    """The error is one line naming the path and both models with their fingerprints."""
+def _refusal(err: pytest.ExceptionInfo, path: Path, saved: str, now: str, setting: str = "model") -> None:
+    """The error is one line naming the path and both models' fingerprints."""
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith(str(path))
-    assert f"was run with model {saved} (fingerprint {model_fingerprint(saved)}), " \
-           f"not {now} (fingerprint {model_fingerprint(now)})" in msg
+    assert f"({setting} {model_fingerprint(saved)} -> {model_fingerprint(now)})" in msg
 
 
 def test_fingerprint_names_the_weights_not_the_place(models, tmp_path):
@@ -53,6 +52,11 @@ def test_fingerprint_names_the_weights_not_the_place(models, tmp_path):
     copy = shutil.copytree(a, tmp_path / "copy")  # new mtimes, same bytes
     assert model_fingerprint(str(a)) == model_fingerprint(str(copy)) != model_fingerprint(str(b))
     assert len(model_fingerprint(str(a))) == 16
+    config = json.loads((copy / "config.json").read_text())  # saved by another transformers release
+    (copy / "config.json").write_text(json.dumps({**config, "transformers_version": "4.0.0"}))
+    assert model_fingerprint(str(copy)) == model_fingerprint(str(a))
+    (copy / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-3}))  # another model
+    assert model_fingerprint(str(copy)) != model_fingerprint(str(a))
 
 
 def test_a_condition_resumes_only_with_its_model(models, tmp_path, data_dir):
@@ -63,25 +67,24 @@ def test_a_condition_resumes_only_with_its_model(models, tmp_path, data_dir):
     with pytest.raises(ValueError) as err:
         _run(_params(tmp_path, b))
     _refusal(err, tmp_path / "smoke" / "eval" / "base_fewshot_react.jsonl", str(a), str(b))
-    # the same weights resume: copied elsewhere, in another dtype (recorded, not compared)
+    # the same weights resume copied elsewhere; another decoding dtype is another condition
     copy = shutil.copytree(a, tmp_path / "copy")
-    assert _run(_params(tmp_path, copy, **{"model.dtype": "bfloat16"})) == recs
+    assert _run(_params(tmp_path, copy)) == recs
+    with pytest.raises(ValueError, match=r"\(model.dtype float32 -> bfloat16\): rerun with --redo"):
+        _run(_params(tmp_path, copy, **{"model.dtype": "bfloat16"}))
 
 
-def test_a_meta_older_than_the_record_resumes_and_records_the_model(models, tmp_path, data_dir):
-    a, b = models
+def test_a_meta_older_than_keys_is_refused_and_recomputed_under_redo(models, tmp_path, data_dir, monkeypatch):
+    a, _ = models
     p = _params(tmp_path, a)
     recs = _run(p)
     meta_path = p.run_dir / "eval" / "base_fewshot_react.meta.json"
-    old = {k: v for k, v in json.loads(meta_path.read_text()).items()
-           if k not in ("model", "model_fingerprint", "model_dtype")}
-    meta_path.write_text(json.dumps(old))
-    assert _run(p) == recs
-    assert provenance.condition_meta(p, "base_fewshot_react")["model_fingerprint"] == model_fingerprint(str(a))
-    # a meta naming its model without a fingerprint (written before fingerprints) compares the names
-    meta_path.write_text(json.dumps({**old, "model": str(a)}))
-    with pytest.raises(ValueError, match=rf"model {a} \(fingerprint unknown\), not {b} "):
-        _run(_params(tmp_path, b))
+    meta_path.write_text(json.dumps({k: v for k, v in json.loads(meta_path.read_text()).items() if k != "key"}))
+    with pytest.raises(ValueError, match="was made before outputs carried keys: rerun with --redo"):
+        _run(p)
+    monkeypatch.setenv("FIREACT_REDO", "1")
+    assert [r["id"] for r in _run(p)] == [r["id"] for r in recs]
+    assert provenance.condition_meta(p, "base_fewshot_react")["episodes_run"] == 2  # recomputed, not resumed
 
 
 def test_self_improvement_refuses_another_students_finetuned_react(models, tmp_path, data_dir):
@@ -118,10 +121,10 @@ def test_a_fine_tune_is_reused_and_resumed_only_on_its_base_model(models, tmp_pa
     assert pipeline.finetune(_params(tmp_path, a, **train), records, out) == final  # reused
     with pytest.raises(ValueError) as err:
         pipeline.finetune(_params(tmp_path, b, **train), records, out)
-    _refusal(err, final, str(a), str(b))
+    _refusal(err, out, str(a), str(b), "model.weights")
     # killed after its checkpoint: resumed on model a only
     shutil.rmtree(final)
     with pytest.raises(ValueError) as err:
         pipeline.finetune(_params(tmp_path, b, **train), records, out)
-    _refusal(err, out / "checkpoint-1", str(a), str(b))
+    _refusal(err, out, str(a), str(b), "model.weights")
     assert (pipeline.finetune(_params(tmp_path, a, **train), records, out) / "train_done.json").is_file()

@@ -9,7 +9,7 @@ import pytest
 from fireact_utils import pipeline, recipes
 from fireact_utils.agent import Agent, Episode, episode_id
 from fireact_utils.config import AgentParams, ParamsError, load_params, override
-from fireact_utils.io import write_jsonl
+from fireact_utils.io import atomic_write_json, write_jsonl
 from fireact_utils.self_consistency import majority_vote, vote_curve
 from fireact_utils.tasks import PROMPT_DIR, eval_indices, fewshot_prompt, load_task
 
@@ -151,10 +151,14 @@ def test_recipe_search_reuses_a_complete_evaluation(tmp_path, multihop_dir):
     task = load_task("hotpotqa-wiki", "val", multihop_dir=multihop_dir)
     recs = [{"id": episode_id(task, i), "status": "finished", "em": i % 2 == 0} for i in eval_indices(task, 3)]
     write_jsonl(p.run_dir / "eval" / "recipe_r8.jsonl", recs)
+    agent = pipeline.finetuned_agent(p)
+    atomic_write_json(p.run_dir / "eval" / "recipe_r8.meta.json", {"key": pipeline.known_key(p, agent, task)})
     assert recipes.recipe_search(p) == {"r8": recs}
     assert not (p.run_dir / "recipes").exists()
+    with pytest.raises(ValueError, match=r"recipe_r8.jsonl was made with other settings \(agent.max_turns 3 -> 4\)"):
+        recipes.recipe_search(override(p, {"agent.max_turns": 4}))  # its episodes are not the new agent's
     write_jsonl(p.run_dir / "eval" / "recipe_r8.jsonl", recs[:2])  # one missing: not complete
-    assert recipes.saved_selection(p, "recipe_r8") is None
+    assert recipes.saved_selection(p, "recipe_r8", agent) is None
 
 
 def test_seed_model_trains_once_with_its_own_provenance(tmp_path):

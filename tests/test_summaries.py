@@ -55,7 +55,12 @@ def test_generation_reports_teacher_filter_and_dataset(tmp_path, monkeypatch, da
     assert "| hotpotqa:react | 2 | 1 | 50% | 1.0 |" in text
     assert f"**Dataset**: {released + 1} trajectories (hotpotqa:react: " in text
     assert text.endswith("1 of them from this run's teacher.")
-    pipeline.build_dataset(p.model_copy(update={"dataset": p.dataset.model_copy(update={"teacher_episodes": False})}))
+    without = p.model_copy(update={"dataset": p.dataset.model_copy(update={"teacher_episodes": False})})
+    with pytest.raises(ValueError, match=r"dataset was made with other settings \(dataset.teacher_episodes true -> "
+                                         r"false; pool [0-9a-f]+ -> [0-9a-f]+\)"):
+        pipeline.build_dataset(without)  # the saved dataset is not silently reused under other settings
+    monkeypatch.setenv("FIREACT_REDO", "1")
+    pipeline.build_dataset(without)
     text = summaries.generation(p.run_dir)
     assert f"**Dataset**: {released} trajectories" in text
     assert text.endswith("0 of them from this run's teacher (`dataset.teacher_episodes` is false: the teacher's "

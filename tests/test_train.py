@@ -206,37 +206,27 @@ def test_trainer_holds_train_dtype_and_decoder_model_dtype(tmp_path, records, mo
     assert GenerateBackend(adapter_model_params(mp, out)).model.dtype == torch.bfloat16
 
 
-def test_records_older_than_train_dtype_keep_the_dtype_they_trained_in():
-    """A record saved before train.dtype trained in its model.dtype (auto: fp32 masters): it still
-    counts as the same recipe under the train.dtype that means that dtype, and under no other."""
-    from fireact_utils.train import same_train_params, trained_params
-
-    saved = TrainParams().model_dump(mode="json")
-    saved.pop("dtype")
-    for old, now in (("auto", "float32"), ("float32", "float32"), ("bfloat16", "bfloat16")):
-        rec = trained_params({"params": saved, "model": ModelParams(dtype=old).model_dump(mode="json")})
-        assert same_train_params(rec, TrainParams(dtype=now))
-        assert not same_train_params(rec, TrainParams(dtype="float16"))
-    new = {"params": TrainParams(dtype="bfloat16").model_dump(mode="json"), "model": ModelParams().model_dump()}
-    assert trained_params(new)["dtype"] == "bfloat16"  # a new record's own train.dtype wins over model.dtype
-
-
-def test_train_switches_are_params_and_old_fine_tunes_stay_usable(tmp_path):
+def test_train_switches_are_params_and_only_those_that_change_numbers_enter_the_key(tmp_path):
     """train.report_to reaches TRL's config ("none" when empty); the CPU speed-ups are params that
-    can be turned off; a fine-tune saved before a setting existed still counts as the same recipe
-    while that setting keeps its default, and not once it is changed."""
+    can be turned off; a fine-tune's key (`keys.train_settings`) holds every setting that changes
+    its weights, with autos resolved, and none of logging, checkpoint cadence or the allocator."""
+    from fireact_utils import keys
     from fireact_utils.config import TrainParams
-    from fireact_utils.train import make_sft_config, same_train_params
+    from fireact_utils.train import make_sft_config
 
     assert make_sft_config(TrainParams(report_to=["tensorboard"]), tmp_path, "cpu").report_to == ["tensorboard"]
     assert make_sft_config(TrainParams(), tmp_path, "cpu").report_to == []
-    old = TrainParams().model_dump(mode="json")
-    for key in ("labelled_positions_only", "keep_freed_memory", "report_to"):
-        old.pop(key)
-    assert same_train_params(old, TrainParams())
-    assert not same_train_params(old, TrainParams(keep_freed_memory=False))
-    assert not same_train_params({**old, "epochs": 3.0}, TrainParams())
-    assert not same_train_params({**old, "retired_setting": 1}, TrainParams())
+    mp = ModelParams(name=str(tmp_path / "absent"), device="cpu")
+    base = keys.train_settings(TrainParams(), mp)
+    assert base["model.weights"] is None and base["model.device"] == "cpu"  # weights not here: not compared
+    assert base["train.bf16"] in (True, False) and base["train.gradient_checkpointing"] is False  # resolved
+    for same in ({"logging_steps": 1}, {"save_steps": 7}, {"report_to": ["trackio"]}, {"keep_freed_memory": False},
+                 {"labelled_positions_only": False}):
+        assert keys.train_settings(TrainParams(**same), mp) == base, same
+    for other in ({"learning_rate": 2e-4}, {"epochs": 3.0}, {"dtype": "bfloat16"}, {"bf16": not base["train.bf16"]},
+                  {"seed": 1}, {"loss_on": "all"}):
+        diff = keys.differences(base, keys.train_settings(TrainParams(**other), mp))
+        assert [d.split(" ")[0] for d in diff] == [f"train.{next(iter(other))}"], other
 
 
 def test_model_card_has_hub_metadata_and_measured_em(tmp_path):

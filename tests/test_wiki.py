@@ -197,7 +197,7 @@ def test_wiki_condition_through_the_pipeline(tmp_path):
     meta["machines"] = {"NVIDIA H200": meta["machines"].pop(here)}
     atomic_write_json(p.run_dir / "eval" / "wiki_scripted.meta.json", meta)
     # other agent settings may not continue it (nothing is lost); another batch size may
-    with pytest.raises(ValueError, match=r"other agent settings \(agent.max_turns 4 -> 3\)"):
+    with pytest.raises(ValueError, match=r"other settings \(agent.max_turns 4 -> 3\)"):
         run_condition(p, "wiki_scripted", ScriptedLLM(reply), AgentParams(max_turns=3), task="hotpotqa-wiki", n=4)
     assert len(read_jsonl(p.run_dir / "eval" / "wiki_scripted.jsonl")) == 3
     run_condition(p, "wiki_scripted", ScriptedLLM(reply), AgentParams(max_turns=4, batch_size=2), task="hotpotqa-wiki", n=4)

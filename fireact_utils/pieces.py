@@ -1,0 +1,261 @@
+"""A study in pieces: each runs on any machine, in any order, and leaves a portable bundle; `merge`
+builds the study's tables and figures from the bundles as one process would.
+
+    python -m fireact_utils pieces params/headline.yaml                    # the pieces, one a line
+    python -m fireact_utils piece params/headline.yaml seed-1              # run one, write its bundle
+                                              # (outputs/runs/pieces/seed-1/headline-seed-1.tar.gz)
+    python -m fireact_utils merge params/headline.yaml results/headline/*.tar.gz
+    python -m fireact_utils pieces params/headline.yaml --submit local     # all, through submitit
+
+A piece is self-contained: it trains every model it evaluates and runs every evaluation of that
+model, since weights do not travel (a retrain on another CPU gives other weights). It runs under the
+study's run name in its own output root (outputs/runs/pieces/<piece>/), so its conditions carry the
+names one process would give them, and the pieces of a study write disjoint conditions. Its bundle
+holds episodes, records, keys and provenance (machine, commit, library versions), never weights.
+`merge` refuses bundles of other settings (the study key) or another pre-registration, a piece
+given twice and a file two bundles hold with different content; then it runs the study's report
+with no model (`keys.saved_only`): every number comes from the bundles' episodes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tarfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import keys
+from .config import REPO_ROOT, Params, override
+from .io import atomic_write_json
+
+BUNDLE = "bundle.json"
+# What a bundle leaves out: weights, optimizer states and checkpoints (they do not travel), the
+# dataset's derived copies (rebuilt from trajectories.jsonl), executed notebooks.
+EXCLUDE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".arrow", ".ipynb", ".html")
+EXCLUDE_PARTS = ("checkpoint-", "hf", "notebooks", "student", "policy")
+PER_PIECE = ("provenance", "params.json", BUNDLE)  # differ between pieces by nature: kept under pieces/<piece>/
+
+
+@dataclass(frozen=True)
+class Piece:
+    name: str
+    what: str  # one line: what it trains and evaluates
+    run: Callable[[Params], None]
+
+
+# ---------------------------------------------------------------- the studies' pieces
+
+def headline_pieces(p: Params) -> list[Piece]:
+    """The headline (`headline.run`): the base model's evaluations in one piece, then one per
+    training seed, each training its model and running all of its evaluations."""
+    from . import headline
+
+    seeds = p.study.seeds or [p.train.seed]
+    return [Piece("baselines", "few-shot baselines, their transfer rows and self-consistency samples",
+                  headline.run_baselines),
+            *[Piece(f"seed-{s}", f"fine-tune seed {s}; its dev, transfer and self-consistency evaluations",
+                    lambda q, s=s: headline.run_seed(q, s)) for s in seeds]]
+
+
+def base_model_pieces(p: Params) -> list[Piece]:
+    """The base-model axis: one piece per model (its recipe search, chosen fine-tune and evaluations)."""
+    from . import base_models
+
+    return [Piece(f"model-{base_models.model_slug(m)}", f"{m}: recipes on validation, the chosen one's evaluations",
+                  lambda q, m=m: base_models.run_model(q, m)) for m in p.study.base_models]
+
+
+STUDIES: dict[str, Callable[[Params], list[Piece]]] = {"headline": headline_pieces, "base-models": base_model_pieces}
+
+
+def study_of(p: Params) -> str:
+    """Which study a params file runs: base-models where it names models, else the headline."""
+    return "base-models" if p.study.base_models else "headline"
+
+
+def pieces(p: Params) -> list[Piece]:
+    return STUDIES[study_of(p)](p)
+
+
+def piece_named(p: Params, name: str) -> Piece:
+    found = {x.name: x for x in pieces(p)}
+    if name not in found:
+        raise ValueError(f"no piece {name!r} in {study_of(p)} of {p.name}: pieces are {', '.join(found)}")
+    return found[name]
+
+
+def study_key(p: Params) -> dict:
+    """The key every piece and bundle of one study shares: all of the run's settings, autos
+    resolved, except where its outputs go."""
+    return keys.make("study", keys.run_settings(p))
+
+
+# ---------------------------------------------------------------- one piece
+
+def piece_params(p: Params, name: str, root: str | Path | None = None) -> Params:
+    """`p` with its output root moved to <root>/<piece> (default root: <output_root>/pieces): the same
+    run name, a folder of its own."""
+    base = Path(root) if root else p.run_dir.parent / "pieces"
+    return override(p, {"output_root": str(base / name)}, f"piece {name}")
+
+
+def run_piece(p: Params, name: str, root: str | Path | None = None, bundle_dir: str | Path | None = None) -> Path:
+    """Run piece `name` of `p`'s study in its own output root (resuming), then write its bundle
+    (default: beside the run dir). Returns the bundle's path."""
+    piece = piece_named(p, name)
+    q = piece_params(p, name, root)
+    t0 = time.time()
+    piece.run(q)
+    return write_bundle(q, name, time.time() - t0, bundle_dir or q.run_dir.parent)
+
+
+def bundled(rel: Path) -> bool:
+    """Whether a run dir's file goes into a bundle (`EXCLUDE_*`: no weights, no derived copies)."""
+    return not (rel.suffix in EXCLUDE_SUFFIXES or any(part.startswith(EXCLUDE_PARTS) for part in rel.parts[:-1])
+                or rel.name.startswith(("optimizer", "scheduler", "rng_state", "training_args")))
+
+
+def write_bundle(q: Params, name: str, seconds: float, out_dir: str | Path) -> Path:
+    """<out_dir>/<run>-<piece>.tar.gz: the piece's run dir without weights, and bundle.json (study
+    key, piece, machine, commit, library versions, seconds)."""
+    from .provenance import provenance
+
+    run = q.run_dir
+    record = {"study": study_of(q), "piece": name, "run": q.name, "study_key": study_key(q), "seconds": seconds,
+              "commit": git_commit(), **{k: v for k, v in provenance(q).items() if k != "params"},
+              "params": q.dump()}
+    atomic_write_json(run / BUNDLE, record)
+    out = Path(out_dir) / f"{q.name}-{name}.tar.gz"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".{os.getpid()}.partial")
+    with tarfile.open(tmp, "w:gz") as tar:
+        for f in sorted(run.rglob("*")):
+            if f.is_file() and bundled(rel := f.relative_to(run)):
+                tar.add(f, arcname=str(rel))
+    tmp.replace(out)
+    return out
+
+
+def git_commit() -> str:
+    """The kit's commit (with '+changes' where the tree differs from it), or 'unknown' outside git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        return git("rev-parse", "HEAD") + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# ---------------------------------------------------------------- merge
+
+def read_bundle(path: str | Path) -> tuple[dict, dict[str, bytes]]:
+    """(bundle.json, path -> bytes) of a bundle; a file that is no bundle is a one-line error."""
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            files = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    except (OSError, tarfile.TarError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable bundle ({e})") from None
+    if BUNDLE not in files:
+        raise ValueError(f"{path}: not a bundle (no {BUNDLE})")
+    if any(Path(n).is_absolute() or ".." in Path(n).parts for n in files):
+        raise ValueError(f"{path}: a member's path leaves the bundle")
+    return json.loads(files[BUNDLE]), files
+
+
+def merge(p: Params, bundles: list[str | Path], run: bool = True) -> Path:
+    """Unpack `bundles` into p's run dir (which must hold no other run's files), checking that they are
+    pieces of p's study under its settings, each piece once, no file held twice with other content;
+    then (with `run`) build the study's tables and figures from their episodes alone."""
+    want = study_key(p)
+    seen: dict[str, str] = {}
+    merged: dict[str, tuple[bytes, str]] = {}
+    registrations: dict[str, str] = {}
+    for b in bundles:
+        record, files = read_bundle(b)
+        where = f"{b} (piece {record.get('piece')})"
+        if record.get("study_key", {}).get("key") != want["key"]:
+            diff = keys.differences(record.get("study_key", {}).get("settings", {}), want["settings"])
+            raise ValueError(f"{where} was made with other settings ({'; '.join(diff[:4]) or 'another study'}): "
+                             "merge pieces of one study only")
+        if record["piece"] in seen:
+            raise ValueError(f"piece {record['piece']} given twice: {seen[record['piece']]} and {b}")
+        seen[record["piece"]] = str(b)
+        for name, data in files.items():
+            if name.split("/")[0] in PER_PIECE:
+                merged[f"pieces/{record['piece']}/{name}"] = (data, str(b))
+            elif name == "preregistration.json":
+                registrations[str(b)] = json.dumps(json.loads(data)["settings"], sort_keys=True)
+                merged.setdefault(name, (data, str(b)))
+            elif name in merged and merged[name][0] != data:
+                raise ValueError(f"{name} differs between {merged[name][1]} and {b}: two pieces made one output")
+            else:
+                merged[name] = (data, str(b))
+    if len(set(registrations.values())) > 1:
+        raise ValueError(f"the bundles were run under different pre-registrations: {', '.join(registrations)}")
+    missing = [x.name for x in pieces(p) if x.name not in seen]
+    out = p.run_dir
+    if out.exists() and any(out.iterdir()) and not (out / "pieces").is_dir():
+        raise ValueError(f"{out} holds a run of its own: merge into another output_root or run name")
+    for name, (data, _) in merged.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(data)
+    atomic_write_json(out / "merged.json", {"bundles": {k: v for k, v in seen.items()}, "missing": missing})
+    if run and missing:
+        raise ValueError(f"merged {len(seen)} pieces into {out}; missing: {', '.join(missing)} (run them with "
+                         f"`python -m fireact_utils piece ... NAME`, then merge all)")
+    if run:
+        with keys.saved_only():
+            report(p)
+    return out
+
+
+def report(p: Params) -> None:
+    """The study's tables and figures from what the run dir holds (after a merge: the bundles)."""
+    if study_of(p) == "base-models":
+        from .base_models import report as base_models_report
+
+        base_models_report(p, progress=False)
+    else:
+        from . import headline
+
+        headline.report(p, progress=False)
+
+
+def bundle_summary(path: str | Path) -> str:
+    """One line about a bundle: piece, machine, commit, minutes."""
+    record, _ = read_bundle(path)
+    return (f"{record['piece']}: {record.get('machine')} at {record.get('commit', '?')[:12]}, "
+            f"{record.get('seconds', 0) / 60:.1f} min, {record.get('time')}")
+
+
+# ---------------------------------------------------------------- many machines
+
+def submit(params_file: str, overrides: list[str], names: list[str], folder: str | Path, cluster: str | None = None,
+           slurm: dict | None = None) -> list:
+    """Dispatch pieces with submitit: a SLURM job array where a cluster is there (`cluster`: None
+    auto-detects), or local processes (`cluster="local"`, the cores shared out among them: two
+    processes of two torch threads each on 2 cores run several times slower than one at a time).
+    Each job runs `piece` and returns its bundle's path; returns the jobs (`job.result()` waits)."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    executor.update_parameters(timeout_min=120, **(slurm or {}))
+    threads = max(1, (os.cpu_count() or 1) // len(names)) if executor.cluster == "local" else 0
+    n = len(names)
+    return executor.map_array(_piece_job, [params_file] * n, [list(overrides)] * n, names, [threads] * n)
+
+
+def _piece_job(params_file: str, overrides: list[str], name: str, threads: int = 0) -> str:
+    """One piece in a job: its bundle's path. `threads` > 0 caps torch's threads."""
+    from .config import load_params
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    return str(run_piece(load_params(params_file, overrides), name))

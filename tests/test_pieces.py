@@ -1,0 +1,113 @@
+"""A study in pieces (`pieces`): bundles that travel without weights, a merge that refuses what
+does not belong together, and (slow) two pieces run as two machines would, through submitit's local
+executor, merged into the same tables as the whole study run in one process.
+"""
+
+import tarfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fireact_utils import headline, keys, pieces
+from fireact_utils.config import load_params
+from fireact_utils.io import atomic_write_json, write_jsonl
+
+SMOKE = Path(__file__).resolve().parent.parent / "params" / "smoke.yaml"
+# the smoke headline cut to two pieces: baselines and one training seed, 2 questions everywhere
+SMALL = ["study.seeds=[42]", "study.transfer_tasks=[2wikimultihopqa]", "study.generalization_n=2",
+         "evaluate.n_questions=2", "study.sc_n=2"]
+
+
+def _fake_piece(p, name: str, conditions: dict[str, list[dict]]) -> Path:
+    """A piece's run dir as a piece leaves it (episodes, a fine-tune's record and its weights), bundled."""
+    q = pieces.piece_params(p, name)
+    for cond, recs in conditions.items():
+        write_jsonl(q.run_dir / "eval" / f"{cond}.jsonl", recs)
+    final = q.run_dir / "finetune" / "final"
+    atomic_write_json(final / "train_done.json", {"n_examples": 2})
+    (final / "model.safetensors").write_bytes(b"weights")
+    (q.run_dir / "finetune" / "checkpoint-1").mkdir(parents=True)
+    (q.run_dir / "finetune" / "checkpoint-1" / "trainer_state.json").write_text("{}")
+    return pieces.write_bundle(q, name, 1.0, q.run_dir.parent)
+
+
+def test_a_bundle_holds_records_not_weights(tmp_path):
+    p = load_params(SMOKE, [f"output_root={tmp_path}"])
+    b = _fake_piece(p, "baselines", {"base_fewshot_io": [{"id": "q1", "em": True}]})
+    with tarfile.open(b) as tar:
+        names = set(tar.getnames())
+    assert {"eval/base_fewshot_io.jsonl", "finetune/final/train_done.json", "bundle.json"} <= names
+    assert not any(n.endswith(".safetensors") or "checkpoint-" in n for n in names)
+    record, _ = pieces.read_bundle(b)
+    assert record["piece"] == "baselines" and record["study_key"] == pieces.study_key(p)
+    assert record["machine"] and record["commit"] and record["torch"]
+
+
+def test_merge_refuses_what_does_not_belong_together(tmp_path):
+    p = load_params(SMOKE, [f"output_root={tmp_path}"])
+    a = _fake_piece(p, "baselines", {"base_fewshot_io": [{"id": "q1", "em": True}]})
+    b = _fake_piece(p, "seed-42", {"finetuned_react": [{"id": "q1", "em": False}]})
+    other = load_params(SMOKE, [f"output_root={tmp_path / 'other'}", "agent.max_turns=4"])
+    c = _fake_piece(other, "seed-7", {"finetuned_react_seed7": [{"id": "q1", "em": False}]})
+    merged = load_params(SMOKE, [f"output_root={tmp_path / 'merged'}"])
+    with pytest.raises(ValueError, match=r"piece seed-7\) was made with other settings \(agent.max_turns 4 -> 3\)"):
+        pieces.merge(merged, [a, b, c])
+    with pytest.raises(ValueError, match="piece baselines given twice"):
+        pieces.merge(merged, [a, a])
+    clash = _fake_piece(p, "seed-7", {"base_fewshot_io": [{"id": "q1", "em": False}]})
+    with pytest.raises(ValueError, match=r"eval/base_fewshot_io.jsonl differs between .* two pieces made one output"):
+        pieces.merge(merged, [a, clash])
+    (tmp_path / "junk.tar.gz").write_bytes(b"not a bundle")
+    with pytest.raises(ValueError, match="junk.tar.gz: not a readable bundle"):
+        pieces.merge(merged, [tmp_path / "junk.tar.gz"])
+    with pytest.raises(ValueError, match="missing: seed-7"):  # unpacked, but no tables from a partial study
+        pieces.merge(merged, [a, b])
+    assert (merged.run_dir / "eval" / "finetuned_react.jsonl").is_file()
+    assert (merged.run_dir / "pieces" / "seed-42" / "bundle.json").is_file()
+
+
+def test_every_piece_is_listed_and_named(tmp_path):
+    p = load_params(SMOKE, [f"output_root={tmp_path}"])
+    assert [x.name for x in pieces.pieces(p)] == ["baselines", "seed-42", "seed-7"]
+    with pytest.raises(ValueError, match="no piece 'seed-3' in headline of smoke: pieces are baselines, seed-42, seed-7"):
+        pieces.run_piece(p, "seed-3")
+    bm = load_params("params/base_models.yaml")
+    assert [x.name for x in pieces.pieces(bm)] == ["model-smollm2-135m", "model-gemma3-270m"]
+
+
+def _tables(run: Path) -> dict[str, pd.DataFrame]:
+    """The study's tables without what differs between two runs of the same episodes: seconds, machines."""
+    drop = ("second", "machine", "wall", "per_s")
+    tables = {f.name: pd.read_csv(f) for f in sorted((run / "tables").glob("*.csv"))}
+    return {name: t[[c for c in t if not any(d in c for d in drop)]] for name, t in tables.items()}
+
+
+@pytest.mark.slow
+def test_two_pieces_on_two_machines_merge_into_the_whole_studys_tables(tmp_path, data_dir, multihop_dir, model_path,
+                                                                       one_thread):
+    """The pieces run as submitit's local jobs (two processes, two output roots: two machines),
+    their bundles merge into the tables the whole study gives in one process. A tiny real model
+    (random weights: the plumbing, not the numbers) keeps it to minutes; one thread each, so the
+    sampled episodes draw the same tokens in every process."""
+    from tiny import tiny_llama
+
+    tiny = tiny_llama(tmp_path / "tiny", model_path, 0)
+    small = [*SMALL, f"model.name={tiny}", "model.device=cpu", "agent.max_new_tokens=16"]
+    ov = [f"output_root={tmp_path / 'pieces'}", *small]
+    jobs = pieces.submit(str(SMOKE), ov, ["baselines", "seed-42"], tmp_path / "submitit", cluster="local")
+    bundles = [Path(j.result()) for j in jobs]
+    assert [pieces.read_bundle(b)[0]["piece"] for b in bundles] == ["baselines", "seed-42"]
+    assert sum(b.stat().st_size for b in bundles) < 2**20
+    merged = load_params(SMOKE, [f"output_root={tmp_path / 'merged'}", *small])
+    out = pieces.merge(merged, bundles)
+    assert not list(out.rglob("*.safetensors"))  # the tables came from episodes alone
+
+    whole = load_params(SMOKE, [f"output_root={tmp_path / 'whole'}", *small])
+    with keys.saved_only(), pytest.raises(ValueError, match="no merged bundle holds this fine-tune"):
+        headline.report(whole, progress=False)  # nothing saved: a merge would not train
+    headline.report(whole, progress=False)
+    got, want = _tables(out), _tables(whole.run_dir)
+    assert set(got) == set(want) >= {"main.csv", "headline_transfer.csv", "self_consistency.csv"}
+    for name in want:
+        pd.testing.assert_frame_equal(got[name], want[name], check_dtype=False, obj=name)
