@@ -3,10 +3,10 @@ study.seeds, every seed's agent in the held-out environments of study.transfer_t
 self-consistency curve of both agents (study.sc_ks). study.preregistered freezes it (`holdout`).
 
     python -m fireact_utils headline params/headline.yaml     # in one process
-    python -m fireact_utils pieces params/headline.yaml       # or in pieces (`pieces`): baselines, seed-<s>...
+    python -m fireact_utils pieces params/headline.yaml       # or in pieces (`pieces`): baselines, fewshot-votes, seed-<s>...
 
 `report` computes whatever is not saved yet and writes the tables; the pieces split that work by
-model (`run_baselines`: the base model's evaluations; `run_seed`: one training seed's fine-tune and
+model (`run_baselines`, `run_fewshot_votes`: the base model's greedy and sampled evaluations; `run_seed`: one training seed's fine-tune and
 all of its evaluations), so `report` after a merge only reads episodes.
 """
 
@@ -20,15 +20,21 @@ from .config import Params
 
 
 def run_baselines(p: Params, progress: bool = True) -> None:
-    """Every evaluation of the base model: few-shot baselines, transfer rows, few-shot samples."""
+    """The base model's greedy evaluations: few-shot baselines and their transfer rows."""
     from .holdout import preregister
 
     preregister(p)
     pipeline.baselines(p, progress)
     if p.study.transfer_tasks:
         recipes.transfer_base(p, progress)
-    if p.study.sc_ks and "fewshot" in p.study.sc_agents:
-        self_consistency.samples(p, "fewshot", None, progress)
+
+
+def run_fewshot_votes(p: Params, progress: bool = True) -> None:
+    """The base model's self-consistency samples (study.sc_n questions x max(sc_ks) episodes)."""
+    from .holdout import preregister
+
+    preregister(p)
+    self_consistency.samples(p, "fewshot", None, progress)
 
 
 def run_seed(p: Params, seed: int, progress: bool = True) -> Path:

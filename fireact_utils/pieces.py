@@ -50,13 +50,15 @@ class Piece:
 # ---------------------------------------------------------------- the studies' pieces
 
 def headline_pieces(p: Params) -> list[Piece]:
-    """The headline (`headline.run`): the base model's evaluations in one piece, then one per
-    training seed, each training its model and running all of its evaluations."""
+    """The headline (`headline.report`): the base model's greedy evaluations, its sampled ones (a
+    piece of their own: 90 min on the slowest VM holds one or the other), then one per training
+    seed, each training its model and running all of its evaluations."""
     from . import headline
 
     seeds = p.study.seeds or [p.train.seed]
-    return [Piece("baselines", "few-shot baselines, their transfer rows and self-consistency samples",
-                  headline.run_baselines),
+    votes = [Piece("fewshot-votes", "the few-shot agent's self-consistency samples", headline.run_fewshot_votes)]
+    return [Piece("baselines", "few-shot baselines and their transfer rows", headline.run_baselines),
+            *(votes if p.study.sc_ks and "fewshot" in p.study.sc_agents else []),
             *[Piece(f"seed-{s}", f"fine-tune seed {s}; its dev, transfer and self-consistency evaluations",
                     lambda q, s=s: headline.run_seed(q, s)) for s in seeds]]
 

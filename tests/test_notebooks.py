@@ -249,9 +249,10 @@ def test_chain_tables(chain):
     # A finished GRPO run is reused only for the same rl params and SFT student, never relabelled.
     student = run_dir / "finetune" / "final"
     assert rl.train_grpo(p, student) == run_dir / "rl" / "final"
-    for other, sft in ((p.model_copy(update={"rl": p.rl.model_copy(update={"steps": p.rl.steps + 1})}), student),
-                       (p, run_dir / "self_improve" / "round1" / "final")):
-        with pytest.raises(ValueError, match="other rl params or from another SFT student"):
+    more = p.model_copy(update={"rl": p.rl.model_copy(update={"steps": p.rl.steps + 1})})
+    for other, sft, named in ((more, student, rf"rl\.steps {p.rl.steps} -> {p.rl.steps + 1}"),
+                              (p, run_dir / "self_improve" / "round1" / "final", "student")):
+        with pytest.raises(ValueError, match=f"made with other settings .*{named}"):
             rl.train_grpo(other, sft)
 
 

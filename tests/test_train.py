@@ -162,7 +162,7 @@ def test_lora_finetune_lowers_loss_saves_and_changes_agent(tmp_path, records, da
     assert "LoRA r=8, alpha=16" in card and "None" not in card
     # Asking again returns the finished result without training; other params are refused.
     assert finetune(records[:4], tmp_path / "ft", p, ModelParams()) == out
-    with pytest.raises(ValueError, match="other params"):
+    with pytest.raises(ValueError, match=r"made with other settings \(train\.lora_r 8 -> 4\)"):
         finetune(records[:4], tmp_path / "ft", p.model_copy(update={"lora_r": 4}), ModelParams())
 
     task = load_task("hotpotqa", "dev", data_dir)
