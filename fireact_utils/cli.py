@@ -15,6 +15,7 @@
     python -m fireact_utils consistency params/cpu_full.yaml --trained outputs/runs/cpu/finetune/final
     python -m fireact_utils beyond params/cpu_full.yaml         # self-improvement rounds and GRPO (notebook 05)
     python -m fireact_utils base-models params/base_models.yaml # per model: recipe chosen on val, few-shot vs fine-tuned
+    python -m fireact_utils report results/ --docs              # the committed study rebuilt, docs' tables from it
     python -m fireact_utils compare outputs/runs/cpu outputs/runs/cpu_lora   # paired gains, flipped questions
     python -m fireact_utils params params/cpu.yaml              # print resolved params
     python -m fireact_utils download --dest data                # FireAct's data + multihop, checked (online)
@@ -94,6 +95,12 @@ def _parser() -> argparse.ArgumentParser:
     mode = d.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="download nothing: print the files that are missing or differ")
     mode.add_argument("--write-manifest", action="store_true", help="regenerate the manifest from --dest/--multihop-dest")
+    r = sub.add_parser("report", help="the reference study: each study's tables and figures rebuilt from its "
+                       "bundles under results/, with no model (a minute)")
+    r.add_argument("results", nargs="?", default="results", help="a folder of studies, each a folder of bundles")
+    r.add_argument("--out", default="outputs/results", help="where the rebuilt runs go (<out>/<study>/)")
+    r.add_argument("--docs", action="store_true", help="rewrite the result tables marked in README.md and docs/")
+    r.add_argument("--check", action="store_true", help="with --docs: write nothing; exit 1 where a page differs")
     c = sub.add_parser("compare", help="two runs' shared conditions: EM of each, paired gain with CI, flipped ids")
     c.add_argument("run_a", help="a run directory (with eval/), e.g. outputs/runs/cpu")
     c.add_argument("run_b", help="the other run; the gain is run_b minus run_a")
@@ -120,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from .config import load_params
 
+    if args.cmd == "report":
+        return _report(args)
     if args.cmd == "compare":
         from .failures import compare_main
 
@@ -196,6 +205,25 @@ def _run(args: argparse.Namespace) -> int:
         recs = pipeline.run_condition(p, name, llm, p.agent)
         print(json.dumps(summarize(recs), indent=2))
         print(f"episodes: {p.run_dir / 'eval' / (name + '.jsonl')}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    """Rebuild every study under results/; with --docs, write (or --check) the pages' marked tables."""
+    from . import results
+
+    studies = results.rebuild(args.results, args.out)
+    for s in studies:
+        print(f"{s.name}: {len(s.records)} pieces" + (f" (missing: {', '.join(s.missing)})" if s.missing else "")
+              + f"; tables {s.run_dir / 'tables'}, figures {s.run_dir / 'figures'}")
+    if args.docs:
+        changed = results.write_docs(results.blocks(studies), results.pages(), check=args.check)
+        if args.check and changed:
+            print(f"differ from {args.results}: {', '.join(map(str, changed))} "
+                  "(python -m fireact_utils report --docs rewrites them)", file=sys.stderr)
+            return 1
+        print(f"{'checked' if args.check else 'rewrote'} {len(results.pages())} pages; "
+              f"{'none differ' if not changed else 'changed: ' + ', '.join(map(str, changed))}")
     return 0
 
 

@@ -169,11 +169,12 @@ def read_bundle(path: str | Path) -> tuple[dict, dict[str, bytes]]:
     return json.loads(files[BUNDLE]), files
 
 
-def merge(p: Params, bundles: list[str | Path], run: bool = True) -> Path:
+def merge(p: Params, bundles: list[str | Path], run: bool = True, want: dict | None = None) -> Path:
     """Unpack `bundles` into p's run dir (which must hold no other run's files), checking that they are
-    pieces of p's study under its settings, each piece once, no file held twice with other content;
-    then (with `run`) build the study's tables and figures from their episodes alone."""
-    want = study_key(p)
+    pieces of p's study under its settings (`want`: the study key; default p's on this machine), each
+    piece once, no file held twice with other content; then (with `run`) build the study's tables and
+    figures from their episodes alone."""
+    want = want or study_key(p)
     seen: dict[str, str] = {}
     merged: dict[str, tuple[bytes, str]] = {}
     registrations: dict[str, str] = {}

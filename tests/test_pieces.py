@@ -1,5 +1,5 @@
 """A study in pieces (`pieces`): bundles that travel without weights, a merge that refuses what
-does not belong together, and (slow) two pieces run as two machines would, through submitit's local
+does not belong together, and (slow) three pieces run as three machines would, through submitit's local
 executor, merged into the same tables as the whole study run in one process.
 """
 
@@ -14,7 +14,8 @@ from fireact_utils.config import load_params
 from fireact_utils.io import atomic_write_json, write_jsonl
 
 SMOKE = Path(__file__).resolve().parent.parent / "params" / "smoke.yaml"
-# the smoke headline cut to two pieces: baselines and one training seed, 2 questions everywhere
+# the smoke headline cut to three pieces: the base model's greedy and sampled evaluations and one
+# training seed, 2 questions everywhere
 SMALL = ["study.seeds=[42]", "study.transfer_tasks=[2wikimultihopqa]", "study.generalization_n=2",
          "evaluate.n_questions=2", "study.sc_n=2"]
 
@@ -61,7 +62,7 @@ def test_merge_refuses_what_does_not_belong_together(tmp_path):
     (tmp_path / "junk.tar.gz").write_bytes(b"not a bundle")
     with pytest.raises(ValueError, match="junk.tar.gz: not a readable bundle"):
         pieces.merge(merged, [tmp_path / "junk.tar.gz"])
-    with pytest.raises(ValueError, match="missing: seed-7"):  # unpacked, but no tables from a partial study
+    with pytest.raises(ValueError, match="missing: fewshot-votes, seed-7"):  # unpacked, no tables from a partial study
         pieces.merge(merged, [a, b])
     assert (merged.run_dir / "eval" / "finetuned_react.jsonl").is_file()
     assert (merged.run_dir / "pieces" / "seed-42" / "bundle.json").is_file()
@@ -69,8 +70,9 @@ def test_merge_refuses_what_does_not_belong_together(tmp_path):
 
 def test_every_piece_is_listed_and_named(tmp_path):
     p = load_params(SMOKE, [f"output_root={tmp_path}"])
-    assert [x.name for x in pieces.pieces(p)] == ["baselines", "seed-42", "seed-7"]
-    with pytest.raises(ValueError, match="no piece 'seed-3' in headline of smoke: pieces are baselines, seed-42, seed-7"):
+    assert [x.name for x in pieces.pieces(p)] == ["baselines", "fewshot-votes", "seed-42", "seed-7"]
+    with pytest.raises(ValueError, match="no piece 'seed-3' in headline of smoke: pieces are baselines, fewshot-votes, "
+                                         "seed-42, seed-7"):
         pieces.run_piece(p, "seed-3")
     bm = load_params("params/base_models.yaml")
     assert [x.name for x in pieces.pieces(bm)] == ["model-smollm2-135m", "model-gemma3-270m"]
@@ -84,9 +86,9 @@ def _tables(run: Path) -> dict[str, pd.DataFrame]:
 
 
 @pytest.mark.slow
-def test_two_pieces_on_two_machines_merge_into_the_whole_studys_tables(tmp_path, data_dir, multihop_dir, model_path,
+def test_pieces_on_three_machines_merge_into_the_whole_studys_tables(tmp_path, data_dir, multihop_dir, model_path,
                                                                        one_thread):
-    """The pieces run as submitit's local jobs (two processes, two output roots: two machines),
+    """The pieces run as submitit's local jobs (three processes, three output roots: three machines),
     their bundles merge into the tables the whole study gives in one process. A tiny real model
     (random weights: the plumbing, not the numbers) keeps it to minutes; one thread each, so the
     sampled episodes draw the same tokens in every process."""
@@ -95,9 +97,10 @@ def test_two_pieces_on_two_machines_merge_into_the_whole_studys_tables(tmp_path,
     tiny = tiny_llama(tmp_path / "tiny", model_path, 0)
     small = [*SMALL, f"model.name={tiny}", "model.device=cpu", "agent.max_new_tokens=16"]
     ov = [f"output_root={tmp_path / 'pieces'}", *small]
-    jobs = pieces.submit(str(SMOKE), ov, ["baselines", "seed-42"], tmp_path / "submitit", cluster="local")
+    names = ["baselines", "fewshot-votes", "seed-42"]
+    jobs = pieces.submit(str(SMOKE), ov, names, tmp_path / "submitit", cluster="local")
     bundles = [Path(j.result()) for j in jobs]
-    assert [pieces.read_bundle(b)[0]["piece"] for b in bundles] == ["baselines", "seed-42"]
+    assert [pieces.read_bundle(b)[0]["piece"] for b in bundles] == names
     assert sum(b.stat().st_size for b in bundles) < 2**20
     merged = load_params(SMOKE, [f"output_root={tmp_path / 'merged'}", *small])
     out = pieces.merge(merged, bundles)
