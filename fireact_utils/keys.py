@@ -72,14 +72,26 @@ def make(stage: str, settings: Mapping[str, Any]) -> dict:
 
 def differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     """'name old -> new' for each setting that differs; a None on either side (unknown there) is
-    not compared, and a setting only one side has counts as a difference."""
+    not compared. A setting one side lacks was added to the schema after that side was made: it was
+    made under that setting's default (`schema_defaults`), so new settings at their defaults keep
+    old outputs (and bundles) valid; any other setting only one side has counts as a difference."""
     out = []
+    defaults = schema_defaults()
     for k in sorted(set(saved) | set(now)):
-        a, b = saved.get(k, "(absent)"), now.get(k, "(absent)")
+        a = saved[k] if k in saved else defaults.get(k, "(absent)")
+        b = now[k] if k in now else defaults.get(k, "(absent)")
         if a is None or b is None or a == b:
             continue
         out.append(f"{k} {_short(a)} -> {_short(b)}")
     return out
+
+
+@functools.cache
+def schema_defaults() -> dict[str, Any]:
+    """Every setting's default in today's schema (dotted name -> JSON value)."""
+    from .config import Params
+
+    return flat(Params())
 
 
 def _short(v: Any) -> str:

@@ -177,12 +177,13 @@ def merge(p: Params, bundles: list[str | Path], run: bool = True, want: dict | N
     want = want or study_key(p)
     seen: dict[str, str] = {}
     merged: dict[str, tuple[bytes, str]] = {}
-    registrations: dict[str, str] = {}
+    registrations: dict[str, dict] = {}
     for b in bundles:
         record, files = read_bundle(b)
         where = f"{b} (piece {record.get('piece')})"
-        if record.get("study_key", {}).get("key") != want["key"]:
-            diff = keys.differences(record.get("study_key", {}).get("settings", {}), want["settings"])
+        made = record.get("study_key", {})
+        diff = keys.differences(made.get("settings", {}), want["settings"])  # not the hash: see keys.differences
+        if made.get("stage") != want["stage"] or diff:
             raise ValueError(f"{where} was made with other settings ({'; '.join(diff[:4]) or 'another study'}): "
                              "merge pieces of one study only")
         if record["piece"] in seen:
@@ -192,13 +193,14 @@ def merge(p: Params, bundles: list[str | Path], run: bool = True, want: dict | N
             if name.split("/")[0] in PER_PIECE:
                 merged[f"pieces/{record['piece']}/{name}"] = (data, str(b))
             elif name == "preregistration.json":
-                registrations[str(b)] = json.dumps(json.loads(data)["settings"], sort_keys=True)
+                registrations[str(b)] = json.loads(data)["settings"]
                 merged.setdefault(name, (data, str(b)))
             elif name in merged and merged[name][0] != data:
                 raise ValueError(f"{name} differs between {merged[name][1]} and {b}: two pieces made one output")
             else:
                 merged[name] = (data, str(b))
-    if len(set(registrations.values())) > 1:
+    first = next(iter(registrations.values()), {})
+    if any(keys.differences(first, r) for r in registrations.values()):
         raise ValueError(f"the bundles were run under different pre-registrations: {', '.join(registrations)}")
     missing = [x.name for x in pieces(p) if x.name not in seen]
     out = p.run_dir

@@ -36,6 +36,17 @@ def test_differences_name_each_setting_and_skip_the_unknown():
     assert a["key"] != keys.make("y", a["settings"])["key"]  # another stage, another key
 
 
+def test_a_setting_added_to_the_schema_keeps_what_its_default_made():
+    """An output (or a bundle) made before a setting existed was made under its default: a key
+    without it still matches a key with the default, not with another value."""
+    now = keys.schema_defaults()
+    assert now["agent.max_turns"] == 8
+    older = {k: v for k, v in now.items() if k != "agent.max_turns"}  # as if agent.max_turns were new
+    assert keys.differences(older, now) == [] and keys.differences(now, older) == []
+    assert keys.differences(older, {**now, "agent.max_turns": 99}) == [f"agent.max_turns {now['agent.max_turns']} -> 99"]
+    assert keys.differences(now, {**now, "gone.setting": 1}) == ["gone.setting (absent) -> 1"]  # in no schema
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, model_path) -> str:
     return str(tiny_llama(tmp_path_factory.mktemp("tiny") / "m", model_path, 0))
