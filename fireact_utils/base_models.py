@@ -82,19 +82,24 @@ def chosen_finetune(q: Params, progress: bool = True) -> tuple[Params, str, Path
     return qq, label, finetune(qq, recipe_records(qq), q.run_dir / "recipes" / label)  # trained by the search
 
 
-def condition_name(agent: str, task: str, split: str, n: int) -> str:
-    return f"{agent}_react_{task_slug(task)}_{split}_n{n}"
+def condition_name(agent: str, task: str, split: str, n: int, recipe: str | None = None) -> str:
+    """A condition of the axis; the fine-tuned agent's names its recipe (each recipe's piece scores its own)."""
+    return f"{agent}_react_{task_slug(task)}_{split}_n{n}" + (f"_{recipe}" if agent == "finetuned" else "")
 
 
-def model_conditions(q: Params, qq: Params, trained: Path, progress: bool = True) -> dict[str, list[dict]]:
-    """Condition name (`condition_name`) -> episodes: the base model's few-shot ReAct (run's prompt) and
-    the fine-tuned agent on each evaluation set; a model is loaded only if something is missing."""
+def model_conditions(q: Params, qq: Params | None, label: str | None, trained: Path | None,
+                     progress: bool = True, fewshot: bool = True) -> dict[str, list[dict]]:
+    """Condition name (`condition_name`) -> episodes: the base model's few-shot ReAct (run's prompt;
+    with `fewshot`) and, given a recipe (its params `qq`, `label` and fine-tune), its fine-tuned
+    agent, on each evaluation set; a model is loaded only if something is missing."""
     out = {}
-    for agent, mp, llm_p, ap in (("fewshot", q.model, (q, None), fewshot_react(q)),
-                                 ("finetuned", agent_model(qq, trained), (qq, trained), finetuned_agent(qq))):
+    agents = [("fewshot", q.model, (q, None), fewshot_react(q))] if fewshot else []
+    if qq is not None:
+        agents.append(("finetuned", agent_model(qq, trained), (qq, trained), finetuned_agent(qq)))
+    for agent, mp, llm_p, ap in agents:
         llm = None
         for task, split, n in eval_sets(q):
-            name = condition_name(agent, task, split, n)
+            name = condition_name(agent, task, split, n, label)
             recs = saved_condition(q, name, task, split, n, model=mp, agent=ap)
             if recs is None:
                 llm = llm or local_llm(*llm_p)
@@ -111,13 +116,13 @@ def model_rows(q: Params, label: str, trained: Path, conds: dict[str, list[dict]
     meta = read_train_meta(trained)
     keyed, extra = {}, {}
     for (task, split, n), agent in ((e, a) for e in eval_sets(q) for a in AGENTS):
-        name, where = condition_name(agent, task, split, n), f"{task} {split}"
+        name, where = condition_name(agent, task, split, n, label), f"{task} {split}"
         key, recs = f"{q.name}: {AGENTS[agent]} ({where})", conds[name]
         row = {"task": where, "model": q.model.name, "agent": agent, "mode": agent, "recipe": label,
                **next(iter(table_extras(q, [name]).values())),
                "tokens_per_episode": sum(r["prompt_tokens"] + r["completion_tokens"] for r in recs) / len(recs)}
         if agent == "finetuned":
-            base = conds[condition_name("fewshot", task, split, n)]
+            base = conds[condition_name("fewshot", task, split, n, label)]
             g = paired_gain(q, {"fewshot": base, "finetuned": recs}, "fewshot", "finetuned", save=False)
             row.update(gain=g["gain"], gain_lo=g["lo"], gain_hi=g["hi"],
                        **{f"gain_{t}{s}": v[k] for t, v in g["by_type"].items() for s, k in (("", "gain"), ("_lo", "lo"), ("_hi", "hi"))},
@@ -128,13 +133,22 @@ def model_rows(q: Params, label: str, trained: Path, conds: dict[str, list[dict]
         condition=lambda d: [f"{q.name}: {AGENTS[a]}" for a in d["agent"]])
 
 
-def run_model(p: Params, spec: str, progress: bool = True) -> None:
-    """One model's part of the axis (a piece, `pieces`): its recipe search on the selection split,
-    the chosen fine-tune, both agents on every evaluation set."""
+def run_fewshot(p: Params, spec: str, progress: bool = True) -> None:
+    """A piece (`pieces`): model `spec`'s few-shot ReAct on every evaluation set."""
+    check_study(p)
+    model_conditions(model_run(p, spec), None, None, None, progress)
+
+
+def run_recipe(p: Params, spec: str, label: str, progress: bool = True) -> None:
+    """A piece (`pieces`): model `spec` fine-tuned with recipe `label`, scored on the selection split
+    and on every evaluation set. Every recipe's piece scores the evaluation sets, so no piece waits
+    for another's choice; the report shows only the recipe chosen on the selection split."""
     check_study(p)
     q = model_run(p, spec)
-    qq, _, trained = chosen_finetune(q, progress)
-    model_conditions(q, qq, trained, progress)
+    recipe_search(q, progress, only=[label])
+    qq = variants(q, "recipes")[label]
+    trained = finetune(qq, recipe_records(qq), q.run_dir / "recipes" / label)  # the search's own, reused
+    model_conditions(q, qq, label, trained, progress, fewshot=False)
 
 
 def report(p: Params, progress: bool = True) -> pd.DataFrame:
@@ -151,7 +165,7 @@ def report(p: Params, progress: bool = True) -> pd.DataFrame:
     for spec in p.study.base_models:
         q = model_run(p, spec)
         qq, label, trained = chosen_finetune(q, progress)
-        parts.append(model_rows(q, label, trained, model_conditions(q, qq, trained, progress)))
+        parts.append(model_rows(q, label, trained, model_conditions(q, qq, label, trained, progress)))
     table = pd.concat(parts, ignore_index=True)
     _, md = write_table(table, p.run_dir / "tables" / "base_models")
     atomic_write_text(md, md.read_text() + "\n" + cost_markdown(table))

@@ -64,11 +64,19 @@ def headline_pieces(p: Params) -> list[Piece]:
 
 
 def base_model_pieces(p: Params) -> list[Piece]:
-    """The base-model axis: one piece per model (its recipe search, chosen fine-tune and evaluations)."""
+    """The base-model axis: per model, its few-shot agent in one piece and each recipe in one (a
+    fine-tune scored on the selection split and on the evaluation sets): a piece holds one fine-tune,
+    and none waits for another's choice (`base_models.run_recipe`)."""
     from . import base_models
 
-    return [Piece(f"model-{base_models.model_slug(m)}", f"{m}: recipes on validation, the chosen one's evaluations",
-                  lambda q, m=m: base_models.run_model(q, m)) for m in p.study.base_models]
+    out = []
+    for m in p.study.base_models:
+        slug = base_models.model_slug(m)
+        out.append(Piece(f"model-{slug}-fewshot", f"{m}: few-shot ReAct on every evaluation set",
+                         lambda q, m=m: base_models.run_fewshot(q, m)))
+        out += [Piece(f"model-{slug}-{label}", f"{m}: recipe {label} fine-tuned; validation and evaluation sets",
+                      lambda q, m=m, label=label: base_models.run_recipe(q, m, label)) for label in p.study.recipes]
+    return out
 
 
 STUDIES: dict[str, Callable[[Params], list[Piece]]] = {"headline": headline_pieces, "base-models": base_model_pieces}

@@ -62,12 +62,15 @@ def saved_selection(p: Params, name: str, agent) -> list[dict] | None:
     return saved_condition(p, name, p.study.select_task, p.study.select_split, _select_n(p), agent=agent)
 
 
-def recipe_search(p: Params, progress: bool = True) -> dict[str, list[dict]]:
-    """Fine-tune each recipe of study.recipes into recipes/<label>/ and evaluate it on the
-    selection split (condition recipe_<label>); both resume. Refused on a test split (`holdout`)."""
+def recipe_search(p: Params, progress: bool = True, only: list[str] | None = None) -> dict[str, list[dict]]:
+    """Fine-tune each recipe of study.recipes (or those labelled `only`) into recipes/<label>/ and
+    evaluate it on the selection split (condition recipe_<label>); both resume. Refused on a test
+    split (`holdout`)."""
     check_choice(p)
     out = {}
     for label, q in variants(p, "recipes").items():
+        if only is not None and label not in only:
+            continue
         if (recs := saved_selection(p, f"recipe_{label}", finetuned_agent(q))) is not None:
             out[label] = recs
             continue

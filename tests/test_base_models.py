@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from tiny import tiny_llama  # tests/ is on sys.path (no package)
 
-from fireact_utils import base_models
+from fireact_utils import base_models, pieces
 from fireact_utils.cli import main
 from fireact_utils.config import load_params
 from fireact_utils.holdout import HoldoutError
@@ -75,3 +75,23 @@ def test_choosing_on_a_test_split_is_refused_before_any_work(tmp_path, data_dir,
     assert not (p.run_dir / "base_models").exists()
     assert main(["base-models", str(SMOKE), *_overrides(tmp_path, [])]) == 2
     assert capsys.readouterr().err.startswith("error: study.base_models is empty")
+
+
+def test_the_axis_in_pieces_merges_into_the_whole_runs_table(tmp_path, model_path, data_dir, multihop_dir):
+    """One model's axis as pieces (few-shot; each recipe: its fine-tune on val and the evaluation
+    sets), run in their own output roots as on other machines, merged: the table a whole run gives."""
+    tiny = str(tiny_llama(tmp_path / "tiny", model_path, 0))
+    p = _params(tmp_path / "pieces", [tiny])
+    names = [x.name for x in pieces.pieces(p)]
+    assert names == ["model-tiny-fewshot", "model-tiny-lr1e-4", "model-tiny-lr3e-4"]
+    bundles = [pieces.run_piece(p, n, bundle_dir=tmp_path / "bundles") for n in names]
+    merged = _params(tmp_path / "merged", [tiny])
+    pieces.merge(merged, bundles)
+    whole = _params(tmp_path / "whole", [tiny])
+    want = base_models.report(whole, progress=False)
+    got = pd.read_csv(merged.run_dir / "tables" / "base_models.csv")
+    same = ["task", "condition", "recipe", "n", "em", "em_lo", "em_hi", "gain", "gain_lo", "gain_hi"]
+    pd.testing.assert_frame_equal(got[same], want[same], check_dtype=False)
+    chosen = got["recipe"].iloc[-1]  # every recipe's piece scored the test sets; only the chosen one is shown
+    assert set(got["recipe"].dropna()) == {chosen}
+    assert len(list((merged.run_dir / "base_models" / "tiny" / "eval").glob("finetuned_react_*_lr*.jsonl"))) == 4

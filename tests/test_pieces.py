@@ -75,7 +75,8 @@ def test_every_piece_is_listed_and_named(tmp_path):
                                          "seed-42, seed-7"):
         pieces.run_piece(p, "seed-3")
     bm = load_params("params/base_models.yaml")
-    assert [x.name for x in pieces.pieces(bm)] == ["model-smollm2-135m", "model-gemma3-270m"]
+    assert [x.name for x in pieces.pieces(bm)] == [f"model-{m}-{r}" for m in ("smollm2-135m", "gemma3-270m")
+                                                   for r in ("fewshot", "lr5e-5_2ep", "lr5e-5_3ep", "lr1e-4_2ep", "lr1e-4_3ep")]
 
 
 def _tables(run: Path) -> dict[str, pd.DataFrame]:
