@@ -80,21 +80,23 @@ def skipped(section: str, params_file: str, cost: str, command: str = "run") -> 
 
 
 # What each skippable section of a notebook needs: the key that turns it on -> (section, params file
-# that sets it, measured cost from that file's header, CLI command). `test_summaries` checks each file sets its key.
+# that sets it, its cost as measured, with machine and date, or as estimated, CLI command).
+# `test_summaries` checks each file sets its key.
 SKIPPED = {
     "study.seeds": ("Training seeds", "params/headline.yaml",
-                    "hours on 2 CPU cores; ~25 min on one GPU with params/headline_gpu.yaml", "headline"),
+                    "an estimated 5-10 h on 2 CPU cores; ~25 min on one H200 with params/headline_gpu.yaml, "
+                    "summed from earlier runs' parts", "headline"),
     "study.sc_ks": ("Self-consistency", "params/headline.yaml",
-                    "hours on 2 CPU cores, where params/cpu_vote.yaml's vote to k = 9 took 3.1 h of sampling; "
-                    "~25 min on one GPU with params/headline_gpu.yaml", "headline"),
+                    "hours on 2 CPU cores: params/cpu_vote.yaml's vote to k = 9 took 3.1 h of sampling on the "
+                    "2-core Intel VM, 2026-11-28; ~25 min on one H200 with params/headline_gpu.yaml, estimated", "headline"),
     "evaluate.searching_baseline": ("The few-shot ReAct baseline that must search", "params/cpu.yaml",
-                                    "one more few-shot condition in `make demo`'s notebook 03, about 10 min in all "
-                                    "on 2 CPU cores", "run"),
+                                    "one more few-shot condition in `make demo`'s notebook 03, an estimated 10 min in "
+                                    "all on 2 CPU cores", "run"),
     # notebook 02
     "study.recipes": ("Recipe selection on validation", "params/recipes.yaml",
                       "a fine-tune and 200 validation episodes per recipe: hours on 2 CPU cores", "select"),
     "study.fewshot_variants": ("Few-shot prompt selection on validation", "params/baselines.yaml",
-                               "about 70 min on 2 CPU cores", "select"),
+                               "about 70 min on the 2-core AMD VM, 2026-12-03", "select"),
     # notebook 04: cpu_full.yaml runs every sweep of it at once
     "study.generalization_tasks": ("Generalization", "params/cpu_full.yaml", "many hours on 2 CPU cores", "run"),
     "study.noise_rates": ("Robustness to a noisy tool", "params/cpu_full.yaml", "many hours on 2 CPU cores", "run"),
@@ -102,11 +104,13 @@ SKIPPED = {
                           "many hours on 2 CPU cores", "run"),
     "study.data_sizes": ("Data scaling", "params/cpu_full.yaml", "many hours on 2 CPU cores", "run"),
     "study.mixtures": ("Data mixtures", "params/cpu_full.yaml", "many hours on 2 CPU cores", "run"),
-    # notebook 05: cpu_beyond.yaml also trains its own SFT student first (~30 min)
+    # notebook 05: cpu_beyond.yaml also trains its own SFT student first (`full_all`: 1,893 s, 2026-11-26)
     "self_improve.rounds": ("Self-improvement", "params/cpu_beyond.yaml",
-                            "two rounds, ~1.5 h each on 2 CPU cores; params/gpu_rl.yaml on one GPU", "beyond"),
+                            "two rounds; round 1 took 98 min with its evaluations on a 2-core VM, 2026-11-26, "
+                            "machine not recorded; params/gpu_rl.yaml on one GPU", "beyond"),
     "rl.steps": ("GRPO", "params/cpu_beyond.yaml",
-                 "20 steps, ~50 min on 2 CPU cores; params/gpu_rl.yaml runs 300 steps on one GPU", "beyond"),
+                 "20 steps took 49 min with their evaluations on a 2-core VM, 2026-11-26, machine not recorded; "
+                 "params/gpu_rl.yaml runs 300 steps on one GPU", "beyond"),
 }
 
 
