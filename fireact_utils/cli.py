@@ -57,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--bundle-dir", help="where its bundle goes (default beside its run dir)")
         if name == "merge":
             s.add_argument("bundles", nargs="+", help="the pieces' bundles (.tar.gz)")
+        if name in ("pieces", "piece"):
+            s.add_argument("--study", choices=["headline", "base-models", "select"],
+                           help="which study of the params file (default: base-models where it names "
+                                "study.base_models, else headline)")
         if name == "pieces":
             s.add_argument("--submit", metavar="CLUSTER", help="run every piece (or --only ones) through submitit: "
                            "'local' (processes here), 'slurm' (a job array), 'auto' (slurm where there is one)")
@@ -172,8 +176,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.cmd == "select":
         from . import recipes
 
-        for which, search in (("fewshot_variants", recipes.fewshot_search), ("recipes", recipes.recipe_search)):
-            table = recipes.report_selection(p, search(p), which)
+        for which, table in recipes.select_report(p).items():
             if len(table):
                 print(f"{recipes.TITLES[which]}, chosen: {recipes.chosen_label(table)}")
                 print(table[["condition", "n", "em", "em_lo", "em_hi", "settings"]].to_string(index=False))
@@ -232,22 +235,22 @@ def _pieces(args: argparse.Namespace, p) -> None:
     from . import pieces
 
     if args.cmd == "piece":
-        out = pieces.run_piece(p, args.piece, args.root, args.bundle_dir)
+        out = pieces.run_piece(p, args.piece, args.root, args.bundle_dir, args.study)
         print(f"bundle: {out} ({pieces.bundle_summary(out)})")
     elif args.cmd == "merge":
         out = pieces.merge(p, args.bundles)
         print(f"merged {len(args.bundles)} bundles into {out}: tables {out / 'tables'}, figures {out / 'figures'}")
     elif args.submit:
-        names = args.only or [x.name for x in pieces.pieces(p)]
+        names = args.only or [x.name for x in pieces.pieces(p, args.study)]
         jobs = pieces.submit(args.params_file, args.overrides, names, args.folder,
-                             None if args.submit == "auto" else args.submit)
+                             None if args.submit == "auto" else args.submit, study=args.study)
         for name, job in zip(names, jobs, strict=True):
             print(f"{name}: job {job.job_id}")
         for name, job in zip(names, jobs, strict=True):
             print(f"{name}: bundle {job.result()}")
     else:
-        print(f"{pieces.study_of(p)} of {p.name}, study key {pieces.study_key(p)['key']}:")
-        for x in pieces.pieces(p):
+        print(f"{pieces.study_of(p, args.study)} of {p.name}, study key {pieces.study_key(p)['key']}:")
+        for x in pieces.pieces(p, args.study):
             print(f"  {x.name}: {x.what}")
 
 

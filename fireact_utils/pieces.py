@@ -79,22 +79,59 @@ def base_model_pieces(p: Params) -> list[Piece]:
     return out
 
 
-STUDIES: dict[str, Callable[[Params], list[Piece]]] = {"headline": headline_pieces, "base-models": base_model_pieces}
+def select_pieces(p: Params) -> list[Piece]:
+    """The choices on validation (`select`): the few-shot prompts in one piece (one model, no
+    training), each recipe of study.recipes in one (its fine-tune, scored on the selection split)."""
+    from . import recipes
+
+    prompts = [Piece("fewshot-variants", "every few-shot prompt of study.fewshot_variants on the selection split",
+                     recipes.fewshot_search)] if p.study.fewshot_variants else []
+    return [*prompts, *[Piece(f"recipe-{label}", f"recipe {label} fine-tuned, scored on the selection split",
+                              lambda q, label=label: recipes.recipe_search(q, only=[label]))
+                        for label in p.study.recipes]]
 
 
-def study_of(p: Params) -> str:
-    """Which study a params file runs: base-models where it names models, else the headline."""
-    return "base-models" if p.study.base_models else "headline"
+def _report_headline(p: Params) -> None:
+    from . import headline
+
+    headline.report(p, progress=False)
 
 
-def pieces(p: Params) -> list[Piece]:
-    return STUDIES[study_of(p)](p)
+def _report_base_models(p: Params) -> None:
+    from . import base_models
+
+    base_models.report(p, progress=False)
 
 
-def piece_named(p: Params, name: str) -> Piece:
-    found = {x.name: x for x in pieces(p)}
+def _report_select(p: Params) -> None:
+    from . import recipes
+
+    recipes.select_report(p)
+
+
+# study -> (its pieces, its report: the tables and figures from what the run dir holds)
+STUDIES: dict[str, tuple[Callable[[Params], list[Piece]], Callable[[Params], None]]] = {
+    "headline": (headline_pieces, _report_headline),
+    "base-models": (base_model_pieces, _report_base_models),
+    "select": (select_pieces, _report_select),
+}
+
+
+def study_of(p: Params, study: str | None = None) -> str:
+    """Which study: `study` where given, else base-models where p names models, else the headline."""
+    if study is not None and study not in STUDIES:
+        raise ValueError(f"no study {study!r}: studies are {', '.join(STUDIES)}")
+    return study or ("base-models" if p.study.base_models else "headline")
+
+
+def pieces(p: Params, study: str | None = None) -> list[Piece]:
+    return STUDIES[study_of(p, study)][0](p)
+
+
+def piece_named(p: Params, name: str, study: str | None = None) -> Piece:
+    found = {x.name: x for x in pieces(p, study)}
     if name not in found:
-        raise ValueError(f"no piece {name!r} in {study_of(p)} of {p.name}: pieces are {', '.join(found)}")
+        raise ValueError(f"no piece {name!r} in {study_of(p, study)} of {p.name}: pieces are {', '.join(found)}")
     return found[name]
 
 
@@ -113,14 +150,15 @@ def piece_params(p: Params, name: str, root: str | Path | None = None) -> Params
     return override(p, {"output_root": str(base / name)}, f"piece {name}")
 
 
-def run_piece(p: Params, name: str, root: str | Path | None = None, bundle_dir: str | Path | None = None) -> Path:
-    """Run piece `name` of `p`'s study in its own output root (resuming), then write its bundle
-    (default: beside the run dir). Returns the bundle's path."""
-    piece = piece_named(p, name)
+def run_piece(p: Params, name: str, root: str | Path | None = None, bundle_dir: str | Path | None = None,
+              study: str | None = None) -> Path:
+    """Run piece `name` of `p`'s study (`study_of`) in its own output root (resuming), then write its
+    bundle (default: beside the run dir). Returns the bundle's path."""
+    piece = piece_named(p, name, study)
     q = piece_params(p, name, root)
     t0 = time.time()
     piece.run(q)
-    return write_bundle(q, name, time.time() - t0, bundle_dir or q.run_dir.parent)
+    return write_bundle(q, name, time.time() - t0, bundle_dir or q.run_dir.parent, study_of(p, study))
 
 
 def bundled(rel: Path) -> bool:
@@ -129,13 +167,13 @@ def bundled(rel: Path) -> bool:
                 or rel.name.startswith(("optimizer", "scheduler", "rng_state", "training_args")))
 
 
-def write_bundle(q: Params, name: str, seconds: float, out_dir: str | Path) -> Path:
+def write_bundle(q: Params, name: str, seconds: float, out_dir: str | Path, study: str | None = None) -> Path:
     """<out_dir>/<run>-<piece>.tar.gz: the piece's run dir without weights, and bundle.json (study
     key, piece, machine, commit, library versions, seconds)."""
     from .provenance import provenance
 
     run = q.run_dir
-    record = {"study": study_of(q), "piece": name, "run": q.name, "study_key": study_key(q), "seconds": seconds,
+    record = {"study": study_of(q, study), "piece": name, "run": q.name, "study_key": study_key(q), "seconds": seconds,
               "commit": git_commit(), **{k: v for k, v in provenance(q).items() if k != "params"},
               "params": q.dump()}
     atomic_write_json(run / BUNDLE, record)
@@ -181,9 +219,10 @@ def merge(p: Params, bundles: list[str | Path], run: bool = True, want: dict | N
     """Unpack `bundles` into p's run dir (which must hold no other run's files), checking that they are
     pieces of p's study under its settings (`want`: the study key; default p's on this machine), each
     piece once, no file held twice with other content; then (with `run`) build the study's tables and
-    figures from their episodes alone."""
+    figures from their episodes alone (the study the bundles name: one for all)."""
     want = want or study_key(p)
     seen: dict[str, str] = {}
+    studies: set[str] = set()
     merged: dict[str, tuple[bytes, str]] = {}
     registrations: dict[str, dict] = {}
     for b in bundles:
@@ -197,6 +236,7 @@ def merge(p: Params, bundles: list[str | Path], run: bool = True, want: dict | N
         if record["piece"] in seen:
             raise ValueError(f"piece {record['piece']} given twice: {seen[record['piece']]} and {b}")
         seen[record["piece"]] = str(b)
+        studies.add(record.get("study", "headline"))
         for name, data in files.items():
             if name.split("/")[0] in PER_PIECE:
                 merged[f"pieces/{record['piece']}/{name}"] = (data, str(b))
@@ -210,7 +250,10 @@ def merge(p: Params, bundles: list[str | Path], run: bool = True, want: dict | N
     first = next(iter(registrations.values()), {})
     if any(keys.differences(first, r) for r in registrations.values()):
         raise ValueError(f"the bundles were run under different pre-registrations: {', '.join(registrations)}")
-    missing = [x.name for x in pieces(p) if x.name not in seen]
+    if len(studies) > 1:
+        raise ValueError(f"the bundles are pieces of different studies ({', '.join(sorted(studies))}): merge one at a time")
+    study = studies.pop() if studies else None
+    missing = [x.name for x in pieces(p, study) if x.name not in seen]
     out = p.run_dir
     if out.exists() and any(out.iterdir()) and not (out / "pieces").is_dir():
         raise ValueError(f"{out} holds a run of its own: merge into another output_root or run name")
@@ -223,20 +266,13 @@ def merge(p: Params, bundles: list[str | Path], run: bool = True, want: dict | N
                          f"`python -m fireact_utils piece ... NAME`, then merge all)")
     if run:
         with keys.saved_only():
-            report(p)
+            report(p, study)
     return out
 
 
-def report(p: Params) -> None:
+def report(p: Params, study: str | None = None) -> None:
     """The study's tables and figures from what the run dir holds (after a merge: the bundles)."""
-    if study_of(p) == "base-models":
-        from .base_models import report as base_models_report
-
-        base_models_report(p, progress=False)
-    else:
-        from . import headline
-
-        headline.report(p, progress=False)
+    STUDIES[study_of(p, study)][1](p)
 
 
 def bundle_summary(path: str | Path) -> str:
@@ -249,7 +285,7 @@ def bundle_summary(path: str | Path) -> str:
 # ---------------------------------------------------------------- many machines
 
 def submit(params_file: str, overrides: list[str], names: list[str], folder: str | Path, cluster: str | None = None,
-           slurm: dict | None = None) -> list:
+           slurm: dict | None = None, study: str | None = None) -> list:
     """Dispatch pieces with submitit: a SLURM job array where a cluster is there (`cluster`: None
     auto-detects), or local processes (`cluster="local"`, the cores shared out among them: two
     processes of two torch threads each on 2 cores run several times slower than one at a time).
@@ -260,10 +296,10 @@ def submit(params_file: str, overrides: list[str], names: list[str], folder: str
     executor.update_parameters(timeout_min=120, **(slurm or {}))
     threads = max(1, (os.cpu_count() or 1) // len(names)) if executor.cluster == "local" else 0
     n = len(names)
-    return executor.map_array(_piece_job, [params_file] * n, [list(overrides)] * n, names, [threads] * n)
+    return executor.map_array(_piece_job, [params_file] * n, [list(overrides)] * n, names, [threads] * n, [study] * n)
 
 
-def _piece_job(params_file: str, overrides: list[str], name: str, threads: int = 0) -> str:
+def _piece_job(params_file: str, overrides: list[str], name: str, threads: int = 0, study: str | None = None) -> str:
     """One piece in a job: its bundle's path. `threads` > 0 caps torch's threads."""
     from .config import load_params
 
@@ -271,4 +307,4 @@ def _piece_job(params_file: str, overrides: list[str], name: str, threads: int =
         import torch
 
         torch.set_num_threads(threads)
-    return str(run_piece(load_params(params_file, overrides), name))
+    return str(run_piece(load_params(params_file, overrides), name, study=study))

@@ -166,6 +166,13 @@ def report_selection(p: Params, conds: dict[str, list[dict]], which: str) -> pd.
     return table
 
 
+def select_report(p: Params, progress: bool = True) -> dict[str, pd.DataFrame]:
+    """`select`: every few-shot prompt and recipe of the study scored on the selection split
+    (running what is not saved), each family's table and choice written (`report_selection`)."""
+    searches = {"fewshot_variants": fewshot_search, "recipes": recipe_search}
+    return {which: report_selection(p, search(p, progress), which) for which, search in searches.items()}
+
+
 def seed_runs(p: Params, trained: str | Path, progress: bool = True) -> dict[int, list[dict]]:
     """The main recipe fine-tuned with each of study.seeds (seeds/s<seed>/; train.seed is the
     main fine-tune `trained` itself), each evaluated like finetuned_react on evaluate.task."""

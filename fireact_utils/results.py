@@ -60,14 +60,15 @@ def rebuild(results: str | Path = RESULTS, out: str | Path = REPO_ROOT / "output
         records = [pieces.read_bundle(b)[0] for b in bundles]
         # the bundles' own key: this machine may resolve the autos (device, dtype) otherwise
         run_dir = pieces.merge(p, bundles, run=False, want=records[0]["study_key"])
-        missing = [x.name for x in pieces.pieces(p) if x.name not in {r["piece"] for r in records}]
+        study = records[0].get("study")
+        missing = [x.name for x in pieces.pieces(p, study) if x.name not in {r["piece"] for r in records}]
         if missing:
             partial_report(p)
         else:
             from . import keys
 
             with keys.saved_only():
-                pieces.report(p)
+                pieces.report(p, study)
         tables = {f.stem: f.read_text() for f in sorted((run_dir / "tables").glob("*.md"))}
         studies.append(Study(folder.name, run_dir, records, missing, tables))
     return studies

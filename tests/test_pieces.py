@@ -3,6 +3,8 @@ does not belong together, and (slow) three pieces run as three machines would, t
 executor, merged into the same tables as the whole study run in one process.
 """
 
+import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -115,3 +117,34 @@ def test_pieces_on_three_machines_merge_into_the_whole_studys_tables(tmp_path, d
     assert set(got) == set(want) >= {"main.csv", "headline_transfer.csv", "self_consistency.csv"}
     for name in want:
         pd.testing.assert_frame_equal(got[name], want[name], check_dtype=False, obj=name)
+
+
+def test_the_choices_on_validation_in_pieces_choose_as_one_run(tmp_path, model_path, multihop_dir, one_thread):
+    """`select` as pieces (the few-shot prompts; each recipe's fine-tune on val) in their own output
+    roots, merged: the same selection tables and choices as `select` in one process (tiny model)."""
+    from tiny import tiny_llama
+
+    tiny = tiny_llama(tmp_path / "tiny", model_path, 0)
+    ov = [f"model.name={tiny}", "model.device=cpu", "study.select_n=2", "agent.max_turns=1", "agent.max_new_tokens=6",
+          "study.fewshot_variants={one: {agent.n_exemplars: 1}, two: {agent.n_exemplars: 2}}",
+          "study.recipes={a: {train.learning_rate: 0.0001}, b: {train.learning_rate: 0.0003}}",
+          "train.max_steps=1", "train.max_length=128", "dataset.n_trajectories=4"]
+    p = load_params(SMOKE, [f"output_root={tmp_path / 'pieces'}", *ov])
+    names = [x.name for x in pieces.pieces(p, "select")]
+    assert names == ["fewshot-variants", "recipe-a", "recipe-b"]
+    bundles = [pieces.run_piece(p, n, bundle_dir=tmp_path / "bundles", study="select") for n in names]
+    merged = load_params(SMOKE, [f"output_root={tmp_path / 'merged'}", *ov])
+    with pytest.raises(ValueError, match="missing: recipe-b"):
+        pieces.merge(merged, bundles[:2])
+    shutil.rmtree(merged.run_dir)
+    out = pieces.merge(merged, bundles)
+    whole = load_params(SMOKE, [f"output_root={tmp_path / 'whole'}", *ov])
+    from fireact_utils import recipes
+
+    recipes.select_report(whole, progress=False)
+    for which in ("fewshot_variants", "recipes"):
+        got, want = (pd.read_csv(d / "tables" / f"{which}_selection.csv") for d in (out, whole.run_dir))
+        same = [c for c in want if not any(x in c for x in ("second", "machine", "wall", "per_s"))]
+        pd.testing.assert_frame_equal(got[same], want[same], check_dtype=False, obj=which)
+        chosen = [json.loads((d / "tables" / f"{which}_chosen.json").read_text())["label"] for d in (out, whole.run_dir)]
+        assert chosen[0] == chosen[1]
