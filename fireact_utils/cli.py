@@ -44,6 +44,7 @@ from .serving import ServerError
 
 def _parser() -> argparse.ArgumentParser:
     from .chain import NOTEBOOKS
+    from .pieces import STUDIES
 
     ap = argparse.ArgumentParser(prog="fireact", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -58,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
         if name == "merge":
             s.add_argument("bundles", nargs="+", help="the pieces' bundles (.tar.gz)")
         if name in ("pieces", "piece"):
-            s.add_argument("--study", choices=["headline", "base-models", "select"],
+            s.add_argument("--study", choices=list(STUDIES),
                            help="which study of the params file (default: base-models where it names "
                                 "study.base_models, else headline)")
         if name == "pieces":

@@ -91,6 +91,26 @@ def select_pieces(p: Params) -> list[Piece]:
                         for label in p.study.recipes]]
 
 
+def consistency_pieces(p: Params) -> list[Piece]:
+    """The self-consistency curve (`consistency`): the few-shot agent's samples in one piece, and each
+    fine-tuned agent voted (`self_consistency.finetuned_samplers`) trained and sampled in one."""
+    from . import headline, self_consistency
+
+    out = [Piece("fewshot-votes", "the few-shot agent's self-consistency samples", headline.run_fewshot_votes)
+           ] if "fewshot" in p.study.sc_agents else []
+    if "finetuned" in p.study.sc_agents:
+        out += [Piece(f"votes-{who}", f"fine-tune {'the main recipe' if seed is None else f'seed {seed}'}; its samples",
+                      lambda q, who=who, seed=seed: self_consistency.run_votes(q, who, seed))
+                for who, seed in self_consistency.finetuned_samplers(p).items()]
+    return out
+
+
+def _report_consistency(p: Params) -> None:
+    from . import pipeline, self_consistency
+
+    self_consistency.report(p, pipeline.finetune(p) if "finetuned" in p.study.sc_agents else None, progress=False)
+
+
 def _report_headline(p: Params) -> None:
     from . import headline
 
@@ -114,6 +134,7 @@ STUDIES: dict[str, tuple[Callable[[Params], list[Piece]], Callable[[Params], Non
     "headline": (headline_pieces, _report_headline),
     "base-models": (base_model_pieces, _report_base_models),
     "select": (select_pieces, _report_select),
+    "consistency": (consistency_pieces, _report_consistency),
 }
 
 

@@ -63,6 +63,17 @@ def samples(p: Params, who: str, trained: str | Path | None, progress: bool = Tr
     return out
 
 
+def run_votes(p: Params, who: str, seed: int | None, progress: bool = True) -> None:
+    """A piece (`pieces`, study consistency): the fine-tuned agent `who` of training `seed` (None or
+    train.seed: the main fine-tune) trained here, then its max(study.sc_ks) sampled runs."""
+    from .holdout import preregister
+    from .pipeline import finetune
+    from .recipes import seed_model
+
+    preregister(p)
+    samples(p, who, finetune(p) if seed in (None, p.train.seed) else seed_model(p, seed, None), progress)
+
+
 def saved_samples(p: Params, who: str, model: ModelParams | None = None) -> list[list[dict]] | None:
     """Every sample of `who` as saved, if all are complete; else None. A sample saved under other
     agent settings (a temperature) or by another model than `model` (where known) is an error: its

@@ -148,3 +148,27 @@ def test_the_choices_on_validation_in_pieces_choose_as_one_run(tmp_path, model_p
         pd.testing.assert_frame_equal(got[same], want[same], check_dtype=False, obj=which)
         chosen = [json.loads((d / "tables" / f"{which}_chosen.json").read_text())["label"] for d in (out, whole.run_dir)]
         assert chosen[0] == chosen[1]
+
+
+def test_the_vote_over_seeds_in_pieces_gives_the_whole_curve(tmp_path, model_path, one_thread):
+    """`consistency` as pieces (each seed's agent trained and sampled in one), merged: the curve of
+    one process (tiny model, 2 seeds, 2 questions, k = 1, 2)."""
+    from tiny import tiny_llama
+
+    from fireact_utils import pipeline, self_consistency
+
+    tiny = tiny_llama(tmp_path / "tiny", model_path, 0)
+    ov = [f"model.name={tiny}", "model.device=cpu", "study.seeds=[42, 7]", "study.sc_agents=[finetuned]",
+          "study.sc_ks=[1, 2]", "study.sc_n=2", "agent.max_turns=1", "agent.max_new_tokens=6",
+          "train.max_steps=1", "train.max_length=128", "dataset.n_trajectories=4"]
+    p = load_params(SMOKE, [f"output_root={tmp_path / 'pieces'}", *ov])
+    names = [x.name for x in pieces.pieces(p, "consistency")]
+    assert names == ["votes-finetuned", "votes-finetuned_seed7"]
+    bundles = [pieces.run_piece(p, n, bundle_dir=tmp_path / "bundles", study="consistency") for n in names]
+    out = pieces.merge(load_params(SMOKE, [f"output_root={tmp_path / 'merged'}", *ov]), bundles)
+    whole = load_params(SMOKE, [f"output_root={tmp_path / 'whole'}", *ov])
+    self_consistency.report(whole, pipeline.finetune(whole), progress=False)
+    got, want = (pd.read_csv(d / "tables" / "self_consistency.csv") for d in (out, whole.run_dir))
+    same = [c for c in want if not any(x in c for x in ("second", "per_s", "tokens"))]
+    assert len(want) == 3 * 2  # two seeds and their mean, k = 1 and 2
+    pd.testing.assert_frame_equal(got[same], want[same], check_dtype=False)
