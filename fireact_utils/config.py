@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .io import DataFileError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -459,8 +461,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FIREACT_CACHE") or Path.home() / ".cache" / "fireact")
 
 
+FETCH = "`make data` fetches it"  # ends every missing-data error: the one command that fetches the data
+
+
 def _locate(path: str | Path | None, env: str, default: Path, what: str) -> Path:
-    """A data directory: argument > $env > default; FileNotFoundError naming `env` if missing."""
+    """A data directory: argument > $env > default; a one-line FileNotFoundError naming `make data`
+    and `env` if it is missing."""
     src = "argument"
     if path is None:
         value = os.environ.get(env)
@@ -469,13 +475,13 @@ def _locate(path: str | Path | None, env: str, default: Path, what: str) -> Path
     if not p.is_absolute() and not p.exists() and (REPO_ROOT / p).exists():
         p = REPO_ROOT / p
     if not p.is_dir():
-        raise FileNotFoundError(f"{what} not found: {p} (from {src}). Set {env} to {_WHERE[env]}.")
+        raise FileNotFoundError(f"{what} not found: {p} (from {src}): {FETCH}, or set {env} to {_WHERE[env]}")
     return p.resolve()
 
 
 _WHERE = {
-    "FIREACT_DATA_DIR": "a copy of the FireAct data (e.g. ../shared/fireact) or run `make data` when online",
-    "FIREACT_MULTIHOP_DIR": "the multihop Wikipedia data (e.g. ../shared/multihop)",
+    "FIREACT_DATA_DIR": "a copy of the FireAct data (e.g. ../shared/fireact)",
+    "FIREACT_MULTIHOP_DIR": "a copy of the multihop Wikipedia data (e.g. ../shared/multihop)",
 }
 
 
@@ -487,3 +493,12 @@ def data_dir(path: str | Path | None = None) -> Path:
 def multihop_dir(path: str | Path | None = None) -> Path:
     """The multihop Wikipedia data (questions + paragraphs): argument > $FIREACT_MULTIHOP_DIR > <repo>/data/multihop."""
     return _locate(path, "FIREACT_MULTIHOP_DIR", REPO_ROOT / "data" / "multihop", "multihop data dir")
+
+
+def data_file(root: Path, rel: str) -> Path:
+    """`root`/`rel`, a file (or folder) of the data that `download` fetches (`data_manifest.json`
+    lists every one): the only way the kit opens one, so a missing one is always the same one line."""
+    path = root / rel
+    if not path.exists():
+        raise DataFileError(f"data file not found: {path}: {FETCH}")
+    return path
