@@ -34,8 +34,8 @@ setup: .venv/.setup-done .venv-vllm/.setup-done
 	touch $@
 
 demo: setup              ## run all notebooks with $(PARAMS) into outputs/runs/<name>/ (resumes where it stopped)
-	@test -f "$(FIREACT_DATA_DIR)/hotpotqa/dev.json" -a -f "$(FIREACT_MULTIHOP_DIR)/hotpotqa/corpus.jsonl" \
-		|| $(MAKE) --no-print-directory data   # no data yet: fetch it
+	@test -f "$(FIREACT_DATA_DIR)/hotpotqa/dev.json" \
+		|| $(MAKE) --no-print-directory data DATA_SETS=fireact   # no data yet: fetch FireAct's, all the demo reads
 	$(PY) -m fireact_utils run $(PARAMS)
 
 test: setup              ## the fast tests (no GPU, no network; 4-10 min on 2 cores)
@@ -55,8 +55,11 @@ lab: setup               ## JupyterLab at the repository root (notebooks/, outpu
 
 # Fetches what is missing or differs from fireact_utils/data_manifest.json (FireAct's files from GitHub,
 # the multihop ones from FIREACT_MULTIHOP_URL); files already there and matching are only checked.
+# DATA_SETS=fireact: FireAct's files alone (the demo's; the multihop ones serve the Wikipedia environment).
+DATA_SETS ?= fireact multihop
 data: setup              ## FireAct's data into $(FIREACT_DATA_DIR), multihop into $(FIREACT_MULTIHOP_DIR), checked
-	$(PY) -m fireact_utils download --dest "$(FIREACT_DATA_DIR)" --multihop-dest "$(FIREACT_MULTIHOP_DIR)"
+	$(PY) -m fireact_utils download --dest "$(FIREACT_DATA_DIR)" --multihop-dest "$(FIREACT_MULTIHOP_DIR)" \
+		$(addprefix --only ,$(DATA_SETS))
 
 bench: setup             ## speed benchmarks, printed as side-by-side ratios
 	$(PY) benchmarks/rollouts.py --skip generate_batch   # generate_batch: > 14 min on 2 CPU cores
