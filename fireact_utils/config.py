@@ -35,7 +35,8 @@ class ModelParams(Section):
     cache_dir: str | None = Field(None, description="where converted models live; default $FIREACT_CACHE or ~/.cache/fireact")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="decoding dtype: the weights' when the model generates (evaluation, sampling, GRPO's "
-        "policy and rollouts); auto: bf16 on GPU, fp32 on CPU. Training's is train.dtype")
+        "policy and rollouts); auto: fp32 on CPU; on a GPU bf16 where the card has it (compute capability 8.0+), "
+        "else fp16. Training's is train.dtype")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     decoder: Literal["auto", "vllm", "generate"] = Field(
         "auto", description="local decoding: a vLLM server the kit starts (.venv-vllm), transformers' "
@@ -175,8 +176,8 @@ class TrainParams(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype the fine-tune loads and holds the weights in: float32 master weights (bf16 "
         "autocast per train.bf16), or pure half precision (half the memory); model.dtype set it before this field")
-    bf16: Literal["auto", True, False] = Field("auto", description="bf16 autocast (mixed precision); auto: on for "
-                                               "GPU and bf16-capable CPUs")
+    bf16: Literal["auto", True, False] = Field("auto", description="bf16 autocast (mixed precision); auto: on where "
+                                               "the device has bf16 (GPUs of compute capability 8.0+, AMX/AVX512-BF16 CPUs)")
     gradient_checkpointing: Literal["auto", True, False] = Field("auto", description="auto: on for GPU")
     logging_steps: int = Field(5, ge=1, description="log loss every N steps")
     save_steps: int = Field(50, ge=1, description="checkpoint every N steps (resume point)")

@@ -83,13 +83,10 @@ def build_dataset(records: list[dict], tok, p: TrainParams):
 
 
 def use_bf16(p: TrainParams, device: str) -> bool:
-    if p.bf16 != "auto":
-        return bool(p.bf16)
-    import torch
+    """train.bf16 resolved: auto autocasts to bf16 where `device` has it natively (`bf16_supported`)."""
+    from .models import bf16_supported
 
-    if device.startswith("cuda"):
-        return torch.cuda.is_bf16_supported()
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return bool(p.bf16) if p.bf16 != "auto" else bf16_supported(device)
 
 
 def use_padding_free(p: TrainParams, device: str) -> bool:
