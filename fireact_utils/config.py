@@ -44,6 +44,12 @@ class ModelParams(Section):
     vllm_port: int = Field(0, ge=0, le=65535, description="decoder=vllm: the server's port on 127.0.0.1 (0: a free one)")
     vllm_args: list[str] = Field(default_factory=list, description="decoder=vllm: extra server arguments, "
                                  "e.g. ['--max-num-seqs', '64']")
+    vllm_gpu_memory_utilization: float = Field(
+        0.45, gt=0, le=1, description="decoder=vllm on a GPU: the share of the card's memory the server takes "
+        "(weights + KV cache; its --gpu-memory-utilization). vLLM's 0.9 would leave nothing to the training in "
+        "the same process: GRPO beside its rollout server, or the memory PyTorch keeps after a fine-tune (the "
+        "kit stops the server before each fine-tune). A 7B model in bf16 needs ~14 GB of it; raise it for "
+        "evaluation-only runs of larger models")
 
 
 class LLMParams(Section):
