@@ -167,3 +167,18 @@ def test_auto_dtypes_are_bf16_only_on_a_card_that_has_it(card, has_bf16):
     settings = keys.model_settings(ModelParams(device="cuda:1"), decoder=False)
     assert settings == {"model.device": "cuda", "model.dtype": str(want).removeprefix("torch.")}
     assert models.pick_dtype("auto", "cpu") == torch.float32 and models.pick_dtype("bfloat16", "cuda") == torch.bfloat16
+
+
+# ---------------------------------------------------------------- multi-GPU saves, and the setup
+
+def test_fsdp_saves_one_full_model_on_rank_0():
+    """accelerate/fsdp.yaml: the plugin accelerate builds from it gathers a full state dict on rank
+    0 (offloaded to CPU), so `trainer.save_model` writes weights that from_pretrained and vLLM load."""
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import FullStateDictConfig
+
+    fsdp = ClusterConfig.from_yaml_file(ROOT / "accelerate" / "fsdp.yaml").fsdp_config
+    assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=fsdp["fsdp_version"], state_dict_type=fsdp["fsdp_state_dict_type"])
+    assert plugin.state_dict_config == FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
