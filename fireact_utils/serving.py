@@ -52,15 +52,17 @@ class ServerError(RuntimeError):
 
 
 def vllm_python() -> Path | None:
-    """The interpreter of the vLLM environment ($FIREACT_VLLM_PYTHON, else the repo's
-    .venv-vllm if vLLM is installed there), or None (also when $FIREACT_VLLM_PYTHON=off)."""
+    """The interpreter of the vLLM environment ($FIREACT_VLLM_PYTHON, else the repo's .venv-vllm
+    once `make setup` marked it done: it does so only after the server's module imported), or None
+    (also when $FIREACT_VLLM_PYTHON=off)."""
     env = os.environ.get("FIREACT_VLLM_PYTHON")
     if env == "off":
         return None
     if env:
         return Path(env) if Path(env).is_file() else None
-    py = REPO_ROOT / ".venv-vllm" / "bin" / "python"
-    return py if py.is_file() and any(py.parent.parent.glob("lib/python3*/site-packages/vllm")) else None
+    venv = REPO_ROOT / ".venv-vllm"
+    done = (venv / ".setup-done").is_file() and any(venv.glob("lib/python3*/site-packages/vllm"))
+    return venv / "bin" / "python" if done and (venv / "bin" / "python").is_file() else None
 
 
 def port_free(port: int) -> bool:

