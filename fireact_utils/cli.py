@@ -19,6 +19,7 @@
     python -m fireact_utils compare outputs/runs/cpu outputs/runs/cpu_lora   # paired gains, flipped questions
     python -m fireact_utils params params/cpu.yaml              # print resolved params
     python -m fireact_utils download --dest data                # FireAct's data + multihop, checked (online)
+    python -m fireact_utils download --dest data --only fireact  # FireAct's data alone: all the demo reads
     python -m fireact_utils download --check --dest ../shared/fireact --multihop-dest ../shared/multihop
 
 Every stage reuses only what its own settings made (`keys`); an output made under other settings
@@ -99,7 +100,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--manifest", help="another manifest (default fireact_utils/data_manifest.json)")
     mode = d.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="download nothing: print the files that are missing or differ")
-    mode.add_argument("--write-manifest", action="store_true", help="regenerate the manifest from --dest/--multihop-dest")
+    mode.add_argument("--write-manifest", action="store_true", help="regenerate the manifest from --dest/--multihop-dest, "
+                      "and (with the default manifest) the wiki tasks' held-out question keys (holdout.QUESTION_KEYS)")
+    d.add_argument("--only", action="append", choices=["fireact", "multihop"], metavar="SET",
+                   help="fireact or multihop: this set of files only; repeat for both (default: both)")
     r = sub.add_parser("report", help="the reference study: each study's tables and figures rebuilt from its "
                        "bundles under results/, with no model (a minute)")
     r.add_argument("results", nargs="?", default="results", help="a folder of studies, each a folder of bundles")
@@ -142,12 +146,19 @@ def _run(args: argparse.Namespace) -> int:
         from . import download as dl
 
         dirs = {"fireact": Path(args.dest), "multihop": Path(args.multihop_dest or Path(args.dest) / "multihop")}
+        dirs = {name: d for name, d in dirs.items() if name in (args.only or dirs)}
         manifest = Path(args.manifest) if args.manifest else dl.MANIFEST
         if args.write_manifest:
+            if args.only:
+                raise ValueError("--write-manifest lists every set of files: drop --only")
             print(dl.write_manifest(dirs, manifest))
+            if not args.manifest:  # facts about the same files: regenerated with them
+                from .holdout import write_question_keys
+
+                print(write_question_keys(dirs["multihop"]))
         elif args.check:
             bad = dl.check(dirs, dl.load_manifest(manifest))
-            print("\n".join(bad) or f"every file in the manifest matches under {dirs['fireact']} and {dirs['multihop']}")
+            print("\n".join(bad) or f"every file in the manifest matches under {' and '.join(map(str, dirs.values()))}")
             return 1 if bad else 0
         else:
             dl.download(dirs, {"fireact": args.base_url, "multihop": args.multihop_url}, dl.load_manifest(manifest))

@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .io import DataFileError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -33,7 +35,8 @@ class ModelParams(Section):
     cache_dir: str | None = Field(None, description="where converted models live; default $FIREACT_CACHE or ~/.cache/fireact")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="decoding dtype: the weights' when the model generates (evaluation, sampling, GRPO's "
-        "policy and rollouts); auto: bf16 on GPU, fp32 on CPU. Training's is train.dtype")
+        "policy and rollouts); auto: fp32 on CPU; on a GPU bf16 where the card has it (compute capability 8.0+), "
+        "else fp16. Training's is train.dtype")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     decoder: Literal["auto", "vllm", "generate"] = Field(
         "auto", description="local decoding: a vLLM server the kit starts (.venv-vllm), transformers' "
@@ -41,6 +44,12 @@ class ModelParams(Section):
     vllm_port: int = Field(0, ge=0, le=65535, description="decoder=vllm: the server's port on 127.0.0.1 (0: a free one)")
     vllm_args: list[str] = Field(default_factory=list, description="decoder=vllm: extra server arguments, "
                                  "e.g. ['--max-num-seqs', '64']")
+    vllm_gpu_memory_utilization: float = Field(
+        0.45, gt=0, le=1, description="decoder=vllm on a GPU: the share of the card's memory the server takes "
+        "(weights + KV cache; its --gpu-memory-utilization). vLLM's 0.9 would leave nothing to the training in "
+        "the same process: GRPO beside its rollout server, or the memory PyTorch keeps after a fine-tune (the "
+        "kit stops the server before each fine-tune). A 7B model in bf16 needs ~14 GB of it; raise it for "
+        "evaluation-only runs of larger models")
 
 
 class LLMParams(Section):
@@ -173,8 +182,8 @@ class TrainParams(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype the fine-tune loads and holds the weights in: float32 master weights (bf16 "
         "autocast per train.bf16), or pure half precision (half the memory); model.dtype set it before this field")
-    bf16: Literal["auto", True, False] = Field("auto", description="bf16 autocast (mixed precision); auto: on for "
-                                               "GPU and bf16-capable CPUs")
+    bf16: Literal["auto", True, False] = Field("auto", description="bf16 autocast (mixed precision); auto: on where "
+                                               "the device has bf16 (GPUs of compute capability 8.0+, AMX/AVX512-BF16 CPUs)")
     gradient_checkpointing: Literal["auto", True, False] = Field("auto", description="auto: on for GPU")
     logging_steps: int = Field(5, ge=1, description="log loss every N steps")
     save_steps: int = Field(50, ge=1, description="checkpoint every N steps (resume point)")
@@ -459,8 +468,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FIREACT_CACHE") or Path.home() / ".cache" / "fireact")
 
 
+FETCH = "`make data` fetches it"  # ends every missing-data error: the one command that fetches the data
+
+
 def _locate(path: str | Path | None, env: str, default: Path, what: str) -> Path:
-    """A data directory: argument > $env > default; FileNotFoundError naming `env` if missing."""
+    """A data directory: argument > $env > default; a one-line FileNotFoundError naming `make data`
+    and `env` if it is missing."""
     src = "argument"
     if path is None:
         value = os.environ.get(env)
@@ -469,13 +482,13 @@ def _locate(path: str | Path | None, env: str, default: Path, what: str) -> Path
     if not p.is_absolute() and not p.exists() and (REPO_ROOT / p).exists():
         p = REPO_ROOT / p
     if not p.is_dir():
-        raise FileNotFoundError(f"{what} not found: {p} (from {src}). Set {env} to {_WHERE[env]}.")
+        raise FileNotFoundError(f"{what} not found: {p} (from {src}): {FETCH}, or set {env} to {_WHERE[env]}")
     return p.resolve()
 
 
 _WHERE = {
-    "FIREACT_DATA_DIR": "a copy of the FireAct data (e.g. ../shared/fireact) or run `make data` when online",
-    "FIREACT_MULTIHOP_DIR": "the multihop Wikipedia data (e.g. ../shared/multihop)",
+    "FIREACT_DATA_DIR": "a copy of the FireAct data (e.g. ../shared/fireact)",
+    "FIREACT_MULTIHOP_DIR": "a copy of the multihop Wikipedia data (e.g. ../shared/multihop)",
 }
 
 
@@ -487,3 +500,12 @@ def data_dir(path: str | Path | None = None) -> Path:
 def multihop_dir(path: str | Path | None = None) -> Path:
     """The multihop Wikipedia data (questions + paragraphs): argument > $FIREACT_MULTIHOP_DIR > <repo>/data/multihop."""
     return _locate(path, "FIREACT_MULTIHOP_DIR", REPO_ROOT / "data" / "multihop", "multihop data dir")
+
+
+def data_file(root: Path, rel: str) -> Path:
+    """`root`/`rel`, a file (or folder) of the data that `download` fetches (`data_manifest.json`
+    lists every one): the only way the kit opens one, so a missing one is always the same one line."""
+    path = root / rel
+    if not path.exists():
+        raise DataFileError(f"data file not found: {path}: {FETCH}")
+    return path

@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 from .config import data_dir as resolve_data_dir
+from .config import data_file
 from .io import DataFileError, atomic_write_json, read_json, read_jsonl, write_jsonl
 from .trajectories import final_reward, parse_chat, parse_react_text, react_text, to_alpaca, to_chat
 
@@ -26,9 +27,7 @@ FIREACT_SETS = ("hotpotqa", "hotpotqa_multimethod", "multitask", "multitask_mult
 def _strategyqa_questions(root: Path) -> set[str]:
     qs: set[str] = set()
     for name in ("strategyqa_train_filtered.json", "strategyqa_dev.json"):
-        f = root / "strategyqa" / name
-        if f.is_file():
-            qs.update(r["question"].strip() for r in read_json(f))
+        qs.update(r["question"].strip() for r in read_json(data_file(root, f"strategyqa/{name}")))
     return qs
 
 
@@ -52,7 +51,7 @@ def load_fireact(name: str = "hotpotqa", fmt: str = "alpaca", data_dir: str | Pa
     root = resolve_data_dir(data_dir)
     recs = []
     if fmt == "alpaca":
-        path = root / "finetune" / "alpaca_format" / f"{name}.json"
+        path = data_file(root, f"finetune/alpaca_format/{name}.json")
         for i, row in enumerate(read_json(path)):
             if not isinstance(row, dict) or "instruction" not in row or "output" not in row:
                 raise DataFileError(f"{path}: record {i} lacks instruction/output")
@@ -60,7 +59,7 @@ def load_fireact(name: str = "hotpotqa", fmt: str = "alpaca", data_dir: str | Pa
             recs.append({"question": row["instruction"], "preamble": preamble, "steps": steps,
                          "eol": row["output"].endswith("\n")})
     elif fmt == "chat":
-        path = root / "finetune" / "gpt_format" / f"{name}.jsonl"
+        path = data_file(root, f"finetune/gpt_format/{name}.jsonl")
         for i, row in enumerate(read_jsonl(path)):
             if "messages" not in row:
                 raise DataFileError(f"{path}: record {i + 1} lacks messages")

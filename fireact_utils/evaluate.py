@@ -235,10 +235,11 @@ def write_table(df: pd.DataFrame, stem: str | Path) -> tuple[Path, Path]:
 def fireact_reference(data_dir=None) -> pd.DataFrame:
     """FireAct's released evaluation runs (HotpotQA dev-500) as table rows, for the summary."""
     from .config import data_dir as resolve
+    from .config import data_file
     from .io import read_json
 
     rows = []
-    for f in sorted((resolve(data_dir) / "trajs").glob("*.json")):
+    for f in sorted(data_file(resolve(data_dir), "trajs").glob("*.json")):
         d = read_json(f)
         em = [float(v["em"] in (True, "True")) for v in d.values()]
         f1 = [float(v["f1"]) for v in d.values()]

@@ -12,11 +12,14 @@ Four rules make a run's numbers safe by construction rather than by care:
 Rules 3 and 4 hold at evaluation time: `pipeline.run_condition`, which every entry point (CLI,
 notebooks, studies) evaluates through, calls `check_evaluation` first.
 
-Questions are compared as text (case and spacing folded), so one question under two names
-(HotpotQA dev and HotpotQA-wiki, StrategyQA dev and StrategyQA-wiki) is one question. The
-standing sets are facts about the data, held out in every run whatever its params name: FireAct's
-dev-500 (seed 233's first 500; all 500 when any part is evaluated, since other runs report on the
-rest) and HotpotQA-wiki val and test.
+Questions are compared by key (`question_key`: case and spacing folded, then hashed), so one
+question under two names (HotpotQA dev and HotpotQA-wiki, StrategyQA dev and StrategyQA-wiki) is
+one question. The standing sets are facts about the data, held out in every run whatever its
+params name: FireAct's dev-500 (seed 233's first 500; all 500 when any part is evaluated, since
+other runs report on the rest) and HotpotQA-wiki val and test. The wiki tasks' keys are committed
+(`question_keys.json`, split by split), so the guards read FireAct's data only: a run that never
+searches Wikipedia (the demo) needs no multihop data. `write_question_keys` regenerates the file
+from the data (`download --write-manifest`), and a test holds it equal to the data.
 
     holdout.check_choice(p)                                    # before a selection runs; records it
     holdout.check_training(p, [r["question"] for r in recs], "dataset")   # before a fine-tune
@@ -25,6 +28,9 @@ rest) and HotpotQA-wiki val and test.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -33,8 +39,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import keys
-from .io import append_jsonl, atomic_write_json, iter_jsonl, read_json
-from .tasks import eval_indices, load_task
+from .io import append_jsonl, atomic_write_json, atomic_write_text, iter_jsonl, read_json
+from .tasks import WIKI_SPLIT_SIZES, WIKI_TASKS, eval_indices, load_task
 
 if TYPE_CHECKING:
     from .config import Params
@@ -45,6 +51,7 @@ STANDING_TEST = (("hotpotqa-wiki", "test"),)  # the kit's test split besides dev
 STANDING_VAL = (("hotpotqa-wiki", "val"),)  # validation: chosen on, never trained on
 CHOICES = "choices.jsonl"  # <output_root>/choices.jsonl: one line per choice made by any run there
 REGISTRATION = "preregistration.json"  # <run>/preregistration.json: a pre-registered study's settings
+QUESTION_KEYS = Path(__file__).with_name("question_keys.json")  # wiki task -> split -> keys, in split order
 
 
 class HoldoutError(ValueError):
@@ -52,8 +59,9 @@ class HoldoutError(ValueError):
 
 
 def question_key(question: str) -> str:
-    """A question as compared across tasks: lowercased, whitespace folded."""
-    return " ".join(question.lower().split())
+    """A question as compared across tasks: lowercased, whitespace folded, hashed (sha256, 16 hex
+    digits), so the committed keys of the wiki tasks (`QUESTION_KEYS`) hold no text of the data."""
+    return hashlib.sha256(" ".join(question.lower().split()).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -62,9 +70,45 @@ class QuestionSet:
     keys: frozenset[str]
 
 
+@functools.cache
+def _committed() -> dict[str, dict[str, list[str]]]:
+    return read_json(QUESTION_KEYS)
+
+
+def split_keys(p: Params, task: str, split: str | None) -> tuple[str, str, list[str]]:
+    """(task, split, its questions' keys in the split's order): a wiki task's from the committed
+    `QUESTION_KEYS`, any other's from its data (FireAct's, or a question file)."""
+    if task not in WIKI_TASKS:
+        t = load_task(task, split, p.data_dir, p.multihop_dir)
+        return t.name, t.split, [question_key(q) for q in t.questions]
+    split = split or WIKI_TASKS[task][2]
+    committed = _committed()[task]
+    if split not in committed:
+        raise ValueError(f"unknown split {split!r} for {task}; valid: {', '.join(committed)}")
+    return task, split, committed[split]
+
+
 def _whole(p: Params, label: str, task: str, split: str | None) -> QuestionSet:
-    t = load_task(task, split, p.data_dir, p.multihop_dir)
-    return QuestionSet(f"{label}: {t.name} {t.split}", frozenset(question_key(q) for q in t.questions))
+    name, split, ks = split_keys(p, task, split)
+    return QuestionSet(f"{label}: {name} {split}", frozenset(ks))
+
+
+def wiki_question_keys(multihop_dir: str | Path | None = None) -> dict[str, dict[str, list[str]]]:
+    """Every split of every wiki task as `QUESTION_KEYS` holds it, computed from the multihop data."""
+    out: dict[str, dict[str, list[str]]] = {}
+    for task, (_, _, default) in WIKI_TASKS.items():
+        splits = ["train", *WIKI_SPLIT_SIZES] if task == "hotpotqa-wiki" else [default]  # train: the rest
+        out[task] = {s: [question_key(q) for q in load_task(task, s, multihop_dir=multihop_dir).questions]
+                     for s in splits}
+    return out
+
+
+def write_question_keys(multihop_dir: str | Path | None = None, path: Path = QUESTION_KEYS) -> Path:
+    """Regenerate `QUESTION_KEYS` from the multihop data: one key a line, for readable diffs."""
+    body = ",\n".join(f"  {json.dumps(task)}: {{\n" + ",\n".join(
+        f"    {json.dumps(split)}: [\n" + ",\n".join(f'      "{k}"' for k in ks) + "\n    ]"
+        for split, ks in splits.items()) + "\n  }" for task, splits in wiki_question_keys(multihop_dir).items())
+    return atomic_write_text(path, "{\n" + body + "\n}\n")
 
 
 def evaluation_sets(p: Params) -> list[QuestionSet]:
@@ -73,13 +117,13 @@ def evaluation_sets(p: Params) -> list[QuestionSet]:
     transfer and base-model evaluation tasks (whole splits), and the standing test sets: dev-500
     and HotpotQA-wiki test, whatever evaluate.* names (another task, split or shuffle seed)."""
     task, split, n500, seed500 = DEV500
-    t = load_task(p.evaluate.task, p.evaluate.split, p.data_dir, p.multihop_dir)
+    name, sp, ks = split_keys(p, p.evaluate.task, p.evaluate.split)
     n = max(p.evaluate.n_questions, p.study.sc_n)
-    label = f"evaluate: {t.name} {t.split}, first {n} (seed {p.evaluate.seed})"
-    dev500 = (t.name, t.split, p.evaluate.seed) == (task, split, seed500)
+    label = f"evaluate: {name} {sp}, first {n} (seed {p.evaluate.seed})"
+    dev500 = (name, sp, p.evaluate.seed) == (task, split, seed500)
     if dev500:
-        n, label = max(n, n500), f"evaluate: {t.name} {t.split} (FireAct's dev-500)"
-    sets = [QuestionSet(label, frozenset(question_key(t.questions[i]) for i in eval_indices(t, n, p.evaluate.seed)))]
+        n, label = max(n, n500), f"evaluate: {name} {sp} (FireAct's dev-500)"
+    sets = [QuestionSet(label, frozenset(ks[i] for i in eval_indices(len(ks), n, p.evaluate.seed)))]
     if not dev500:  # standing: held out even when evaluate.* names another task, split or seed
         dev = load_task(task, split, p.data_dir, p.multihop_dir)
         sets.append(QuestionSet("FireAct's dev-500", frozenset(question_key(dev.questions[i])
@@ -90,9 +134,9 @@ def evaluation_sets(p: Params) -> list[QuestionSet]:
         sets.append(_whole(p, "evaluated", name, sp))
     for e in p.study.base_model_evals if p.study.base_models else []:  # the base-model axis: first n of each
         name, sp, k = e.rsplit(":", 2)
-        b = load_task(name, sp, p.data_dir, p.multihop_dir)
-        sets.append(QuestionSet(f"study.base_model_evals: {e}", frozenset(
-            question_key(b.questions[i]) for i in eval_indices(b, int(k), p.evaluate.seed))))
+        bs = split_keys(p, name, sp)[2]
+        sets.append(QuestionSet(f"study.base_model_evals: {e}",
+                                frozenset(bs[i] for i in eval_indices(len(bs), int(k), p.evaluate.seed))))
     return list({s.label: s for s in sets}.values())  # a task named twice (noise and standing) once
 
 
@@ -140,9 +184,9 @@ def without_held_out(p: Params, records: list[dict]) -> list[dict]:
 
 def check_training(p: Params, questions: Iterable[str], what: str) -> None:
     """Refuse training or sampling questions (`what` names their source) that a held-out set holds."""
-    asked = frozenset(question_key(q) for q in questions)
-    if hits := _overlaps(asked, reserved_sets(p)):
-        example = sorted(asked & hits[0][0].keys)[0]
+    asked = {question_key(q): q for q in questions}
+    if hits := _overlaps(frozenset(asked), reserved_sets(p)):
+        example = " ".join(asked[min(asked.keys() & hits[0][0].keys)].split())
         where = "; ".join(f"{n} of {s.label}" for s, n in hits)
         raise HoldoutError(f"{what}: training questions are held-out questions of this run ({where}), "
                            f"e.g. {example!r}: train on other questions")
@@ -182,9 +226,9 @@ def record_choice(p: Params) -> None:
     """Record that `p` chooses on study.select_task/select_split: run, task, split, n and the key of
     the questions a selection scores (the first select_n of the seeded shuffle; all without it).
     An identical line is written once, so resumed selections do not grow the file."""
-    t = load_task(p.study.select_task, p.study.select_split, p.data_dir, p.multihop_dir)
-    qs = [question_key(t.questions[i]) for i in eval_indices(t, p.study.select_n or len(t), p.evaluate.seed)]
-    line = {"run": p.name, "task": t.name, "split": t.split, "n": len(qs),
+    name, split, ks = split_keys(p, p.study.select_task, p.study.select_split)
+    qs = [ks[i] for i in eval_indices(len(ks), p.study.select_n or len(ks), p.evaluate.seed)]
+    line = {"run": p.name, "task": name, "split": split, "n": len(qs),
             "key": keys.data_hash({"question": q} for q in qs)}
     path = choices_path(p)
     if not path.is_file() or line not in iter_jsonl(path):

@@ -43,7 +43,7 @@ REDO_ENV = "FIREACT_REDO"
 # (tests/test_train.py); keep_freed_memory is the allocator's.
 NOT_IN_KEY = frozenset({
     "name", "output_root", "data_dir", "multihop_dir",
-    "model.cache_dir", "model.vllm_port", "model.vllm_args",
+    "model.cache_dir", "model.vllm_port", "model.vllm_args", "model.vllm_gpu_memory_utilization",
     "agent.batch_size",
     "llm.concurrency", "llm.max_retries", "llm.retry_budget_s", "llm.timeout_s",
     "llm.price_per_1k_prompt", "llm.price_per_1k_completion", "llm.api_key_env",

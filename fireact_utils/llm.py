@@ -207,19 +207,21 @@ class VLLMBackend:
         device = pick_device(mp.device)
         args = tuple(mp.vllm_args) + (("--enable-lora", "--max-lora-rank", str(_lora_rank(mp.adapter)))
                                       if mp.adapter else ())
-        self._serve_args = (path, str(pick_dtype(mp.dtype, device)).removeprefix("torch."), mp.vllm_port,
-                            serving.default_args(device) + args)
+        self.serve_kwargs = {"model": path, "dtype": str(pick_dtype(mp.dtype, device)).removeprefix("torch."),
+                             "port": mp.vllm_port, "device": device,
+                             "args": serving.default_args(device, mp.vllm_gpu_memory_utilization) + args}
         serving.check_can_serve(mp.vllm_port)  # a busy port or no vLLM: one line now, not at the first turn
         self._lock = threading.Lock()
         self.server = None  # started (or the running one reused) by the first request: `_ensure_server`
 
     def _ensure_server(self) -> None:
-        """The server, at the first request: a backend built for conditions already saved starts none."""
+        """The server, at the first request: a backend built for conditions already saved starts
+        none; one that a fine-tune stopped since (`serving.make_room`) is started again."""
         from . import serving
 
         with self._lock:
-            if self.server is None:
-                self._connect(serving.serve(*self._serve_args))
+            if self.server is None or not self.server.alive():
+                self._connect(serving.serve(**self.serve_kwargs))
 
     def _connect(self, server) -> None:
         """Talk to `server` (its adapter loaded): a short retry budget, as a dead server is restarted."""

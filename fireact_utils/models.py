@@ -232,11 +232,28 @@ def pick_device(device: str = "auto") -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def bf16_supported(device: str) -> bool:
+    """Whether `device` computes in bf16 natively; the one place the kit asks (every `auto` dtype
+    and train.bf16 resolve through it). A CUDA card needs compute capability 8.0+ (A100, L4, H100):
+    torch would emulate bf16 on older ones (slowly), and vLLM refuses it there. A CPU needs oneDNN's
+    bf16 (AVX512-BF16 or AMX)."""
+    import torch
+
+    if device.startswith("cuda"):
+        with torch.cuda.device(torch.device(device)):
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def pick_dtype(dtype: str, device: str):
+    """`dtype` as a torch dtype; auto decodes in fp32 on a CPU, on a GPU in bf16 where the card has
+    it (`bf16_supported`), else fp16 (as vLLM's own auto does)."""
     import torch
 
     if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        if device.startswith("cuda"):
+            return torch.bfloat16 if bf16_supported(device) else torch.float16
+        return torch.float32
     return getattr(torch, dtype)
 
 

@@ -215,14 +215,16 @@ def grpo_config(r: RLParams, dtype: str, out_dir: Path, device: str):
 
 def _student(p: Params, trained: str | Path):
     """(model, tokenizer, prompt dataset, Rollouts): the SFT student `trained` (a full model or a
-    LoRA adapter, merged) in evaluation's dtype (model.dtype; auto: fp32 on CPU, bf16 on GPU), so
+    LoRA adapter, merged) in evaluation's dtype (model.dtype; auto: fp32 on CPU, bf16 on a GPU that has it), so
     rollouts sample as evaluation does, and its rollouts on the training questions' environment."""
-    from .models import load_model
+    from .models import load_model, pick_device
     from .pipeline import finetuned_agent
+    from .serving import make_room
     from .tools import make_search
     from .train import adapter_model_params
 
     mp = adapter_model_params(p.model, trained)
+    make_room(pick_device(p.model.device))  # rl.decoder=vllm starts its own server, at its share, beside the policy
     model, tok = load_model(mp.name, mp.adapter, mp.cache_dir, p.model.device, p.model.dtype, merge=True)
     task, ds = training_prompts(p)
     search = make_search(p.search, p.data_dir, task.corpus, p.multihop_dir)
@@ -270,7 +272,8 @@ def train_grpo(p: Params, trained: str | Path) -> Path:
     from the newest checkpoint; each step's rollout statistics go to rl/rollouts.jsonl."""
     from . import keys
     from .io import atomic_write_json
-    from .train import _write_log, last_checkpoint, train_timed
+    from .models import pick_device
+    from .train import _write_log, last_checkpoint, release_memory, train_timed
 
     out = p.run_dir / "rl"
     final = out / "final"
@@ -287,6 +290,8 @@ def train_grpo(p: Params, trained: str | Path) -> Path:
     trainer.model.merge_and_unload().save_pretrained(str(final))
     trainer.processing_class.save_pretrained(str(final))
     _write_log(out, [h for h in trainer.state.log_history if "reward" in h])
+    del trainer, rollouts
+    release_memory(pick_device(p.model.device))
     atomic_write_json(final / "rl_done.json", {"params": p.rl.model_dump(mode="json"), "sft_student": str(Path(trained).resolve()),
                                                "train_runtime_s": train_s})
     return final

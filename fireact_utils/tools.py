@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote_plus
 
-from fireact_utils.config import SearchParams, cache_dir, default
+from fireact_utils.config import FETCH, SearchParams, cache_dir, data_file, default
 from fireact_utils.config import data_dir as resolve_data_dir
 from fireact_utils.io import DataFileError, atomic_write_json, iter_jsonl, read_json
 
@@ -111,8 +111,8 @@ class _BM25:
 
 
 def _source_files(root: Path) -> list[Path]:
-    groups = ("finetune/alpaca_format/*.json", "finetune/gpt_format/*.jsonl", "trajs/*.json")
-    return [p for g in groups for p in sorted(root.glob(g))]
+    groups = (("finetune/alpaca_format", "*.json"), ("finetune/gpt_format", "*.jsonl"), ("trajs", "*.json"))
+    return [p for folder, pattern in groups for p in sorted(data_file(root, folder).glob(pattern))]
 
 
 def _texts_of(path: Path) -> list[str]:
@@ -164,7 +164,7 @@ def load_recorded_pairs(data_dir: str | Path | None = None, cache: bool = True) 
     root = resolve_data_dir(data_dir)
     files = _source_files(root)
     if not files:
-        raise DataFileError(f"no FireAct trajectories under {root} (expected finetune/ and trajs/)")
+        raise DataFileError(f"no FireAct trajectories under {root}/finetune and {root}/trajs: {FETCH}")
     sig = "\n".join(f"{p.relative_to(root)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
     digest = hashlib.sha256(f"v{_EXTRACT_VERSION}\n{sig}".encode()).hexdigest()[:16]
     path = cache_dir() / "search" / f"recorded_{digest}.json"

@@ -83,13 +83,10 @@ def build_dataset(records: list[dict], tok, p: TrainParams):
 
 
 def use_bf16(p: TrainParams, device: str) -> bool:
-    if p.bf16 != "auto":
-        return bool(p.bf16)
-    import torch
+    """train.bf16 resolved: auto autocasts to bf16 where `device` has it natively (`bf16_supported`)."""
+    from .models import bf16_supported
 
-    if device.startswith("cuda"):
-        return torch.cuda.is_bf16_supported()
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return bool(p.bf16) if p.bf16 != "auto" else bf16_supported(device)
 
 
 def use_padding_free(p: TrainParams, device: str) -> bool:
@@ -254,6 +251,7 @@ def finetune(records: list[dict], out_dir: str | Path, p: TrainParams, model_par
 
     from . import keys
     from .models import pick_device, resolve_model
+    from .serving import make_room
 
     out_dir = Path(out_dir)
     final = out_dir / "final"
@@ -281,6 +279,7 @@ def finetune(records: list[dict], out_dir: str | Path, p: TrainParams, model_par
         tok.pad_token = tok.eos_token
     kw = {"attn_implementation": "flash_attention_2"} if use_padding_free(p, device) else {}
     note_decoding_dtype(p, mp)
+    make_room(device)  # the evaluation before (seed 1's, in the headline) may hold a vLLM server on this card
     # train.dtype float32: master weights, autocast to bf16 where `use_bf16`; bfloat16/float16: pure half precision
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, p.dtype), **kw)
     ds = build_dataset(records, tok, p)
@@ -290,10 +289,12 @@ def finetune(records: list[dict], out_dir: str | Path, p: TrainParams, model_par
         torch.cuda.reset_peak_memory_stats()
     train_s = train_timed(trainer, ckpt, p)
     trainer.save_model(str(final))  # gathers FSDP shards; writes on the main process only
-    if not trainer.is_world_process_zero():
+    writer, log = trainer.is_world_process_zero(), [h for h in trainer.state.log_history if "loss" in h]
+    del trainer, model
+    release_memory(device)
+    if not writer:
         return final  # under `accelerate launch`, one process writes the logs and the done marker
     tok.save_pretrained(str(final))
-    log = [h for h in trainer.state.log_history if "loss" in h]
     _write_log(out_dir, log)
     n_tokens = sum(len(x) for x in ds["input_ids"])
     n_loss = sum(sum(t != IGNORE for t in lab) for lab in ds["labels"])
@@ -402,6 +403,18 @@ def note_decoding_dtype(p: TrainParams, mp: ModelParams) -> None:
     if p.dtype == "float32" and mp.dtype in ("bfloat16", "float16"):
         warnings.warn(f"training in fp32 master weights (train.dtype float32); model.dtype={mp.dtype} sets only the "
                       f"decoding dtype: set train.dtype={mp.dtype} to train in it", stacklevel=3)
+
+
+def release_memory(device: str) -> None:
+    """Give back to a GPU what PyTorch still caches of a finished training, so that a vLLM server
+    started next (another process) finds its share free: vLLM refuses to start without it."""
+    if device.startswith("cuda"):
+        import gc
+
+        import torch
+
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def peak_memory(device: str) -> dict:

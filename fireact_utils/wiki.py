@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import SearchParams, cache_dir, default
+from .config import SearchParams, cache_dir, data_file, default
 from .config import multihop_dir as resolve_multihop_dir
 from .io import DataFileError
 from .tools import EMPTY_QUERY, MAX_OBS_CHARS, NO_RESULTS
@@ -43,7 +43,7 @@ OUTCOMES = ("correct", "saw evidence, wrong answer", "missed evidence", "never f
 def corpus_path(corpus: str | Path, multihop_dir: str | Path | None = None) -> Path:
     """A corpus name (see CORPORA) in the multihop data, or the path of a {title, text} JSONL."""
     if str(corpus) in CORPORA:
-        return resolve_multihop_dir(multihop_dir) / str(corpus) / "corpus.jsonl"
+        return data_file(resolve_multihop_dir(multihop_dir), f"{corpus}/corpus.jsonl")
     path = Path(corpus).expanduser()
     if not path.is_file():
         raise DataFileError(f"corpus not found: {corpus} (a name: {', '.join(CORPORA)}; or a JSONL of {{title, text}})")

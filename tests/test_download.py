@@ -177,3 +177,20 @@ def test_cli_download_and_check(tmp_path, served, capsys):
         assert main(["download", *dest, "--base-url", base + "fire"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "bamboogle/test.csv" in err[0]
+
+
+def test_only_fireacts_files_for_the_demo(tmp_path, served, capsys, monkeypatch):
+    """`--only fireact` (make demo's `make data DATA_SETS=fireact`) fetches and checks FireAct's
+    files and never asks for the multihop URL, which has no default; `--write-manifest` lists every
+    set, so it refuses --only."""
+    www, manifest = served
+    monkeypatch.delenv("FIREACT_MULTIHOP_URL", raising=False)
+    mf = tmp_path / "manifest.json"
+    dest = ["--dest", str(tmp_path / "data"), "--manifest", str(mf), "--only", "fireact"]
+    with FileServer(www).running() as base:
+        assert main(["download", *dest, "--base-url", base + "fire"]) == 0
+    assert main(["download", "--check", *dest]) == 0
+    assert main(["download", "--check", *dest[:-2]]) == 1  # both sets: the multihop file is missing
+    assert capsys.readouterr().out.strip().endswith(f"{tmp_path / 'data' / 'multihop' / 'hotpotqa' / 'questions.jsonl'}: missing")
+    assert main(["download", "--write-manifest", *dest]) == 2
+    assert capsys.readouterr().err == "error: --write-manifest lists every set of files: drop --only\n"

@@ -3,6 +3,7 @@ score on a split chosen on, no evaluation of a pre-registered study under other 
 data (FireAct's and the multihop questions), real params and stage functions (a scripted model
 where an evaluation must run); each refusal comes before any model is loaded."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,57 @@ def test_a_preregistered_study_evaluates_only_as_registered(tmp_path, data_dir):
     with pytest.raises(ValueError, match=r"\(study.preregistered true -> false\)"):
         evaluate("unlocked", **{"study.preregistered": False})
     assert not (tmp_path / "headline" / "eval" / "gpu.jsonl").exists()
+
+
+def test_the_committed_question_keys_are_the_datas(multihop_dir, tmp_path):
+    """holdout.QUESTION_KEYS holds every split of every wiki task, in split order, exactly as the
+    multihop data gives them (`write_question_keys` regenerates the same bytes); a key is the hashed
+    folded question, so a question's case and spacing do not matter."""
+    assert holdout.read_json(holdout.QUESTION_KEYS) == holdout.wiki_question_keys(multihop_dir)
+    again = holdout.write_question_keys(multihop_dir, tmp_path / "keys.json")
+    assert again.read_bytes() == holdout.QUESTION_KEYS.read_bytes()
+    val = load_task("hotpotqa-wiki", "val", multihop_dir=multihop_dir)
+    assert holdout.split_keys(_params(tmp_path), "hotpotqa-wiki", "val") == (
+        "hotpotqa-wiki", "val", [holdout.question_key(q) for q in val.questions])
+    assert holdout.question_key("  Who  WAS\nfirst? ") == holdout.question_key("who was first?")
+    assert len(holdout.question_key("who was first?")) == 16
+
+
+@pytest.mark.parametrize("name", ["cpu.yaml", "smoke.yaml"])
+def test_the_demos_guards_read_fireacts_data_alone(tmp_path, monkeypatch, data_dir, multihop_dir, name):
+    """With FIREACT_MULTIHOP_DIR at an empty dir, the demo's and the smoke run's params build their
+    dataset, pass the fine-tune's guard (training itself stubbed), generate (a scripted teacher on
+    the recorded search) and check evaluations: the wiki tasks' held-out questions come from the
+    committed keys, and are still refused (read here from the real multihop data)."""
+    from scripted import ScriptedLLM
+
+    from fireact_utils import llm, train
+    from fireact_utils.io import DataFileError
+
+    empty = tmp_path / "no-multihop"
+    empty.mkdir()
+    monkeypatch.setenv("FIREACT_MULTIHOP_DIR", str(empty))
+    p = load_params(PARAMS / name, {"output_root": str(tmp_path / "runs")})
+    with pytest.raises(DataFileError, match="questions.jsonl: `make data` fetches it$"):
+        load_task("hotpotqa-wiki", "val")  # out of reach indeed
+
+    recs = pipeline.build_dataset(p)
+    trained = []
+    monkeypatch.setattr(train, "finetune", lambda records, out, *a, **k: trained.append(len(records)) or out)
+    pipeline.finetune(p)
+    assert trained == [len(recs)] and len(recs) == (p.dataset.n_trajectories or 500)
+    val = load_task("hotpotqa-wiki", "val", multihop_dir=multihop_dir)
+    with pytest.raises(holdout.HoldoutError, match=r"\(1 of study\.select_task: hotpotqa-wiki val\), e\.g\. "
+                       + re.escape(repr(val.questions[0]))):
+        pipeline.finetune(p, [*recs[:2], {**recs[0], "question": val.questions[0]}], tmp_path / "never")
+
+    monkeypatch.setattr(llm, "make_llm", lambda *a, **k: ScriptedLLM(lambda _: "Thought: t\nAction: finish[x]"))
+    made = pipeline.generate(p, progress=False)
+    assert made["hotpotqa:react"]["n"] == p.generate.n_questions
+
+    dev = load_task("hotpotqa", "dev", data_dir)
+    in_val = next(i for i, q in enumerate(dev.questions) if holdout.question_key(q) == holdout.question_key(val.questions[0]))
+    holdout.record_choice(p)  # as a selection on HotpotQA-wiki val records it
+    holdout.check_evaluation(p, dev, eval_indices(dev, p.evaluate.n_questions, p.evaluate.seed))
+    with pytest.raises(holdout.HoldoutError, match="are of hotpotqa-wiki val, which run"):
+        holdout.check_evaluation(p, dev, [in_val])
