@@ -16,6 +16,7 @@
     python -m fireact_utils beyond params/cpu_full.yaml         # self-improvement rounds and GRPO (notebook 05)
     python -m fireact_utils base-models params/base_models.yaml # per model: recipe chosen on val, few-shot vs fine-tuned
     python -m fireact_utils compare outputs/runs/cpu outputs/runs/cpu_lora   # paired gains, flipped questions
+    python -m fireact_utils fork outputs/runs/cpu outputs/runs/ex03_200      # a new run from the demo's model and episodes
     python -m fireact_utils params params/cpu.yaml              # print resolved params
     python -m fireact_utils download --dest data                # FireAct's data + multihop, checked (online)
     python -m fireact_utils download --check --dest ../shared/fireact --multihop-dest ../shared/multihop
@@ -97,6 +98,10 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="two runs' shared conditions: EM of each, paired gain with CI, flipped ids")
     c.add_argument("run_a", help="a run directory (with eval/), e.g. outputs/runs/cpu")
     c.add_argument("run_b", help="the other run; the gain is run_b minus run_a")
+    f = sub.add_parser("fork", help="begin a new run from another's outputs (model, episodes; no checkpoints, "
+                       "tables or figures), so an exercise extends a run under its own name")
+    f.add_argument("src", help="a run directory, e.g. outputs/runs/cpu")
+    f.add_argument("dest", help="the new run's directory, e.g. outputs/runs/ex03_200 (run it with name=ex03_200)")
     return ap
 
 
@@ -124,6 +129,10 @@ def _run(args: argparse.Namespace) -> int:
         from .failures import compare_main
 
         return compare_main(args.run_a, args.run_b)
+    if args.cmd == "fork":
+        from .fork import fork_main
+
+        return fork_main(args.src, args.dest)
     if args.cmd == "download":
         from . import download as dl
 
