@@ -34,6 +34,27 @@ def condition_table(p: Params, conds: dict[str, list[dict]]):
     return results_table(labelled, p.evaluate.bootstrap, extra=extra)
 
 
+def main_table(p: Params, conds: dict[str, list[dict]]) -> pd.DataFrame:
+    """`condition_table` of notebook 03's conditions, written to tables/main.{csv,md}; notebook 03
+    and `headline` both write it here."""
+    from .evaluate import write_table
+
+    table = condition_table(p, conds)
+    write_table(table, p.run_dir / "tables" / "main")
+    return table
+
+
+def paper_table(p: Params, table: pd.DataFrame) -> pd.DataFrame:
+    """`evaluate.paper_summary` of the main table (this run, FireAct's released runs rescored, the
+    paper's EM), written to tables/summary_vs_paper.csv."""
+    from .evaluate import paper_summary
+    from .io import atomic_write_text
+
+    summary = paper_summary(table, p.data_dir)
+    atomic_write_text(p.run_dir / "tables" / "summary_vs_paper.csv", summary.to_csv(index=False))
+    return summary
+
+
 def planned_questions(p: Params, conds: dict[str, list[dict]]) -> dict[str, int]:
     """How many questions each condition with a meta is to run: on evaluate.task and split, the
     first evaluate.n_questions; on any task, at least as many as the table's other condition on the

@@ -17,6 +17,7 @@ import pytest
 from fireact_utils import rl
 from fireact_utils.chain import NOTEBOOK_DIR, NOTEBOOKS, chain_kernel, run_chain
 from fireact_utils.config import load_params
+from fireact_utils.failures import CLASSES
 from fireact_utils.holdout import question_key, reserved_keys
 from fireact_utils.pipeline import SEARCHING
 from fireact_utils.tables import condition_label
@@ -199,6 +200,10 @@ def test_chain_tables(chain):
     counts = outcomes[["correct", "saw evidence, wrong answer", "missed evidence", "never finished"]].sum(axis=1)
     assert (counts == outcomes["condition"].map(lambda c: p.study.select_n if c in select
                                                  else p.study.generalization_n)).all()
+    fails = pd.read_csv(tables / "failures.csv")  # one failure class per episode (notebook 03)
+    assert set(fails["condition"]) == main and (fails[list(CLASSES)].sum(axis=1) == fails["n"]).all()
+    changed = pd.read_csv(tables / "what_changed.csv")
+    assert changed["n"].sum() == p.evaluate.n_questions  # few-shot ReAct -> fine-tuned, paired by id
     gain = json.loads((tables / "paired_gain.json").read_text())
     assert gain["n"] == p.evaluate.n_questions and gain["lo"] <= gain["gain"] <= gain["hi"]
     assert _conditions(tables / "data_scaling.csv", "n_trajectories") == set(p.study.data_sizes)
@@ -259,7 +264,7 @@ def test_chain_tables(chain):
 @pytest.mark.slow
 def test_chain_figures(chain):
     _, run_dir = chain
-    for stem in ("loss_curve", "prompting_vs_finetuned", "efficiency", "robustness", "robustness_hotpotqa-wiki",
+    for stem in ("loss_curve", "prompting_vs_finetuned", "efficiency", "failures", "robustness", "robustness_hotpotqa-wiki",
                  "data_scaling", "generalization", "outcomes", "recipes_selection", "fewshot_variants_selection",
                  "self_consistency", "self_improve", "rl_curve"):
         for ext in ("png", "svg"):
