@@ -168,15 +168,21 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(pipeline.generate(p), indent=2))
         print(f"dataset: {len(pipeline.build_dataset(p))} trajectories in {p.run_dir / 'dataset'}")
     elif args.cmd == "finetune":
-        print(pipeline.finetune(p))
+        final = pipeline.finetune(p)
+        if int(os.environ.get("RANK", "0")) == 0:  # under `accelerate launch`, the process that wrote the log
+            from .plots import plot_run_loss_curve
+
+            plot_run_loss_curve(p.run_dir)  # as notebook 02
+            print(f"loss curve: {p.run_dir / 'figures' / 'loss_curve.png'}")
+        print(final)
     elif args.cmd == "select":
         from . import recipes
 
-        for which, search in (("fewshot_variants", recipes.fewshot_search), ("recipes", recipes.recipe_search)):
-            table = recipes.report_selection(p, search(p), which)
-            if len(table):
-                print(f"{recipes.TITLES[which]}, chosen: {recipes.chosen_label(table)}")
-                print(table[["condition", "n", "em", "em_lo", "em_hi", "settings"]].to_string(index=False))
+        if not (p.study.fewshot_variants or p.study.recipes):
+            raise ValueError("study.fewshot_variants and study.recipes are both empty: nothing to choose")
+        for which, table in recipes.selections(p).items():  # as notebook 02
+            print(f"{recipes.TITLES[which]}, chosen: {recipes.chosen_label(table)}")
+            print(table[["condition", "n", "em", "em_lo", "em_hi", "settings"]].to_string(index=False))
     elif args.cmd == "headline":
         from .headline import report
 

@@ -110,6 +110,13 @@ def test_select_consistency_mistakes_and_resumed_tables(tmp_path, capsys, multih
     chosen = json.loads((tmp_path / "smoke" / "tables" / "recipes_chosen.json").read_text())
     assert chosen["label"] == "b" and chosen["overrides"] == {"train.lora_r": 8} and chosen["em"] == 0.5
     assert not (tmp_path / "smoke" / "recipes").exists()  # nothing trained
+    from fireact_utils import recipes  # notebook 02 shows the same choice, read back, and the one it skips
+
+    shown = recipes.selection_markdown(recipes.selections(load_params("params/smoke.yaml", ov)))
+    skipped, recipes_part = shown.split("\n\n", 1)
+    assert skipped.startswith("Few-shot prompt selection on validation: not in this run; `python -m fireact_utils select")
+    assert recipes_part.startswith("**Fine-tuning recipes**, chosen: `b`\n\n| condition |")
+    assert recipes_part.endswith("- `a`: train.lora_r=4\n- `b`: train.lora_r=8")
 
 
 def test_consistency_of_the_fewshot_base_alone_then_over_seeds(tmp_path, capsys, model_path):
