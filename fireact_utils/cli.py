@@ -8,6 +8,7 @@
         --task hotpotqa-wiki --mode finetuned              # a wiki task searches its own Wikipedia corpus
     python -m fireact_utils evaluate params/cpu.yaml --task q.jsonl --search wiki --corpus paragraphs.jsonl
     python -m fireact_utils select params/recipes.yaml          # recipes and prompts compared on validation
+    python -m fireact_utils sweeps params/cpu_full.yaml         # notebook 04's sweeps: transfer, noise, data size, mixtures
     python -m fireact_utils headline params/cpu_full.yaml       # baselines, seeds, self-consistency on evaluate.task
     python -m fireact_utils pieces params/headline.yaml         # a study's pieces (headline, base-models)
     python -m fireact_utils piece params/headline.yaml seed-1   # run one anywhere; writes its bundle
@@ -47,8 +48,8 @@ def _parser() -> argparse.ArgumentParser:
 
     ap = argparse.ArgumentParser(prog="fireact", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("run", "generate", "finetune", "evaluate", "select", "headline", "consistency", "beyond", "base-models",
-                 "pieces", "piece", "merge", "params"):
+    for name in ("run", "generate", "finetune", "evaluate", "select", "sweeps", "headline", "consistency", "beyond",
+                 "base-models", "pieces", "piece", "merge", "params"):
         s = sub.add_parser(name)
         s.add_argument("params_file")
         if name == "piece":
@@ -183,6 +184,8 @@ def _run(args: argparse.Namespace) -> int:
         for which, table in recipes.selections(p).items():  # as notebook 02
             print(f"{recipes.TITLES[which]}, chosen: {recipes.chosen_label(table)}")
             print(table[["condition", "n", "em", "em_lo", "em_hi", "settings"]].to_string(index=False))
+    elif args.cmd == "sweeps":
+        _sweeps(p)
     elif args.cmd == "headline":
         from .headline import report
 
@@ -236,6 +239,18 @@ def _pieces(args: argparse.Namespace, p) -> None:
         print(f"{pieces.study_of(p)} of {p.name}, study key {pieces.study_key(p)['key']}:")
         for x in pieces.pieces(p):
             print(f"  {x.name}: {x.what}")
+
+
+def _sweeps(p) -> None:
+    """Notebook 04's sweeps from the run's fine-tune, written as the notebook writes them, then its summary."""
+    from . import pipeline, studies
+    from .summaries import scaling_and_robustness
+
+    if not studies.any_sweep(p):
+        raise ValueError("study.generalization_tasks, noise_rates (with noise_kinds), data_sizes and mixtures are "
+                         "all empty: nothing to run")
+    studies.report(p, pipeline.finetune(p))
+    print(scaling_and_robustness(p.run_dir, p.evaluate.task))
 
 
 def _consistency(p, trained) -> None:
