@@ -75,6 +75,29 @@ def test_papermill_sees_parameters(name):
     assert all(found[k]["help"] for k in PARAM_NAMES)
 
 
+def test_walkthrough_tool_counters_hold_only_their_own_calls(monkeypatch, data_dir):
+    """Notebook 00's code cells run in order, its model scripted (search once, then answer): the tool
+    called by hand counts that one call, the agent's tool only the agent's own searches."""
+    from scripted import ScriptedLLM
+
+    from fireact_utils import pipeline
+
+    def reply(text: str) -> str:
+        if "Observation:" in text.rsplit("Question:", 1)[1]:
+            return "Thought: I know it now.\nAction: finish[Paris]"
+        return "Thought: I should look it up.\nAction: search[Irene Jacob]"
+
+    monkeypatch.setattr(pipeline, "local_llm", lambda p, trained=None: ScriptedLLM(reply))
+    ns: dict = {}
+    for cell in _nb("00_walkthrough").cells:
+        if cell.cell_type == "code":
+            params = "parameters" in cell.metadata.get("tags", [])
+            exec(f"params_file = {str(REPO / 'params' / 'cpu.yaml')!r}\noverrides = []" if params else cell.source, ns)
+    assert ns["by_hand"].stats()["calls"] == 1
+    agent_searches = 1 + sum(s["action"] == "search" for s in ns["record"]["steps"])  # agent.step's, the episode's
+    assert agent_searches == 2 and ns["search"].stats()["calls"] == agent_searches
+
+
 # ---------------------------------------------------------------- the chain
 
 
