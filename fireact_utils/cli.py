@@ -8,6 +8,7 @@
         --task hotpotqa-wiki --mode finetuned              # a wiki task searches its own Wikipedia corpus
     python -m fireact_utils evaluate params/cpu.yaml --task q.jsonl --search wiki --corpus paragraphs.jsonl
     python -m fireact_utils select params/recipes.yaml          # recipes and prompts compared on validation
+    python -m fireact_utils sweeps params/cpu_full.yaml         # notebook 04's sweeps: transfer, noise, data size, mixtures
     python -m fireact_utils headline params/cpu_full.yaml       # baselines, seeds, self-consistency on evaluate.task
     python -m fireact_utils pieces params/headline.yaml         # a study's pieces (headline, base-models)
     python -m fireact_utils piece params/headline.yaml seed-1   # run one anywhere; writes its bundle
@@ -17,6 +18,7 @@
     python -m fireact_utils base-models params/base_models.yaml # per model: recipe chosen on val, few-shot vs fine-tuned
     python -m fireact_utils report results/ --docs              # the committed study rebuilt, docs' tables from it
     python -m fireact_utils compare outputs/runs/cpu outputs/runs/cpu_lora   # paired gains, flipped questions
+    python -m fireact_utils fork outputs/runs/cpu outputs/runs/ex03_200      # a new run from the demo's model and episodes
     python -m fireact_utils params params/cpu.yaml              # print resolved params
     python -m fireact_utils download --dest data                # FireAct's data + multihop, checked (online)
     python -m fireact_utils download --dest data --only fireact  # FireAct's data alone: all the demo reads
@@ -49,8 +51,8 @@ def _parser() -> argparse.ArgumentParser:
 
     ap = argparse.ArgumentParser(prog="fireact", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("run", "generate", "finetune", "evaluate", "select", "headline", "consistency", "beyond", "base-models",
-                 "pieces", "piece", "merge", "params"):
+    for name in ("run", "generate", "finetune", "evaluate", "select", "sweeps", "headline", "consistency", "beyond",
+                 "base-models", "pieces", "piece", "merge", "params"):
         s = sub.add_parser(name)
         s.add_argument("params_file")
         if name == "piece":
@@ -113,6 +115,10 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="two runs' shared conditions: EM of each, paired gain with CI, flipped ids")
     c.add_argument("run_a", help="a run directory (with eval/), e.g. outputs/runs/cpu")
     c.add_argument("run_b", help="the other run; the gain is run_b minus run_a")
+    f = sub.add_parser("fork", help="begin a new run from another's outputs (model, episodes; no checkpoints, "
+                       "tables or figures), so an exercise extends a run under its own name")
+    f.add_argument("src", help="a run directory, e.g. outputs/runs/cpu")
+    f.add_argument("dest", help="the new run's directory, e.g. outputs/runs/ex03_200 (run it with name=ex03_200)")
     return ap
 
 
@@ -142,6 +148,10 @@ def _run(args: argparse.Namespace) -> int:
         from .failures import compare_main
 
         return compare_main(args.run_a, args.run_b)
+    if args.cmd == "fork":
+        from .fork import fork_main
+
+        return fork_main(args.src, args.dest)
     if args.cmd == "download":
         from . import download as dl
 
@@ -184,14 +194,23 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(pipeline.generate(p), indent=2))
         print(f"dataset: {len(pipeline.build_dataset(p))} trajectories in {p.run_dir / 'dataset'}")
     elif args.cmd == "finetune":
-        print(pipeline.finetune(p))
+        final = pipeline.finetune(p)
+        if int(os.environ.get("RANK", "0")) == 0:  # under `accelerate launch`, the process that wrote the log
+            from .plots import plot_run_loss_curve
+
+            plot_run_loss_curve(p.run_dir)  # as notebook 02
+            print(f"loss curve: {p.run_dir / 'figures' / 'loss_curve.png'}")
+        print(final)
     elif args.cmd == "select":
         from . import recipes
 
-        for which, table in recipes.select_report(p).items():
-            if len(table):
-                print(f"{recipes.TITLES[which]}, chosen: {recipes.chosen_label(table)}")
-                print(table[["condition", "n", "em", "em_lo", "em_hi", "settings"]].to_string(index=False))
+        if not (p.study.fewshot_variants or p.study.recipes):
+            raise ValueError("study.fewshot_variants and study.recipes are both empty: nothing to choose")
+        for which, table in recipes.selections(p).items():  # as notebook 02
+            print(f"{recipes.TITLES[which]}, chosen: {recipes.chosen_label(table)}")
+            print(table[["condition", "n", "em", "em_lo", "em_hi", "settings"]].to_string(index=False))
+    elif args.cmd == "sweeps":
+        _sweeps(p)
     elif args.cmd == "headline":
         from .headline import report
 
@@ -264,6 +283,18 @@ def _pieces(args: argparse.Namespace, p) -> None:
         print(f"{pieces.study_of(p, args.study)} of {p.name}, study key {pieces.study_key(p)['key']}:")
         for x in pieces.pieces(p, args.study):
             print(f"  {x.name}: {x.what}")
+
+
+def _sweeps(p) -> None:
+    """Notebook 04's sweeps from the run's fine-tune, written as the notebook writes them, then its summary."""
+    from . import pipeline, studies
+    from .summaries import scaling_and_robustness
+
+    if not studies.any_sweep(p):
+        raise ValueError("study.generalization_tasks, noise_rates (with noise_kinds), data_sizes and mixtures are "
+                         "all empty: nothing to run")
+    studies.report(p, pipeline.finetune(p))
+    print(scaling_and_robustness(p.run_dir, p.evaluate.task))
 
 
 def _consistency(p, trained) -> None:

@@ -9,6 +9,7 @@ index:
     gold = gold_titles_by_id(task)                       # None for the recorded-Google replay
     failure_table({"few-shot": base, "fine-tuned": ft}, gold)   # counts and shares per condition
     what_changed(base, ft, gold)                         # class before -> class after, paired by episode id
+    report(p, conds)                                     # both for notebook 03's conditions, written to tables/, figures/
     compare_runs(run_a, run_b)                           # each condition of both runs: EM, paired gain, flips
 
     python -m fireact_utils compare outputs/runs/cpu outputs/runs/gpu
@@ -37,13 +38,18 @@ from __future__ import annotations
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from .agent import episode_id, load_done
 from .evaluate import N_BOOT, fmt_gain, paired_bootstrap_diff
+from .io import atomic_write_text
 from .tasks import Task
 from .wiki import shown_titles
+
+if TYPE_CHECKING:
+    from .config import Params
 
 CLASSES = ("right", "saw the evidence, answered wrong", "saw some of the evidence, answered wrong",
            "searched, missed the evidence", "searched, answered wrong", "never searched", "malformed action",
@@ -113,6 +119,49 @@ def what_changed(before: list[dict], after: list[dict],
     order = sorted(ids, key=lambda k: (CLASSES.index(k[0]), CLASSES.index(k[1])))
     return pd.DataFrame([{"before": k[0], "after": k[1], "n": len(ids[k]), "ids": ids[k]} for k in order],
                         columns=["before", "after", "n", "ids"])
+
+
+def failure_markdown(table: pd.DataFrame) -> str:
+    """`failure_table` as Markdown: per condition, each class's count and share of its episodes
+    (classes no condition has are left out)."""
+    cols = [c for c in CLASSES if table[c].sum() > 0]
+    lines = ["| condition | n | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
+    for _, r in table.iterrows():
+        lines.append(f"| {r['condition']} | {r['n']} | "
+                     + " | ".join(f"{r[c]} ({r[f'{c} (share)'] * 100:.0f}%)" for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def changed_markdown(changed: pd.DataFrame, before: str, after: str) -> str:
+    """`what_changed` in words: how many episodes kept their class, then each change of class,
+    the most frequent first, with its count (the ids are in the table)."""
+    n = int(changed["n"].sum())
+    same = int(changed.loc[changed["before"] == changed["after"], "n"].sum())
+    moved = changed[changed["before"] != changed["after"]].sort_values("n", ascending=False, kind="stable")
+    head = (f"**From {before} to {after}**, the same {n} questions paired by id: {same} kept their class, "
+            f"{n - same} changed it" + (":" if len(moved) else "."))
+    return "\n".join([head, *(f"- {r.before} -> {r.after}: {r.n}" for r in moved.itertuples())])
+
+
+def report(p: Params, conds: dict[str, list[dict]], before: str = "base_fewshot_react",
+           after: str = "finetuned_react") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Notebook 03's (and `headline`'s) failure classes: `failure_table` of `conds` (labelled as
+    in the main table) to tables/failures.{csv,md} and figures/failures.{png,svg}, and
+    `what_changed` from `before` to `after` to tables/what_changed.csv. The gold paragraphs are
+    evaluate.task's (none in the replay). Returns (failure table, what changed)."""
+    from .pipeline import check_task
+    from .plots import plot_failures
+    from .tables import condition_label
+
+    gold = gold_titles_by_id(check_task(p))
+    table = failure_table({condition_label(k): v for k, v in conds.items()}, gold)
+    changed = what_changed(conds[before], conds[after], gold)
+    out = p.run_dir / "tables"
+    atomic_write_text(out / "failures.csv", table.to_csv(index=False))
+    atomic_write_text(out / "failures.md", failure_markdown(table))
+    atomic_write_text(out / "what_changed.csv", changed.assign(ids=changed["ids"].map(" ".join)).to_csv(index=False))
+    plot_failures(table, p.run_dir / "figures" / "failures")
+    return table, changed
 
 
 # ---------------------------------------------------------------- two runs

@@ -57,20 +57,22 @@ def run_seed(p: Params, seed: int, progress: bool = True) -> Path:
 
 
 def report(p: Params, progress: bool = True) -> dict:
-    """The headline's tables (tables/main, headline_seeds, headline_transfer, self_consistency) and
-    figures, running whatever is not saved yet; printed as the CLI shows them."""
-    from .evaluate import write_table
+    """The headline's tables (notebook 03's: main, paired_gain, summary_vs_paper, failures; then
+    headline_seeds, headline_transfer, self_consistency) and figures, running whatever is not saved
+    yet; printed as the CLI shows them."""
+    from . import failures
     from .holdout import preregister
-    from .tables import condition_table, paired_gain
+    from .tables import main_table, paired_gain, paper_table
 
     preregister(p)
     trained = pipeline.finetune(p)
     conds = pipeline.evaluate(p, trained, progress)
-    table = condition_table(p, conds)
-    write_table(table, p.run_dir / "tables" / "main")  # as notebook 03
-    out = {"main": table, "gain": paired_gain(p, conds)}
+    table = main_table(p, conds)  # the same functions as notebook 03, so the same files
+    out = {"main": table, "gain": paired_gain(p, conds), "paper": paper_table(p, table),
+           "failures": failures.report(p, conds)[0]}
     print(table[["condition", "n", "em", "em_lo", "em_hi", "turns", "completion_tokens"]].to_string(index=False))
     print(json.dumps(out["gain"]))
+    print(failures.failure_markdown(out["failures"]))
     if p.study.seeds:
         out["seeds"] = recipes.report_seeds(p, trained, conds.get("base_fewshot_react"), progress)
         print(out["seeds"][[c for c in recipes.SEED_COLUMNS if c in out["seeds"]]].to_string(index=False))

@@ -126,7 +126,7 @@ def _report_base_models(p: Params) -> None:
 def _report_select(p: Params) -> None:
     from . import recipes
 
-    recipes.select_report(p)
+    recipes.selections(p, progress=False)
 
 
 # study -> (its pieces, its report: the tables and figures from what the run dir holds)

@@ -196,6 +196,13 @@ def plot_loss_curve(train_log_csv: str | Path, stem: str | Path | None = None):
     return _done(fig, stem)
 
 
+def plot_run_loss_curve(run_dir: str | Path):
+    """A run's fine-tuning loss, from the trainer's log (finetune/train_log.csv), as
+    figures/loss_curve.{png,svg}: the CLI's `finetune` and notebook 02 both draw it here."""
+    run_dir = Path(run_dir)
+    return plot_loss_curve(run_dir / "finetune" / "train_log.csv", stem=run_dir / "figures" / "loss_curve")
+
+
 def plot_data_scaling(df: pd.DataFrame, reference: pd.DataFrame | None = None, stem: str | Path | None = None):
     """EM vs number of fine-tuning trajectories (`n_trajectories` column), CI band; dashed
     horizontal lines for the rows of `reference` (e.g. few-shot ReAct and full-data fine-tuning)."""

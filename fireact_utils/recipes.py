@@ -101,6 +101,33 @@ def fewshot_search(p: Params, progress: bool = True) -> dict[str, list[dict]]:
     return out
 
 
+SEARCHES = {"fewshot_variants": fewshot_search, "recipes": recipe_search}  # prompts first, then recipes
+
+
+def selections(p: Params, progress: bool = True) -> dict[str, pd.DataFrame]:
+    """`report_selection` of each choice the params list (study.fewshot_variants, study.recipes),
+    scored on the selection split and written with its figure; notebook 02 and `select` both run
+    them here. A choice with nothing listed is left out."""
+    return {which: report_selection(p, search(p, progress), which) for which, search in SEARCHES.items()
+            if getattr(p.study, which)}
+
+
+def selection_markdown(selection: dict[str, pd.DataFrame]) -> str:
+    """Each choice of `selections` as Markdown: its title, the chosen label, its table and each
+    variant's settings; a choice the params leave out, the line naming the params file that runs it."""
+    from .evaluate import markdown_table
+    from .summaries import skipped_line
+
+    parts = []
+    for which in SEARCHES:
+        if (t := selection.get(which)) is None:
+            parts.append(skipped_line(f"study.{which}"))
+            continue
+        settings = "\n".join(f"- `{r.condition}`: {r.settings}" for r in t.itertuples())
+        parts.append(f"**{TITLES[which]}**, chosen: `{chosen_label(t)}`\n\n{markdown_table(t)}\n{settings}")
+    return "\n\n".join(parts)
+
+
 def chosen(conds: dict[str, list[dict]], metric: str = "em") -> str:
     """The label with the highest mean `metric` (em, or grounded_em: right after searching at
     least once); a tie goes to the one listed first."""
@@ -164,13 +191,6 @@ def report_selection(p: Params, conds: dict[str, list[dict]], which: str) -> pd.
                            "em_hi": row["em_hi"], "n": int(row["n"]), "rule": row["rule"], "task": p.study.select_task,
                            "split": p.study.select_split})
     return table
-
-
-def select_report(p: Params, progress: bool = True) -> dict[str, pd.DataFrame]:
-    """`select`: every few-shot prompt and recipe of the study scored on the selection split
-    (running what is not saved), each family's table and choice written (`report_selection`)."""
-    searches = {"fewshot_variants": fewshot_search, "recipes": recipe_search}
-    return {which: report_selection(p, search(p, progress), which) for which, search in searches.items()}
 
 
 def seed_runs(p: Params, trained: str | Path, progress: bool = True) -> dict[int, list[dict]]:

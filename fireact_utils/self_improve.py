@@ -68,6 +68,15 @@ def sample(p: Params, r: int, trained: str | Path, progress: bool = True) -> lis
     return runs
 
 
+def sample_yield(runs: list[list[dict]]) -> dict:
+    """What a round's samples (`sample`) found: questions and episodes, the share of episodes that
+    earned reward 1 (`yield`) and the share of questions some episode solved (`questions_solved`)."""
+    episodes = [e for run in runs for e in run]
+    return {"questions": len(runs[0]), "episodes": len(episodes),
+            "yield": sum(e["reward"] for e in episodes) / max(len(episodes), 1),
+            "questions_solved": len({e["id"] for e in episodes if e["reward"]}) / max(len(runs[0]), 1)}
+
+
 def successes(runs: list[list[dict]], r: int) -> list[dict]:
     """The reward-1 episodes as trajectory records, each distinct (question, text) once."""
     seen: set[tuple[str, str]] = set()
@@ -95,10 +104,8 @@ def run_round(p: Params, r: int, sampler: str | Path, gpt4: list[dict], earlier:
     episodes = [e for run in runs for e in run]
     metas = [condition_meta(p, f"si_r{r}_s{j}") for j in range(len(runs))]
     return trained, {
-        "round": r, "control": False, "questions": len(runs[0]), "episodes": len(episodes),
-        "yield": sum(e["reward"] for e in episodes) / max(len(episodes), 1),
-        "questions_solved": len({e["id"] for e in episodes if e["reward"]}) / max(len(runs[0]), 1),
-        "added": len(new), "self_total": len(earlier) + len(new), "steps": optimizer_steps(p.train, len(records)),
+        "round": r, "control": False, **sample_yield(runs), "added": len(new), "self_total": len(earlier) + len(new),
+        "steps": optimizer_steps(p.train, len(records)),
         "sample_s": sum(m.get("wall_s", 0.0) for m in metas),
         "sample_tokens": sum(e["prompt_tokens"] + e["completion_tokens"] for e in episodes),
         "train_s": _train_seconds(trained)}

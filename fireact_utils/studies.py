@@ -1,6 +1,9 @@
 """Notebook 04's sweeps around the main recipe: data scaling, dataset mixtures, a noisy search
 tool, and transfer to other tasks. Each fine-tunes and evaluates through the stages of `pipeline`,
-so every sweep resumes by condition name.
+so every sweep resumes by condition name. The `report_*` functions write each sweep's table and
+figure; notebook 04 and `python -m fireact_utils sweeps` both call them, so both write the same files:
+
+    python -m fireact_utils sweeps params/cpu_full.yaml     # every sweep the params turn on (`report`)
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from .pipeline import (
     run_condition,
     searching_react,
 )
-from .tables import GENERALIZATION_LABELS, condition_table, noise_effects, task_slug
+from .tables import GENERALIZATION_LABELS, condition_table, noise_effects, outcome_table, task_slug
 from .tasks import load_task
 
 if TYPE_CHECKING:
@@ -135,4 +138,102 @@ def generalization(p: Params, trained: str | Path, progress: bool = True) -> dic
     for task in p.study.generalization_tasks:
         base, ft = transfer_pair(p, trained, task, progress).values()
         out[task] = {GENERALIZATION_LABELS["base"]: base, GENERALIZATION_LABELS["ft"]: ft}
+    return out
+
+
+# ---------------------------------------------------------------- tables and figures (notebook 04, `sweeps`)
+
+def react_rows(clean: pd.DataFrame) -> pd.DataFrame:
+    """The clean ReAct rows of a `condition_table` (few-shot and fine-tuned): a sweep's reference lines."""
+    return clean[clean["method"] == "react"]
+
+
+def robustness_stem(p: Params, task: str) -> str:
+    """The tables/ and figures/ stem of `task`'s noisy-tool study: `robustness` on evaluate.task,
+    else `robustness_<task>` (`summaries.scaling_and_robustness` reads them back by these names)."""
+    return "robustness" if task == p.evaluate.task else f"robustness_{task_slug(task)}"
+
+
+def report_generalization(p: Params, trained: str | Path, progress: bool = True) -> pd.DataFrame:
+    """`generalization`'s table, to tables/generalization.{csv,md} with its figure."""
+    from .evaluate import write_table
+    from .plots import plot_generalization
+    from .tables import generalization_table
+
+    table = generalization_table(p, generalization(p, trained, progress))
+    write_table(table, p.run_dir / "tables" / "generalization")
+    plot_generalization(table, stem=p.run_dir / "figures" / "generalization")
+    return table
+
+
+def report_robustness(p: Params, trained: str | Path, progress: bool = True) -> dict[str, pd.DataFrame]:
+    """`robustness`' table of each noise task, to tables/<robustness_stem>.{csv,md} with its figure."""
+    from .evaluate import write_table
+    from .plots import plot_robustness
+
+    out = robustness(p, trained, progress)
+    for task, table in out.items():
+        write_table(table, p.run_dir / "tables" / robustness_stem(p, task))
+        plot_robustness(table, stem=p.run_dir / "figures" / robustness_stem(p, task))
+    return out
+
+
+def report_outcomes(p: Params) -> pd.DataFrame:
+    """`tables.outcome_table` (every wiki condition the run has), to tables/wiki_outcomes.csv with its
+    figure; a run with no wiki condition writes nothing and gets an empty table."""
+    from .io import atomic_write_text
+    from .plots import plot_outcomes
+
+    table = outcome_table(p)
+    if len(table):
+        atomic_write_text(p.run_dir / "tables" / "wiki_outcomes.csv", table.to_csv(index=False))
+        plot_outcomes(table, stem=p.run_dir / "figures" / "outcomes")
+    return table
+
+
+def report_data_scaling(p: Params, clean: pd.DataFrame, progress: bool = True) -> pd.DataFrame:
+    """EM per N of study.data_sizes (`data_scaling`, column `n_trajectories`), to
+    tables/data_scaling.{csv,md}; its figure puts `clean`'s ReAct rows (a `condition_table`) beside it."""
+    from .evaluate import results_table, write_table
+    from .plots import plot_data_scaling
+
+    scaling = data_scaling(p, progress)
+    table = results_table(scaling, p.evaluate.bootstrap).assign(n_trajectories=list(scaling))
+    write_table(table, p.run_dir / "tables" / "data_scaling")
+    plot_data_scaling(table, reference=react_rows(clean), stem=p.run_dir / "figures" / "data_scaling")
+    return table
+
+
+def report_mixtures(p: Params, clean: pd.DataFrame, progress: bool = True) -> pd.DataFrame:
+    """EM per dataset of study.mixtures (`mixtures`), to tables/mixtures.{csv,md}; its figure puts
+    `clean`'s ReAct rows beside it."""
+    from .evaluate import results_table, write_table
+    from .plots import plot_mixtures
+
+    table = results_table(mixtures(p, progress), p.evaluate.bootstrap)
+    write_table(table, p.run_dir / "tables" / "mixtures")
+    plot_mixtures(table, reference=react_rows(clean), stem=p.run_dir / "figures" / "mixtures")
+    return table
+
+
+def any_sweep(p: Params) -> bool:
+    """Whether the params turn on any of notebook 04's sweeps."""
+    s = p.study
+    return bool(s.generalization_tasks or (s.noise_rates and s.noise_kinds) or s.data_sizes or s.mixtures)
+
+
+def report(p: Params, trained: str | Path, progress: bool = True) -> dict[str, object]:
+    """Every sweep the params turn on, in notebook 04's order, each written by its `report_*`."""
+    s, out = p.study, {}
+    clean = condition_table(p, evaluate(p, trained, progress))
+    if s.generalization_tasks:
+        out["generalization"] = report_generalization(p, trained, progress)
+    if s.noise_rates and s.noise_kinds:
+        out["robustness"] = report_robustness(p, trained, progress)
+    if len(outcomes := report_outcomes(p)):
+        out["outcomes"] = outcomes
+    if s.data_sizes:
+        out["data_scaling"] = report_data_scaling(p, clean, progress)
+    if s.mixtures:
+        out["mixtures"] = report_mixtures(p, clean, progress)
     return out

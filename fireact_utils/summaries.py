@@ -124,7 +124,8 @@ def skipped_line(key: str) -> str:
 
 def evaluation(run_dir: str | Path) -> str:
     """Notebook 03: each condition's EM with its CI, turns and what the EM is made of (tables/main.csv),
-    and the paired fine-tuning gain (tables/paired_gain.json), with whether its CI excludes 0."""
+    each one's most frequent failure class (tables/failures.csv), and the paired fine-tuning gain
+    (tables/paired_gain.json), with whether its CI excludes 0."""
     import pandas as pd
 
     from .evaluate import fmt_gain, shorten
@@ -143,6 +144,9 @@ def evaluation(run_dir: str | Path) -> str:
         if isinstance(r.get("not_final"), str):  # `evaluate.not_final`: the EM above may still change
             parts.append(f"**not final**: {r['not_final']}")
         lines.append(f"- **{r['condition']}**: " + "; ".join(parts) + ".")
+    if (fail_file := tables / "failures.csv").is_file():
+        lines += ["", "**Why episodes failed** (`tables/failures.csv`; the most frequent class other than right):", ""]
+        lines += [f"- {r['condition']}: {_top_failure(r)}" for _, r in pd.read_csv(fail_file).iterrows()]
     gain_file = tables / "paired_gain.json"
     if gain_file.is_file():
         g = read_json(gain_file)
@@ -151,6 +155,18 @@ def evaluation(run_dir: str | Path) -> str:
         lines += ["", f"**Paired gain** (`{g['treatment']}` minus `{g['baseline']}`, the same {g['n']} questions): "
                   f"{fmt_gain(g['gain'], g['lo'], g['hi'])} EM points; {verdict}."]
     return "\n".join(lines)
+
+
+def _top_failure(row) -> str:
+    """A `failures.failure_table` row's most frequent class other than right (ties: the first in
+    `failures.CLASSES`), with its count; or that none failed."""
+    from .failures import CLASSES
+
+    wrong = [c for c in CLASSES if c != "right"]
+    top = max(wrong, key=lambda c: (row[c], -wrong.index(c)))
+    if not row[top]:
+        return f"no failure in {row['n']} episodes"
+    return f"{top}, {row[top]} of {row['n']} episodes ({row[f'{top} (share)']:.0%})"
 
 
 # ---------------------------------------------------------------- 02: the fine-tune

@@ -34,6 +34,27 @@ def condition_table(p: Params, conds: dict[str, list[dict]]):
     return results_table(labelled, p.evaluate.bootstrap, extra=extra)
 
 
+def main_table(p: Params, conds: dict[str, list[dict]]) -> pd.DataFrame:
+    """`condition_table` of notebook 03's conditions, written to tables/main.{csv,md}; notebook 03
+    and `headline` both write it here."""
+    from .evaluate import write_table
+
+    table = condition_table(p, conds)
+    write_table(table, p.run_dir / "tables" / "main")
+    return table
+
+
+def paper_table(p: Params, table: pd.DataFrame) -> pd.DataFrame:
+    """`evaluate.paper_summary` of the main table (this run, FireAct's released runs rescored, the
+    paper's EM), written to tables/summary_vs_paper.csv."""
+    from .evaluate import paper_summary
+    from .io import atomic_write_text
+
+    summary = paper_summary(table, p.data_dir)
+    atomic_write_text(p.run_dir / "tables" / "summary_vs_paper.csv", summary.to_csv(index=False))
+    return summary
+
+
 def planned_questions(p: Params, conds: dict[str, list[dict]]) -> dict[str, int]:
     """How many questions each condition with a meta is to run: on evaluate.task and split, the
     first evaluate.n_questions; on any task, at least as many as the table's other condition on the
@@ -118,17 +139,22 @@ def paired_gain(p: Params, conds: dict[str, list[dict]], base: str = "base_fewsh
                 ft: str = "finetuned_react", save: bool = True) -> dict:
     """EM of `ft` minus `base` on the same questions with a paired bootstrap 95% CI, overall and
     per question type (`by_type`: two-option questions are half won by a coin), saved to
-    tables/paired_gain.json when `save`."""
+    tables/paired_gain.json when `save`. Episodes pair by id, in `base`'s order, so records read in
+    the order they finished pair as well as those in question order."""
     from .evaluate import episode_values, paired_bootstrap_diff, question_type
 
+    by_id = {r["id"]: r for r in conds[ft]}
+    if len(by_id) != len(conds[ft]) or sorted(by_id) != sorted(r["id"] for r in conds[base]):
+        raise ValueError(f"{base} and {ft} must cover the same questions, once each ({len(conds[base])} and "
+                         f"{len(conds[ft])} episodes): episodes pair by id")
+    both = [(a, by_id[a["id"]]) for a in conds[base]]
+
     def gain(keep) -> dict:
-        pairs = [(a, b) for a, b in zip(conds[base], conds[ft], strict=True) if keep(b)]
+        pairs = [(a, b) for a, b in both if keep(b)]
         mean, lo, hi = paired_bootstrap_diff(*(episode_values(list(x), "em") for x in zip(*pairs, strict=True)),
                                              p.evaluate.bootstrap)
         return {"n": len(pairs), "gain": mean, "lo": lo, "hi": hi}
 
-    if [r["id"] for r in conds[base]] != [r["id"] for r in conds[ft]]:
-        raise ValueError(f"{base} and {ft} must cover the same questions in the same order")
     types = sorted({question_type(r) for r in conds[ft]})
     out = {"metric": "em", "baseline": base, "treatment": ft, **gain(lambda r: True), "bootstrap": p.evaluate.bootstrap,
            "by_type": {t: gain(lambda r, t=t: question_type(r) == t) for t in types}}

@@ -110,6 +110,13 @@ def test_select_consistency_mistakes_and_resumed_tables(tmp_path, capsys, multih
     chosen = json.loads((tmp_path / "smoke" / "tables" / "recipes_chosen.json").read_text())
     assert chosen["label"] == "b" and chosen["overrides"] == {"train.lora_r": 8} and chosen["em"] == 0.5
     assert not (tmp_path / "smoke" / "recipes").exists()  # nothing trained
+    from fireact_utils import recipes  # notebook 02 shows the same choice, read back, and the one it skips
+
+    shown = recipes.selection_markdown(recipes.selections(load_params("params/smoke.yaml", ov)))
+    skipped, recipes_part = shown.split("\n\n", 1)
+    assert skipped.startswith("Few-shot prompt selection on validation: not in this run; `python -m fireact_utils select")
+    assert recipes_part.startswith("**Fine-tuning recipes**, chosen: `b`\n\n| condition |")
+    assert recipes_part.endswith("- `a`: train.lora_r=4\n- `b`: train.lora_r=8")
 
 
 def test_consistency_of_the_fewshot_base_alone_then_over_seeds(tmp_path, capsys, model_path):
@@ -184,6 +191,56 @@ def test_beyond_with_nothing_to_run_and_a_group_of_one(tmp_path, capsys):
     assert "self_improve.rounds and rl.steps are both 0" in _error_line(capsys)
     assert main(["params", "params/smoke.yaml", "rl.num_generations=1"]) == 2  # a group needs two episodes
     assert "rl.num_generations" in _error_line(capsys)
+
+
+def test_select_and_sweeps_with_nothing_to_run(tmp_path, capsys):
+    ov = [f"output_root={tmp_path}", "study.recipes={}", "study.fewshot_variants={}"]
+    assert main(["select", "params/smoke.yaml", *ov]) == 2
+    assert "study.fewshot_variants and study.recipes are both empty" in _error_line(capsys)
+    ov = [f"output_root={tmp_path}", "study.generalization_tasks=[]", "study.noise_rates=[]", "study.data_sizes=[]"]
+    assert main(["sweeps", "params/smoke.yaml", *ov]) == 2
+    assert "nothing to run" in _error_line(capsys)
+    assert not (tmp_path / "smoke").exists()
+
+
+def _search_then_answer(text: str) -> str:
+    """Stateless: search the episode's question, then a wrong answer (few-shot and fine-tuned prompts alike)."""
+    episode = text.rsplit("Question:", 1)[-1].rsplit("### Instruction:", 1)[-1]
+    if "Observation:" in episode:
+        return "Thought: I give up.\nAction: finish[no idea]"
+    return f"Thought: look it up.\nAction: search[{episode.strip().splitlines()[0][:60]}]"
+
+
+def test_sweeps_writes_notebook_04s_tables_and_prints_its_summary(tmp_path, capsys, monkeypatch, data_dir,
+                                                                  multihop_dir):
+    """`sweeps` with every sweep on, at toy sizes, every model scripted (the real agent loop, replay and
+    Wikipedia search) and no training: each table and figure under the names notebook 04 writes, and
+    its summary, which reads them back by those names."""
+    from scripted import ScriptedLLM
+
+    from fireact_utils import studies
+
+    fake = lambda *a, **k: ScriptedLLM(_search_then_answer)  # noqa: E731
+    monkeypatch.setattr(pipeline, "local_llm", fake)
+    monkeypatch.setattr(studies, "local_llm", fake)
+    monkeypatch.setattr(pipeline, "finetune", lambda p: tmp_path / "trained")
+    monkeypatch.setattr(studies, "finetune", lambda p, records, out: out)
+    ov = [f"output_root={tmp_path}", "study.generalization_tasks=[hotpotqa-wiki]", "study.generalization_n=2",
+          "study.noise_tasks=[]", "study.data_sizes=[4]", "study.mixtures={mm: 'fireact:hotpotqa_multimethod'}",
+          "evaluate.n_questions=3"]
+    assert main(["sweeps", "params/smoke.yaml", *ov]) == 0
+    run = tmp_path / "smoke"
+    stems = ["data_scaling", "generalization", "mixtures", "robustness"]
+    assert sorted(f.name for f in (run / "tables").iterdir()) == sorted(
+        [*(f"{s}.{e}" for s in stems for e in ("csv", "md")), "wiki_outcomes.csv"])
+    assert sorted(f.name for f in (run / "figures").iterdir()) == sorted(
+        f"{s}.{e}" for s in [*stems, "outcomes"] for e in ("png", "svg"))
+    table = pd.read_csv(run / "tables" / "robustness.csv")
+    assert (table["n"] == 3).all() and table["noise_rate"].notna().sum() == 3  # 3 agents x 1 kind x 1 rate
+    out = capsys.readouterr().out
+    assert out.startswith("**Noisy tool on hotpotqa** (`tables/robustness.csv`;")
+    assert "- **Generalization**: hotpotqa-wiki (2 questions)" in out and "- **Data scaling** (" in out
+    assert "- **Mixtures** (fine-tuned on each dataset): mm: EM" in out
 
 
 def test_run_only_executes_the_named_notebooks(tmp_path, capsys):

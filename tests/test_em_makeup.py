@@ -71,8 +71,11 @@ def test_paired_gain_per_type(tmp_path):
                                                        "- two-option questions (1): +100.0 [+100.0, +100.0]"]
     worse = tables.gain_summary(tables.paired_gain(p, {"base_fewshot_react": ft, "finetuned_react": base}, save=False))
     assert worse.startswith("**FireAct fine-tuned ReAct minus base few-shot ReAct**: -66.7 [")  # a loss reads as one
+    # episodes pair by id: the treatment's records in another order (as they finished) give the same gain and
+    # CI, a missing one is refused
+    assert tables.paired_gain(p, {"base_fewshot_react": base, "finetuned_react": ft[::-1]}, save=False) == g
     with pytest.raises(ValueError, match="same questions"):
-        tables.paired_gain(p, {"base_fewshot_react": base[::-1], "finetuned_react": ft})
+        tables.paired_gain(p, {"base_fewshot_react": base[1:], "finetuned_react": ft})
 
 
 def _search(query: str) -> str:

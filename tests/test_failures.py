@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 
+import pandas as pd
 import pytest
 from eval_records import react_records
 from scripted import ScriptedLLM, by_question
@@ -14,11 +15,13 @@ from fireact_utils.config import AgentParams, load_params
 from fireact_utils.evaluate import paired_bootstrap_diff
 from fireact_utils.failures import (
     CLASSES,
+    changed_markdown,
     compare_main,
     compare_runs,
     failure_class,
     failure_table,
     gold_titles_by_id,
+    report,
     what_changed,
 )
 from fireact_utils.io import read_json, write_jsonl
@@ -182,3 +185,29 @@ def test_compare_runs_matches_paired_gain(data_dir, wiki, tmp_path, capsys):
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'nowhere'} has no eval/ folder")
     write_jsonl(run_b / "eval" / "finetuned_react.jsonl", wiki_recs)  # no episode in common
     assert compare_main(str(run_a), str(run_b)) == 1 and "no condition has episodes in both" in capsys.readouterr().out
+
+
+def test_report_writes_the_table_figure_and_what_changed(data_dir, tmp_path):
+    """`failures.report` (notebook 03 and `headline`) on real records of three questions: by hand,
+    few-shot ReAct is never searched, right, never searched; the fine-tuned agent hits the turn limit,
+    never searched, right. Labels are the main table's; every question changed class."""
+    base, ft, _ = react_records(data_dir)
+    p = load_params("params/smoke.yaml", {"output_root": str(tmp_path)})
+    table, changed = report(p, {"base_fewshot_react": base, "finetuned_react": ft})
+    tables, figures = p.run_dir / "tables", p.run_dir / "figures"
+    assert list(table["condition"]) == ["base few-shot ReAct", "FireAct fine-tuned ReAct"]
+    assert (tables / "failures.md").read_text().splitlines() == [
+        "| condition | n | right | never searched | turn limit |", "|---|---|---|---|---|",
+        "| base few-shot ReAct | 3 | 1 (33%) | 2 (67%) | 0 (0%) |",
+        "| FireAct fine-tuned ReAct | 3 | 1 (33%) | 1 (33%) | 1 (33%) |"]
+    assert pd.read_csv(tables / "failures.csv")[list(CLASSES)].sum(axis=1).tolist() == [3, 3]
+    assert all((figures / f"failures.{ext}").stat().st_size > 1000 for ext in ("png", "svg"))
+    saved = pd.read_csv(tables / "what_changed.csv")
+    assert list(zip(saved["before"], saved["after"], saved["ids"], strict=True)) == [
+        ("right", "never searched", base[1]["id"]), ("never searched", "right", base[2]["id"]),
+        ("never searched", "turn limit", base[0]["id"])]
+    assert changed_markdown(changed, "few-shot", "fine-tuned").splitlines() == [
+        "**From few-shot to fine-tuned**, the same 3 questions paired by id: 0 kept their class, 3 changed it:",
+        "- right -> never searched: 1", "- never searched -> right: 1", "- never searched -> turn limit: 1"]
+    same = what_changed(base, base)  # nothing changed: one line
+    assert changed_markdown(same, "a", "b") == "**From a to b**, the same 3 questions paired by id: 3 kept their class, 0 changed it."

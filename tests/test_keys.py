@@ -75,6 +75,7 @@ def test_a_fine_tune_is_reused_only_under_its_data_and_settings(tmp_path, tiny, 
     final = tmp_path / "smoke" / "finetune" / "final"
     assert (code, printed) == (0, str(final))
     assert read_json(final / "train_done.json")["key"] == read_json(final.parent / "key.json")["key"]
+    assert (tmp_path / "smoke" / "figures" / "loss_curve.png").stat().st_size > 1000  # drawn as notebook 02 draws it
     assert _finetune(tmp_path, tiny) == (0, str(final))  # reused: same data, same settings
 
     code, printed = _finetune(tmp_path, tiny, "dataset.source=fireact:hotpotqa_multimethod")

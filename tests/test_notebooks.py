@@ -17,6 +17,7 @@ import pytest
 from fireact_utils import rl
 from fireact_utils.chain import NOTEBOOK_DIR, NOTEBOOKS, chain_kernel, run_chain
 from fireact_utils.config import load_params
+from fireact_utils.failures import CLASSES
 from fireact_utils.holdout import question_key, reserved_keys
 from fireact_utils.pipeline import SEARCHING
 from fireact_utils.tables import condition_label
@@ -72,6 +73,29 @@ def test_papermill_sees_parameters(name):
     found = pm.inspect_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"))
     assert list(found) == PARAM_NAMES
     assert all(found[k]["help"] for k in PARAM_NAMES)
+
+
+def test_walkthrough_tool_counters_hold_only_their_own_calls(monkeypatch, data_dir):
+    """Notebook 00's code cells run in order, its model scripted (search once, then answer): the tool
+    called by hand counts that one call, the agent's tool only the agent's own searches."""
+    from scripted import ScriptedLLM
+
+    from fireact_utils import pipeline
+
+    def reply(text: str) -> str:
+        if "Observation:" in text.rsplit("Question:", 1)[1]:
+            return "Thought: I know it now.\nAction: finish[Paris]"
+        return "Thought: I should look it up.\nAction: search[Irene Jacob]"
+
+    monkeypatch.setattr(pipeline, "local_llm", lambda p, trained=None: ScriptedLLM(reply))
+    ns: dict = {}
+    for cell in _nb("00_walkthrough").cells:
+        if cell.cell_type == "code":
+            params = "parameters" in cell.metadata.get("tags", [])
+            exec(f"params_file = {str(REPO / 'params' / 'cpu.yaml')!r}\noverrides = []" if params else cell.source, ns)
+    assert ns["by_hand"].stats()["calls"] == 1
+    agent_searches = 1 + sum(s["action"] == "search" for s in ns["record"]["steps"])  # agent.step's, the episode's
+    assert agent_searches == 2 and ns["search"].stats()["calls"] == agent_searches
 
 
 # ---------------------------------------------------------------- the chain
@@ -199,6 +223,10 @@ def test_chain_tables(chain):
     counts = outcomes[["correct", "saw evidence, wrong answer", "missed evidence", "never finished"]].sum(axis=1)
     assert (counts == outcomes["condition"].map(lambda c: p.study.select_n if c in select
                                                  else p.study.generalization_n)).all()
+    fails = pd.read_csv(tables / "failures.csv")  # one failure class per episode (notebook 03)
+    assert set(fails["condition"]) == main and (fails[list(CLASSES)].sum(axis=1) == fails["n"]).all()
+    changed = pd.read_csv(tables / "what_changed.csv")
+    assert changed["n"].sum() == p.evaluate.n_questions  # few-shot ReAct -> fine-tuned, paired by id
     gain = json.loads((tables / "paired_gain.json").read_text())
     assert gain["n"] == p.evaluate.n_questions and gain["lo"] <= gain["gain"] <= gain["hi"]
     assert _conditions(tables / "data_scaling.csv", "n_trajectories") == set(p.study.data_sizes)
@@ -259,7 +287,7 @@ def test_chain_tables(chain):
 @pytest.mark.slow
 def test_chain_figures(chain):
     _, run_dir = chain
-    for stem in ("loss_curve", "prompting_vs_finetuned", "efficiency", "robustness", "robustness_hotpotqa-wiki",
+    for stem in ("loss_curve", "prompting_vs_finetuned", "efficiency", "failures", "robustness", "robustness_hotpotqa-wiki",
                  "data_scaling", "generalization", "outcomes", "recipes_selection", "fewshot_variants_selection",
                  "self_consistency", "self_improve", "rl_curve"):
         for ext in ("png", "svg"):

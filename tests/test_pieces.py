@@ -141,7 +141,7 @@ def test_the_choices_on_validation_in_pieces_choose_as_one_run(tmp_path, model_p
     whole = load_params(SMOKE, [f"output_root={tmp_path / 'whole'}", *ov])
     from fireact_utils import recipes
 
-    recipes.select_report(whole, progress=False)
+    recipes.selections(whole, progress=False)
     for which in ("fewshot_variants", "recipes"):
         got, want = (pd.read_csv(d / "tables" / f"{which}_selection.csv") for d in (out, whole.run_dir))
         same = [c for c in want if not any(x in c for x in ("second", "machine", "wall", "per_s"))]

@@ -98,16 +98,17 @@ def test_skipped_names_a_command_that_runs_the_section(key):
 
 def test_evaluation_summary_from_saved_tables(tmp_path, data_dir):
     """Notebook 03: real records (agent loop, scripted model) written as the notebook writes them."""
+    import pandas as pd
     from eval_records import WRONG, react_records
 
-    from fireact_utils import tables
-    from fireact_utils.evaluate import fmt_pct_ci, write_table
+    from fireact_utils import failures, tables
+    from fireact_utils.evaluate import fmt_pct_ci
 
     base, ft, _ = react_records(data_dir)
     p = load_params(SMOKE, [f"output_root={tmp_path}"])
     conds = {"base_fewshot_react": base, "finetuned_react": ft}
-    table = tables.condition_table(p, conds)
-    write_table(table, p.run_dir / "tables" / "main")
+    table = tables.main_table(p, conds)  # written as notebook 03 and `headline` write it
+    assert pd.read_csv(p.run_dir / "tables" / "main.csv")["condition"].tolist() == table["condition"].tolist()
     assert "Paired gain" not in summaries.evaluation(p.run_dir)  # before paired_gain.json exists
     gain = tables.paired_gain(p, conds)
     text = summaries.evaluation(p.run_dir)
@@ -119,6 +120,18 @@ def test_evaluation_summary_from_saved_tables(tmp_path, data_dir):
     assert gain["gain"] == 0  # one win each way
     assert (f"**Paired gain** (`finetuned_react` minus `base_fewshot_react`, the same 3 questions): "
             f"+0.0 [{gain['lo'] * 100:+.1f}, {gain['hi'] * 100:+.1f}] EM points; its CI includes 0") in text
+    assert "Why episodes failed" not in text  # before failures.csv exists
+    summary = tables.paper_table(p, table)  # ours, FireAct's released runs, the paper's EM, as notebook 03 saves them
+    saved = pd.read_csv(p.run_dir / "tables" / "summary_vs_paper.csv")
+    assert list(saved["source"]) == list(summary["source"]) and saved["source"].iloc[0] == "this run"
+    assert {"FireAct released run", "FireAct paper"} <= set(saved["source"])
+    failures.report(p, conds)
+    text = summaries.evaluation(p.run_dir)
+    # by hand: few-shot never searched twice; fine-tuned once never searched, once at the turn limit (a tie:
+    # the class first in failures.CLASSES)
+    assert ("**Why episodes failed** (`tables/failures.csv`; the most frequent class other than right):\n\n"
+            "- base few-shot ReAct: never searched, 2 of 3 episodes (67%)\n"
+            "- FireAct fine-tuned ReAct: never searched, 1 of 3 episodes (33%)\n") in text
 
 
 # ---------------------------------------------------------------- notebooks 02, 04, 05
