@@ -12,8 +12,9 @@ port in between is refused, never evaluated under this run's fingerprint.
 
 On a GPU the server takes a set share of the card's memory (`model.vllm_gpu_memory_utilization`,
 passed as --gpu-memory-utilization), sees only the kit's card (`model.device=cuda:N` becomes its
-CUDA_VISIBLE_DEVICES), and is stopped before a fine-tune on a GPU starts (`make_room`): the
-headline trains seed 2 right after serving seed 1's agent, and vLLM holds its share until it exits.
+CUDA_VISIBLE_DEVICES). A server is stopped before a fine-tune on its device starts (`make_room`): the
+headline trains seed 2 right after serving seed 1's agent, and vLLM holds its share of a card, or
+its CPU KV cache, until it exits.
 
     server = serve("/path/to/model", dtype="float32")   # ~2.5 min on 2 CPU cores, then reused
     server.base_url                                     # http://127.0.0.1:<port>/v1
@@ -343,14 +344,16 @@ def gpu_index(device: str) -> int | None:
 
 
 def make_room(device: str) -> bool:
-    """Before weights load to train on `device` (every fine-tune, GRPO): stop the running server if
-    it is on the same GPU, since vLLM keeps its share of the card until it exits and training beside
-    it runs out of memory; True if one was stopped. A backend that asks again starts a new one. On a
-    CPU the server stays: idle, it takes no core, and a LoRA condition after training reuses it."""
+    """Before weights load to train on `device` (every fine-tune, GRPO): stop the running server on
+    the same card, or on the CPU when training there; True if one was stopped. vLLM keeps its share
+    of a card until it exits, and a CPU server holds its 4 GiB KV cache and weights (about 6 GB
+    RSS), which beside a full fine-tune's 17.6 GB peak outgrows a 24 GB machine. A backend that asks
+    again starts a new one (30-50 s on a 2-core CPU)."""
     card = gpu_index(device)
-    if card is None or not any(s.alive() and gpu_index(s.device) == card for s in _running.values()):
+    if not any(s.alive() and gpu_index(s.device) == card for s in _running.values()):
         return False
-    print("vLLM: stopping the server to free the GPU for training", file=sys.stderr)
+    print(f"vLLM: stopping the server to free the {'GPU' if card is not None else 'memory'} for training",
+          file=sys.stderr)
     stop_all()
     return True
 
