@@ -16,6 +16,8 @@
     python -m fireact_utils beyond params/cpu_full.yaml         # self-improvement rounds and GRPO (notebook 05)
     python -m fireact_utils base-models params/base_models.yaml # per model: recipe chosen on val, few-shot vs fine-tuned
     python -m fireact_utils compare outputs/runs/cpu outputs/runs/cpu_lora   # paired gains, flipped questions
+    python -m fireact_utils compare outputs/runs/cpu outputs/runs/cpu_lora --html flips.html   # and those questions' episodes
+    python -m fireact_utils browse outputs/runs/cpu             # every episode in outputs/runs/cpu/browser.html
     python -m fireact_utils params params/cpu.yaml              # print resolved params
     python -m fireact_utils download --dest data                # FireAct's data + multihop, checked (online)
     python -m fireact_utils download --check --dest ../shared/fireact --multihop-dest ../shared/multihop
@@ -97,6 +99,14 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="two runs' shared conditions: EM of each, paired gain with CI, flipped ids")
     c.add_argument("run_a", help="a run directory (with eval/), e.g. outputs/runs/cpu")
     c.add_argument("run_b", help="the other run; the gain is run_b minus run_a")
+    c.add_argument("--html", metavar="FILE", help="also write the flipped questions' episodes, both runs side by "
+                   "side, as an episode browser page (docs/browser.md)")
+    b = sub.add_parser("browse", help="every episode of a run in one static HTML page: a filterable table, each "
+                       "episode's steps, each question across conditions, the training data (docs/browser.md)")
+    b.add_argument("run_dir", help="a run directory (with eval/), e.g. outputs/runs/cpu")
+    b.add_argument("--out", help="the page (default RUN_DIR/browser.html)")
+    b.add_argument("--ids", nargs="+", metavar="ID", help="only these episode ids, e.g. hotpotqa/dev/12")
+    b.add_argument("--conditions", nargs="+", metavar="NAME", help="only these conditions (eval/NAME.jsonl)")
     return ap
 
 
@@ -123,7 +133,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "compare":
         from .failures import compare_main
 
-        return compare_main(args.run_a, args.run_b)
+        return compare_main(args.run_a, args.run_b, args.html)
+    if args.cmd == "browse":
+        from .browser import write
+
+        print(f"episode browser: {write(args.run_dir, args.out, args.ids, args.conditions)}")
+        return 0
     if args.cmd == "download":
         from . import download as dl
 
