@@ -1,10 +1,12 @@
 """The episode browser on a real run dir: two HotpotQA-wiki conditions run through
 `pipeline.run_condition` with a scripted model (the real agent loop, BM25 search and record writer),
-FireAct's training trajectories saved by `data.save_dataset`; the page read back with an HTML parser."""
+FireAct's training trajectories saved by `data.save_dataset`; the page read back with an HTML parser,
+and (slow) opened in a real headless Chromium, filtered and clicked."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 
@@ -180,3 +182,62 @@ def test_cli_browse_and_compare(run, tmp_path, capsys):
     assert sorted(d["id"] for d in soup.select(".detail[id^=ep-]")) == sorted(
         browser.anchor(f"{side}:fewshot", i) for i in flipped for side in "ab")
     assert main(["browse", str(tmp_path / "nowhere")]) == 2
+
+
+# ---------------------------------------------------------------- a real browser
+
+
+@pytest.fixture
+def chromium():
+    """Selenium driving Debian's chromium and chromedriver, headless (skipped where they are missing,
+    unless $FIREACT_REQUIRE_BROWSER is set: CI installs them)."""
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        if os.environ.get("FIREACT_REQUIRE_BROWSER"):
+            pytest.fail("chromium or chromedriver is missing and $FIREACT_REQUIRE_BROWSER is set")
+        pytest.skip("no chromium/chromedriver (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    yield driver
+    driver.quit()
+
+
+@pytest.mark.slow
+def test_filter_and_open_an_episode_in_chromium(run, chromium):
+    """From file://: the table draws from the embedded bundle; filtering the condition and correct
+    columns leaves that condition's wrong episodes; clicking one's id opens its detail, its steps shown
+    as text (the <script> in its thought runs nowhere); the search box finds an id in both conditions."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    run_dir, _, conds = run
+    d = chromium
+    d.get(browser.write(run_dir).as_uri())
+    wait = WebDriverWait(d, 60)
+    rows = lambda: d.find_elements(By.CSS_SELECTOR, "#episodes tbody tr")  # noqa: E731
+    wait.until(lambda _: len(rows()) == 2 * N and rows()[0].find_elements(By.TAG_NAME, "a"))
+    filters = d.find_elements(By.CSS_SELECTOR, "#episodes thead input")
+    filters[browser.COLUMNS.index("condition")].send_keys("fewshot")
+    filters[browser.COLUMNS.index("correct")].send_keys("false")
+    wrong = [r["id"] for r in conds["fewshot"] if not r["em"]]
+    wait.until(lambda _: [r.find_element(By.TAG_NAME, "a").text for r in rows()] == wrong)
+    target = conds["fewshot"][1]
+    link = next(a for a in d.find_elements(By.CSS_SELECTOR, "#episodes tbody a") if a.text == target["id"])
+    link.click()
+    detail = d.find_element(By.ID, browser.anchor("fewshot", target["id"]))
+    wait.until(lambda _: detail.is_displayed())
+    text = detail.text
+    assert SCRIPT_TAG in text and target["question"] in text and f"finish[{BOLD}]" in text
+    assert d.execute_script("return location.hash") == f"#{browser.anchor('fewshot', target['id'])}"
+    d.execute_script("location.hash = '#top'")
+    for f in filters:
+        f.clear()
+        f.send_keys(" \b")  # clearing by script leaves DataTables' filter: a keystroke redraws
+    search = d.find_element(By.CSS_SELECTOR, "input[type=search]:not(thead input)")
+    search.send_keys(conds["fewshot"][2]["id"])
+    wait.until(lambda _: sorted(r.find_element(By.TAG_NAME, "td").text for r in rows()) == ["fewshot", "finetuned"])
