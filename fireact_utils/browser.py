@@ -92,6 +92,9 @@ def select(conds: dict[str, list[dict]], table: pd.DataFrame, ids=None, conditio
            **where) -> tuple[dict[str, list[dict]], pd.DataFrame]:
     """The conditions and table rows kept by `ids`, `conditions` and `where` (a column, its spaces as
     underscores, equal to a value or in a list: `correct=False`, `failure_class=["never searched"]`)."""
+    for col, want in (("id", ids), ("condition", conditions)):  # a misspelt name is an error, not an empty page
+        if missing := [w for w in want or [] if w not in set(table[col])]:
+            raise ValueError(f"no episode has {col} {', '.join(map(str, missing))}")
     keep = pd.Series(True, index=table.index)
     for col, want in {"id": ids, "condition": conditions, **where}.items():
         col = col.replace("_", " ") if col.replace("_", " ") in table else col

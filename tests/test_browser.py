@@ -145,6 +145,8 @@ def test_filters(run):
     assert shown.count('<details class="episode') == 2 and "<html" not in shown  # a fragment for a notebook
     with pytest.raises(ValueError, match="no column 'colour'"):
         browser.select(conds, browser.episode_table(conds), colour="red")
+    with pytest.raises(ValueError, match="no episode has condition few_shot"):
+        browser.select(conds, browser.episode_table(conds), conditions=["fewshot", "few_shot"])
 
 
 def test_training_data_marks_the_loss(run, page, tmp_path):
