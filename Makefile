@@ -81,6 +81,7 @@ bench: setup             ## speed benchmarks, printed as side-by-side ratios
 	$(PY) benchmarks/rollouts.py --skip generate_batch   # generate_batch: > 14 min on 2 CPU cores
 	$(PY) benchmarks/sft.py
 	$(PY) benchmarks/search.py
+	$(PY) benchmarks/browser.py   # the episode browser: page size and build time on FireAct's released runs
 
 clean-outputs:
 	rm -rf outputs/runs

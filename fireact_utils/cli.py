@@ -19,6 +19,8 @@
     python -m fireact_utils report results/ --docs              # the committed study rebuilt, docs' tables from it
     python -m fireact_utils compare outputs/runs/cpu outputs/runs/cpu_lora   # paired gains, flipped questions
     python -m fireact_utils fork outputs/runs/cpu outputs/runs/ex03_200      # a new run from the demo's model and episodes
+    python -m fireact_utils compare outputs/runs/cpu outputs/runs/cpu_lora --html flips.html   # and those questions' episodes
+    python -m fireact_utils browse outputs/runs/cpu             # every episode in outputs/runs/cpu/browser.html
     python -m fireact_utils params params/cpu.yaml              # print resolved params
     python -m fireact_utils download --dest data                # FireAct's data + multihop, checked (online)
     python -m fireact_utils download --dest data --only fireact  # FireAct's data alone: all the demo reads
@@ -119,6 +121,14 @@ def _parser() -> argparse.ArgumentParser:
                        "tables or figures), so an exercise extends a run under its own name")
     f.add_argument("src", help="a run directory, e.g. outputs/runs/cpu")
     f.add_argument("dest", help="the new run's directory, e.g. outputs/runs/ex03_200 (run it with name=ex03_200)")
+    c.add_argument("--html", metavar="FILE", help="also write the flipped questions' episodes, both runs side by "
+                   "side, as an episode browser page (docs/browser.md)")
+    b = sub.add_parser("browse", help="every episode of a run in one static HTML page: a filterable table, each "
+                       "episode's steps, each question across conditions, the training data (docs/browser.md)")
+    b.add_argument("run_dir", help="a run directory (with eval/), e.g. outputs/runs/cpu")
+    b.add_argument("--out", help="the page (default RUN_DIR/browser.html)")
+    b.add_argument("--ids", nargs="+", metavar="ID", help="only these episode ids, e.g. hotpotqa/dev/12")
+    b.add_argument("--conditions", nargs="+", metavar="NAME", help="only these conditions (eval/NAME.jsonl)")
     return ap
 
 
@@ -147,7 +157,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "compare":
         from .failures import compare_main
 
-        return compare_main(args.run_a, args.run_b)
+        return compare_main(args.run_a, args.run_b, args.html)
+    if args.cmd == "browse":
+        from .browser import write
+
+        print(f"episode browser: {write(args.run_dir, args.out, args.ids, args.conditions)}")
+        return 0
     if args.cmd == "fork":
         from .fork import fork_main
 

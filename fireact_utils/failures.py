@@ -12,7 +12,7 @@ index:
     report(p, conds)                                     # both for notebook 03's conditions, written to tables/, figures/
     compare_runs(run_a, run_b)                           # each condition of both runs: EM, paired gain, flips
 
-    python -m fireact_utils compare outputs/runs/cpu outputs/runs/gpu
+    python -m fireact_utils compare outputs/runs/cpu outputs/runs/gpu [--html flips.html]   # flipped episodes side by side
 
 Precedence, first match wins:
 1. `right`: EM.
@@ -210,13 +210,18 @@ def compare_report(table: pd.DataFrame, run_a: str | Path = "a", run_b: str | Pa
     return "\n".join(lines)
 
 
-def compare_main(run_a: str, run_b: str) -> int:
-    """`python -m fireact_utils compare RUN_A RUN_B`: print the comparison; exit 1 if nothing pairs,
-    2 (one `error:` line, as the CLI's other user mistakes) if a run has no eval/ folder."""
+def compare_main(run_a: str, run_b: str, html: str | None = None) -> int:
+    """`python -m fireact_utils compare RUN_A RUN_B [--html FILE]`: print the comparison (and write the
+    flipped questions' episodes to FILE, `browser.write_comparison`); exit 1 if nothing pairs, 2 (one
+    `error:` line, as the CLI's other user mistakes) if a run has no eval/ folder."""
     for run in (run_a, run_b):
         if not (Path(run) / "eval").is_dir():
             print(f"error: {run} has no eval/ folder (a run directory, e.g. outputs/runs/cpu)", file=sys.stderr)
             return 2
     table = compare_runs(run_a, run_b)
     print(compare_report(table, run_a, run_b))
+    if html and len(table):
+        from .browser import write_comparison
+
+        print(f"flipped questions, side by side: {write_comparison(run_a, run_b, table, html)}")
     return 0 if len(table) else 1

@@ -27,7 +27,7 @@ IGNORE = -100
 MAX_LENGTH = default(TrainParams, "max_length")
 
 
-def _segments_alpaca(rec: dict) -> list[tuple[str, bool]]:
+def segments_alpaca(rec: dict) -> list[tuple[str, bool]]:
     """(text, is_agent) pieces whose concatenation is the Alpaca prompt + FireAct output text."""
     segs = [(ALPACA_HEADER.format(instruction=rec["question"]), False)]
     if rec.get("preamble"):
@@ -44,7 +44,7 @@ def tokenize_alpaca(rec: dict, tok, loss_on: str = "agent", max_length: int = MA
     each piece tokenized as it stands in the whole text (`tokens.piece_ids`)."""
     ids = bos_ids(tok)
     labels = [IGNORE] * len(ids)
-    for k, (text, agent) in enumerate(_segments_alpaca(rec)):
+    for k, (text, agent) in enumerate(segments_alpaca(rec)):
         t = piece_ids(tok, text) if k else tok(text, add_special_tokens=False)["input_ids"]
         ids += t
         labels += t if (agent or loss_on == "all") else [IGNORE] * len(t)

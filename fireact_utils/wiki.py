@@ -25,7 +25,7 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +168,20 @@ def shown_titles(observation: str, titles: Iterable[str]) -> set[str]:
     rule for "this observation holds that paragraph": `evidence` applies it to replayed observations,
     `failures.failure_class` to a record's own, which needs no index."""
     return {t for t in titles if re.match(rf"(?:.*?\[\d+\] )?{re.escape(t)}: ", observation, re.S)}
+
+
+def retrieved_titles(observation: str, titles: Container[str]) -> list[str]:
+    """The titles of every paragraph in `observation`, in order (the inverse of `WikiSearch.format`);
+    `titles` (the corpus's) tells where a title ends, since titles hold ': ' too ('Star Wars: ...').
+    The longest prefix that is a title wins; an observation that is no paragraph ('None') has none."""
+    parts, j = [observation], 2
+    if observation.startswith("[1] "):
+        parts = [observation[4:]]
+        while (cut := parts[-1].find(f" [{j}] ")) >= 0:
+            parts[-1:] = [parts[-1][:cut], parts[-1][cut + len(f" [{j}] "):]]
+            j += 1
+    found = ([part[:m.start()] for m in re.finditer(": ", part) if part[:m.start()] in titles][-1:] for part in parts)
+    return [t for hit in found for t in hit]
 
 
 def evidence(record: dict, gold: list[str], tool: WikiSearch) -> dict[str, Any]:

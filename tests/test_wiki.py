@@ -18,7 +18,7 @@ from fireact_utils.provenance import machine_label, merge_tool_stats
 from fireact_utils.tables import outcome_table, table_extras
 from fireact_utils.tasks import WIKI_TASKS, load_task
 from fireact_utils.tools import EMPTY_QUERY, NO_RESULTS, NoisyTool, make_search, noise_pool
-from fireact_utils.wiki import WikiSearch, cut_words, evidence, fidelity, outcome
+from fireact_utils.wiki import WikiSearch, cut_words, evidence, fidelity, outcome, retrieved_titles
 
 
 @pytest.fixture(autouse=True)
@@ -52,6 +52,20 @@ def test_observation_format(hotpot_wiki):
     three = WikiSearch("hotpotqa", top_k=3, max_chars=300)("Big Stone Gap film director")
     assert three.startswith("[1] Big Stone Gap (film): ") and "[2] " in three and "[3] " in three
     assert all(len(part) <= 100 + 4 for part in three.split(" [")[1:])
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_retrieved_titles_invert_the_observation(hotpot_wiki, multihop_dir, k):
+    """What each observation shows, read back from its text alone, is the paragraphs the search retrieved,
+    titles holding ': ' included (the corpus has both 'Catan' and 'Catan: Seafarers')."""
+    tool = WikiSearch("hotpotqa", top_k=k, multihop_dir=multihop_dir)
+    titles = set(tool.titles)
+    task = load_task("hotpotqa-wiki", None, multihop_dir=multihop_dir)
+    queries = [*task.questions[:40], "Catan Seafarers board game expansion", "Catan board game"]
+    shown = [(retrieved_titles(obs, titles), [tool.titles[i] for i in hits]) for hits, obs in map(tool.observe, queries)]
+    assert all(got == want for got, want in shown) and sum(len(w) for _, w in shown) == k * len(queries)
+    assert any(": " in t for got, _ in shown for t in got)
+    assert retrieved_titles(NO_RESULTS, titles) == retrieved_titles("None", titles) == []
 
 
 def test_empty_and_stopword_queries(hotpot_wiki):
