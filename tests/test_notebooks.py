@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from fireact_utils import rl
+from fireact_utils.browser import anchor
 from fireact_utils.chain import NOTEBOOK_DIR, NOTEBOOKS, chain_kernel, run_chain
 from fireact_utils.config import load_params
 from fireact_utils.failures import CLASSES
@@ -293,6 +294,9 @@ def test_chain_figures(chain):
         for ext in ("png", "svg"):
             f = run_dir / "figures" / f"{stem}.{ext}"
             assert f.is_file() and f.stat().st_size > 1000, f
+    page = (run_dir / "browser.html").read_text()  # notebook 03's episode browser: every episode of the run
+    assert all(f'id="{anchor(c.stem, json.loads(line)["id"])}"' in page
+               for c in (run_dir / "eval").glob("*.jsonl") for line in c.read_text().splitlines()[:3])
 
 
 @pytest.mark.slow
