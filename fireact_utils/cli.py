@@ -60,7 +60,10 @@ def _parser() -> argparse.ArgumentParser:
         if name == "piece":
             s.add_argument("piece", help="a piece's name (`pieces` lists them)")
             s.add_argument("--root", help="parent of the piece's output root (default <output_root>/pieces)")
-            s.add_argument("--bundle-dir", help="where its bundle goes (default beside its run dir)")
+            s.add_argument("--bundle-dir", help="where its bundle goes (default beside its run dir); a partial "
+                           "bundle of the piece there is resumed from")
+            s.add_argument("--partial", action="store_true", help="run nothing: bundle what a piece cut short saved "
+                           "(<run>-<piece>.partial.tar.gz), so a run of it on any machine resumes from there")
         if name == "merge":
             s.add_argument("bundles", nargs="+", help="the pieces' bundles (.tar.gz)")
         if name in ("pieces", "piece"):
@@ -281,7 +284,7 @@ def _pieces(args: argparse.Namespace, p) -> None:
     from . import pieces
 
     if args.cmd == "piece":
-        out = pieces.run_piece(p, args.piece, args.root, args.bundle_dir, args.study)
+        out = pieces.run_piece(p, args.piece, args.root, args.bundle_dir, args.study, partial=args.partial)
         print(f"bundle: {out} ({pieces.bundle_summary(out)})")
     elif args.cmd == "merge":
         out = pieces.merge(p, args.bundles)

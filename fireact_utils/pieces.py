@@ -172,14 +172,40 @@ def piece_params(p: Params, name: str, root: str | Path | None = None) -> Params
 
 
 def run_piece(p: Params, name: str, root: str | Path | None = None, bundle_dir: str | Path | None = None,
-              study: str | None = None) -> Path:
+              study: str | None = None, partial: bool = False) -> Path:
     """Run piece `name` of `p`'s study (`study_of`) in its own output root (resuming), then write its
-    bundle (default: beside the run dir). Returns the bundle's path."""
+    bundle (default: beside the run dir). Returns the bundle's path.
+
+    A piece cut short leaves what it saved; `partial` runs nothing and bundles that
+    (<run>-<piece>.partial.tar.gz), and a later run of the piece anywhere, given the same bundle
+    dir, starts from it: each stage reuses what the partial bundle holds under its key (a fine-tune's
+    weights never travel, so only evaluations of models every machine has, such as the base model's,
+    are spared)."""
     piece = piece_named(p, name, study)
     q = piece_params(p, name, root)
+    out_dir = Path(bundle_dir or q.run_dir.parent)
+    earlier = resume_partial(q, out_dir / f"{q.name}-{name}.partial.tar.gz")
     t0 = time.time()
-    piece.run(q)
-    return write_bundle(q, name, time.time() - t0, bundle_dir or q.run_dir.parent, study_of(p, study))
+    if not partial:
+        piece.run(q)
+    out = write_bundle(q, name, time.time() - t0, out_dir, study_of(p, study), partial=partial, earlier=earlier)
+    if not partial:
+        (out_dir / f"{q.name}-{name}.partial.tar.gz").unlink(missing_ok=True)
+    return out
+
+
+def resume_partial(q: Params, bundle: Path) -> list[dict]:
+    """Unpack a piece's partial bundle into its run dir where that holds nothing of it yet; returns
+    the runs that bundle records (machine, commit, seconds), to be carried into the next bundle."""
+    if not bundle.is_file():
+        return []
+    record, files = read_bundle(bundle)
+    if not (q.run_dir / BUNDLE).is_file() and not (q.run_dir / "eval").is_dir():
+        for name, data in files.items():
+            if name != BUNDLE:
+                (q.run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+                (q.run_dir / name).write_bytes(data)
+    return [*record.get("earlier", []), {k: record.get(k) for k in ("machine", "commit", "seconds", "time")}]
 
 
 def bundled(rel: Path) -> bool:
@@ -188,17 +214,22 @@ def bundled(rel: Path) -> bool:
                 or rel.name.startswith(("optimizer", "scheduler", "rng_state", "training_args")))
 
 
-def write_bundle(q: Params, name: str, seconds: float, out_dir: str | Path, study: str | None = None) -> Path:
-    """<out_dir>/<run>-<piece>.tar.gz: the piece's run dir without weights, and bundle.json (study
-    key, piece, machine, commit, library versions, seconds)."""
+def write_bundle(q: Params, name: str, seconds: float, out_dir: str | Path, study: str | None = None,
+                 partial: bool = False, earlier: list[dict] | None = None) -> Path:
+    """<out_dir>/<run>-<piece>.tar.gz (`partial`: .partial.tar.gz): the piece's run dir without
+    weights, and bundle.json (study key, piece, machine, commit, library versions, seconds; the
+    earlier partial runs it resumed, `earlier`, and their seconds added in)."""
     from .provenance import provenance
 
     run = q.run_dir
+    earlier = earlier or []
+    seconds += sum(e.get("seconds") or 0 for e in earlier)
     record = {"study": study_of(q, study), "piece": name, "run": q.name, "study_key": study_key(q), "seconds": seconds,
+              "partial": partial, "earlier": earlier,
               "commit": git_commit(), **{k: v for k, v in provenance(q).items() if k != "params"},
               "params": q.dump()}
     atomic_write_json(run / BUNDLE, record)
-    out = Path(out_dir) / f"{q.name}-{name}.tar.gz"
+    out = Path(out_dir) / f"{q.name}-{name}{'.partial' if partial else ''}.tar.gz"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".{os.getpid()}.partial")
     with tarfile.open(tmp, "w:gz") as tar:
@@ -244,6 +275,7 @@ def merge(p: Params, bundles: list[str | Path], run: bool = True, want: dict | N
     want = want or study_key(p)
     seen: dict[str, str] = {}
     studies: set[str] = set()
+    partial: list[str] = []
     merged: dict[str, tuple[bytes, str]] = {}
     registrations: dict[str, dict] = {}
     for b in bundles:
@@ -257,6 +289,8 @@ def merge(p: Params, bundles: list[str | Path], run: bool = True, want: dict | N
         if record["piece"] in seen:
             raise ValueError(f"piece {record['piece']} given twice: {seen[record['piece']]} and {b}")
         seen[record["piece"]] = str(b)
+        if record.get("partial"):
+            partial.append(record["piece"])
         studies.add(record.get("study", "headline"))
         for name, data in files.items():
             if name.split("/")[0] in PER_PIECE:
@@ -274,7 +308,7 @@ def merge(p: Params, bundles: list[str | Path], run: bool = True, want: dict | N
     if len(studies) > 1:
         raise ValueError(f"the bundles are pieces of different studies ({', '.join(sorted(studies))}): merge one at a time")
     study = studies.pop() if studies else None
-    missing = [x.name for x in pieces(p, study) if x.name not in seen]
+    missing = [x.name for x in pieces(p, study) if x.name not in seen or x.name in partial]
     out = p.run_dir
     if out.exists() and any(out.iterdir()) and not (out / "pieces").is_dir():
         raise ValueError(f"{out} holds a run of its own: merge into another output_root or run name")
@@ -283,7 +317,8 @@ def merge(p: Params, bundles: list[str | Path], run: bool = True, want: dict | N
         (out / name).write_bytes(data)
     atomic_write_json(out / "merged.json", {"bundles": {k: v for k, v in seen.items()}, "missing": missing})
     if run and missing:
-        raise ValueError(f"merged {len(seen)} pieces into {out}; missing: {', '.join(missing)} (run them with "
+        cut = f"; {', '.join(partial)} only partly run (a run of the piece resumes from its partial bundle)" if partial else ""
+        raise ValueError(f"merged {len(seen)} pieces into {out}; missing: {', '.join(missing)}{cut} (run them with "
                          f"`python -m fireact_utils piece ... NAME`, then merge all)")
     if run:
         with keys.saved_only():

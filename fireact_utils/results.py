@@ -61,7 +61,8 @@ def rebuild(results: str | Path = RESULTS, out: str | Path = REPO_ROOT / "output
         # the bundles' own key: this machine may resolve the autos (device, dtype) otherwise
         run_dir = pieces.merge(p, bundles, run=False, want=records[0]["study_key"])
         study = records[0].get("study")
-        missing = [x.name for x in pieces.pieces(p, study) if x.name not in {r["piece"] for r in records}]
+        done = {r["piece"] for r in records if not r.get("partial")}
+        missing = [x.name for x in pieces.pieces(p, study) if x.name not in done]
         if missing:
             partial_report(p)
         else:
@@ -93,11 +94,14 @@ def partial_report(p: Params) -> None:
 
 def pieces_table(study: Study) -> str:
     """Markdown: each piece of the study, the machine and commit that ran it, minutes; missing ones."""
-    lines = ["| piece | machine | commit | minutes | finished |", "|---|---|---|---|---|"]
+    lines = ["| piece | machine | commit | minutes | bundled |", "|---|---|---|---|---|"]
     for r in sorted(study.records, key=lambda r: r["piece"]):
-        lines.append(f"| {r['piece']} | {r.get('machine', '?')} | {r.get('commit', '?')[:12]} | "
-                     f"{r.get('seconds', 0) / 60:.0f} | {str(r.get('time', '?'))[:10]} |")
-    lines += [f"| {m} | not run yet | | | |" for m in study.missing]
+        runs = [*r.get("earlier", []), r]
+        machines = " + ".join(dict.fromkeys(str(x.get("machine", "?")) for x in runs))
+        lines.append(f"| {r['piece']}{' (partial: cut short, resumes)' if r.get('partial') else ''} | {machines} | "
+                     f"{r.get('commit', '?')[:12]} | {r.get('seconds', 0) / 60:.0f} | {str(r.get('time', '?'))[:10]} |")
+    bundled = {r["piece"] for r in study.records}
+    lines += [f"| {m} | not run yet | | | |" for m in study.missing if m not in bundled]
     return "\n".join(lines) + "\n"
 
 

@@ -172,3 +172,35 @@ def test_the_vote_over_seeds_in_pieces_gives_the_whole_curve(tmp_path, model_pat
     same = [c for c in want if not any(x in c for x in ("second", "per_s", "tokens"))]
     assert len(want) == 3 * 2  # two seeds and their mean, k = 1 and 2
     pd.testing.assert_frame_equal(got[same], want[same], check_dtype=False)
+
+
+def test_a_piece_cut_short_resumes_from_its_partial_bundle_elsewhere(tmp_path, monkeypatch):
+    """A piece stopped halfway bundles what it saved (--partial); run on another machine (another
+    output root) with that bundle dir, it starts from those files, and its final bundle adds the
+    seconds and names both machines' runs. A partial bundle is never merged as a finished piece."""
+    p = load_params(SMOKE, [f"output_root={tmp_path / 'a'}"])
+    ran = []
+
+    def run(q):  # a piece of two conditions: the first saved by the earlier run is not redone
+        ran.append(sorted(f.name for f in (q.run_dir / "eval").glob("*.jsonl")) if (q.run_dir / "eval").is_dir() else [])
+        for cond in ("one", "two"):
+            if not (q.run_dir / "eval" / f"{cond}.jsonl").is_file():
+                write_jsonl(q.run_dir / "eval" / f"{cond}.jsonl", [{"id": "q1", "em": True}])
+                if cond == "one" and len(ran) == 1:
+                    return  # cut short after the first
+
+    monkeypatch.setitem(pieces.STUDIES, "toy", (lambda p: [pieces.Piece("only", "a toy piece", run)], lambda p: None))
+    bundles = tmp_path / "bundles"
+    pieces.run_piece(p, "only", bundle_dir=bundles, study="toy")  # the first machine: cut short...
+    (bundles / "smoke-only.tar.gz").unlink()
+    part = pieces.run_piece(p, "only", bundle_dir=bundles, study="toy", partial=True)  # ...and bundled as it is
+    assert part.name == "smoke-only.partial.tar.gz" and pieces.read_bundle(part)[0]["partial"]
+    with pytest.raises(ValueError, match="only partly run"):
+        pieces.merge(load_params(SMOKE, [f"output_root={tmp_path / 'm'}"]), [part])
+    other = load_params(SMOKE, [f"output_root={tmp_path / 'b'}"])  # the second machine
+    done = pieces.run_piece(other, "only", bundle_dir=bundles, study="toy")
+    assert ran[-1] == ["one.jsonl"]  # it began from the partial bundle's episodes
+    record, files = pieces.read_bundle(done)
+    assert {"eval/one.jsonl", "eval/two.jsonl"} <= set(files) and not record["partial"]
+    assert len(record["earlier"]) == 1 and record["seconds"] >= record["earlier"][0]["seconds"]
+    assert not part.exists()  # the finished bundle replaces it
