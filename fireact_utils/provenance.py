@@ -36,10 +36,18 @@ def save_provenance(p: Params, stage: str) -> None:
 
 
 def machine_label() -> str:
-    """Where this process computes: the GPU's name, else the CPU's core count."""
+    """Where this process computes: the GPU's name, else the CPU's model and core count ('AMD EPYC
+    x2': two 2-core VMs of different CPUs train to different weights and differ in speed)."""
     import torch
 
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu x{os.cpu_count()}"
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = "cpu"
+    return f"{cpu} x{os.cpu_count()}"
 
 
 def llm_model(llm) -> tuple[ModelId | None, str | None]:
