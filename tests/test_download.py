@@ -5,6 +5,7 @@ from the manifest is one error line naming it. Files are served in FireAct's rep
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -194,3 +195,36 @@ def test_only_fireacts_files_for_the_demo(tmp_path, served, capsys, monkeypatch)
     assert capsys.readouterr().out.strip().endswith(f"{tmp_path / 'data' / 'multihop' / 'hotpotqa' / 'questions.jsonl'}: missing")
     assert main(["download", "--write-manifest", *dest]) == 2
     assert capsys.readouterr().err == "error: --write-manifest lists every set of files: drop --only\n"
+
+
+@pytest.mark.slow
+def test_a_fresh_machine_fine_tunes_and_evaluates_on_downloaded_data(tmp_path, data_dir, model_path, monkeypatch,
+                                                                     capsys):
+    """The demo's path on a machine with nothing beside the repository: FireAct's real files served
+    from loopback in its repository's layout, fetched into an empty dir with the real manifest
+    (`--only fireact`, as `make demo` does), then the smoke fine-tune (a tiny model, 2 steps) and
+    an evaluation run on them with no multihop data at all."""
+    from tiny import tiny_llama
+
+    www = tmp_path / "www"
+    (www / "data").mkdir(parents=True)
+    for f in data_dir.iterdir():  # FireAct's repository: trajs/ at its root, the rest under data/
+        (www / ("trajs" if f.name == "trajs" else f"data/{f.name}")).symlink_to(f)
+    data = tmp_path / "data"
+    monkeypatch.delenv("FIREACT_MULTIHOP_URL", raising=False)
+    with FileServer(www).running() as base:
+        assert main(["download", "--dest", str(data), "--only", "fireact", "--base-url", base]) == 0
+    assert main(["download", "--check", "--dest", str(data), "--only", "fireact"]) == 0
+    monkeypatch.setenv("FIREACT_DATA_DIR", str(data))
+    monkeypatch.setenv("FIREACT_MULTIHOP_DIR", str(tmp_path / "no-multihop"))  # nothing there
+    tiny = tiny_llama(tmp_path / "tiny", model_path, 0)
+    ov = [f"output_root={tmp_path / 'runs'}", f"model.name={tiny}", "model.device=cpu", "train.max_steps=2",
+          "train.max_length=128", "dataset.n_trajectories=4", "agent.max_turns=2", "agent.max_new_tokens=8"]
+    assert main(["finetune", "params/smoke.yaml", *ov]) == 0
+    trained = tmp_path / "runs" / "smoke" / "finetune" / "final"
+    assert (trained / "train_done.json").is_file()
+    capsys.readouterr()
+    assert main(["evaluate", "params/smoke.yaml", *ov, "--trained", str(trained), "--mode", "finetuned",
+                 "evaluate.n_questions=2", "--name", "ft"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out[:out.index("episodes:")])["n"] == 2 and (tmp_path / "runs" / "smoke" / "eval" / "ft.jsonl").is_file()
