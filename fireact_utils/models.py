@@ -236,11 +236,14 @@ def bf16_supported(device: str) -> bool:
     """Whether `device` computes in bf16 natively; the one place the kit asks (every `auto` dtype
     and train.bf16 resolve through it). A CUDA card needs compute capability 8.0+ (A100, L4, H100):
     torch would emulate bf16 on older ones (slowly), and vLLM refuses it there. A CPU needs oneDNN's
-    bf16 (AVX512-BF16 or AMX)."""
+    bf16 (AVX512-BF16 or AMX). A card this machine does not have (settings resolved for another
+    machine, e.g. a GPU study's key on a CPU) is taken as a current one."""
     import torch
 
     if device.startswith("cuda"):
-        with torch.cuda.device(torch.device(device)):
+        if not torch.cuda.is_available():
+            return True
+        with torch.cuda.device(torch.device(device).index or 0):
             return torch.cuda.is_bf16_supported(including_emulation=False)
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
