@@ -243,7 +243,7 @@ def bf16_supported(device: str) -> bool:
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             return True
-        with torch.cuda.device(torch.device(device).index or 0):
+        with torch.cuda.device(torch.device(device if ":" in device else "cuda:0")):
             return torch.cuda.is_bf16_supported(including_emulation=False)
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 

@@ -43,6 +43,7 @@ def card(monkeypatch):
             self.bf16, self.asked = True, []
 
     c = Card()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device", lambda d: c.asked.append(str(d)) or nullcontext())
     monkeypatch.setattr(torch.cuda, "is_bf16_supported",
                         lambda including_emulation=True: c.asked.append(including_emulation) or c.bf16)
