@@ -150,12 +150,11 @@ def test_the_choices_on_validation_in_pieces_choose_as_one_run(tmp_path, model_p
         assert chosen[0] == chosen[1]
 
 
-def test_the_vote_over_seeds_in_pieces_gives_the_whole_curve(tmp_path, model_path, one_thread):
-    """`consistency` as pieces (each seed's agent trained and sampled in one), merged: the curve of
-    one process (tiny model, 2 seeds, 2 questions, k = 1, 2)."""
+def test_the_vote_over_seeds_in_pieces_gives_its_curve(tmp_path, model_path, one_thread):
+    """`consistency` as pieces (each seed's agent trained and sampled in one), merged with no model:
+    a curve per seed and their mean at each k (tiny model, 2 seeds, 2 questions, k = 1, 2). That the
+    vote's pieces give one process's numbers is the headline's slow test (fewshot-votes, seed-42)."""
     from tiny import tiny_llama
-
-    from fireact_utils import pipeline, self_consistency
 
     tiny = tiny_llama(tmp_path / "tiny", model_path, 0)
     ov = [f"model.name={tiny}", "model.device=cpu", "study.seeds=[42, 7]", "study.sc_agents=[finetuned]",
@@ -166,12 +165,10 @@ def test_the_vote_over_seeds_in_pieces_gives_the_whole_curve(tmp_path, model_pat
     assert names == ["votes-finetuned", "votes-finetuned_seed7"]
     bundles = [pieces.run_piece(p, n, bundle_dir=tmp_path / "bundles", study="consistency") for n in names]
     out = pieces.merge(load_params(SMOKE, [f"output_root={tmp_path / 'merged'}", *ov]), bundles)
-    whole = load_params(SMOKE, [f"output_root={tmp_path / 'whole'}", *ov])
-    self_consistency.report(whole, pipeline.finetune(whole), progress=False)
-    got, want = (pd.read_csv(d / "tables" / "self_consistency.csv") for d in (out, whole.run_dir))
-    same = [c for c in want if not any(x in c for x in ("second", "per_s", "tokens"))]
-    assert len(want) == 3 * 2  # two seeds and their mean, k = 1 and 2
-    pd.testing.assert_frame_equal(got[same], want[same], check_dtype=False)
+    assert not list(out.rglob("*.safetensors"))
+    curve = pd.read_csv(out / "tables" / "self_consistency.csv")
+    assert len(curve) == 3 * 2 and (curve["n"] == 2).all()  # two seeds and their mean, k = 1 and 2
+    assert sorted(set(curve["k"])) == [1, 2] and curve["em"].between(0, 1).all()
 
 
 def test_a_piece_cut_short_resumes_from_its_partial_bundle_elsewhere(tmp_path, monkeypatch):
