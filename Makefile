@@ -54,7 +54,7 @@ demo: setup              ## run all notebooks with $(PARAMS) into outputs/runs/<
 		|| $(MAKE) --no-print-directory data DATA_SETS=fireact   # no data yet: fetch FireAct's, all the demo reads
 	$(PY) -m fireact_utils run $(PARAMS)
 
-test: setup              ## the fast tests (no GPU, no network; 4-10 min on 2 cores)
+test: setup              ## the fast tests (no GPU, no network; README gives their time)
 	$(PY) -m pytest -q -m "not slow"
 
 test-slow: setup         ## the long ones: the notebook chain, real trainings, a 2-process accelerate run
