@@ -54,14 +54,21 @@ demo: setup              ## run all notebooks with $(PARAMS) into outputs/runs/<
 		|| $(MAKE) --no-print-directory data DATA_SETS=fireact   # no data yet: fetch FireAct's, all the demo reads
 	$(PY) -m fireact_utils run $(PARAMS)
 
+# The tests run in TEST_WORKERS processes (pytest-xdist), a file's tests in one of them (the chain's
+# notebooks run once), each with one torch thread: most tests, and the chain's kernels, compute on
+# one thread, so a single process left the second core idle. TEST_WORKERS=0: one process, as before.
+TEST_WORKERS ?= 2
+PYTEST := $(if $(filter 0,$(TEST_WORKERS)),,OMP_NUM_THREADS=1 VLLM_CPU_OMP_THREADS_BIND=nobind) $(PY) -m pytest -q \
+	$(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: setup              ## the fast tests (no GPU, no network; README gives their time)
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 test-slow: setup         ## the long ones: the notebook chain, real trainings, a 2-process accelerate run
-	$(PY) -m pytest -q -m slow
+	$(PYTEST) -m slow
 
 test-all: setup          ## both
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 lint: setup
 	$(PY) -m ruff check .

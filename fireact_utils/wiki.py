@@ -115,7 +115,10 @@ class WikiSearch:
             index.save(str(tmp), show_progress=False)
             (tmp / "done").write_text(self.path.name)
             shutil.rmtree(where, ignore_errors=True)
-            os.replace(tmp, where)
+            try:
+                os.replace(tmp, where)
+            except OSError:  # another process (a test worker) published the same index meanwhile
+                shutil.rmtree(tmp, ignore_errors=True)
         return index
 
     def retrieve(self, query: str, k: int | None = None) -> list[int]:

@@ -19,7 +19,9 @@ if SHARED_MULTIHOP.is_dir():
 os.environ.setdefault("FIREACT_CACHE", str(REPO_ROOT / ".cache"))
 # `model.decoder: auto` picks vLLM where it is installed; tests start a server only where they
 # test one (tests/test_vllm.py, through the `vllm_python` fixture), every other test decodes in-process.
-VLLM_PYTHON = serving.vllm_python()
+# Looked up once, in pytest's first process: xdist's workers inherit its environment, "off" included.
+os.environ.setdefault("FIREACT_TEST_VLLM_PYTHON", str(serving.vllm_python() or ""))
+VLLM_PYTHON = Path(os.environ["FIREACT_TEST_VLLM_PYTHON"]) if os.environ["FIREACT_TEST_VLLM_PYTHON"] else None
 os.environ["FIREACT_VLLM_PYTHON"] = "off"
 
 
