@@ -329,3 +329,75 @@ class ModelListServer:
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
+
+
+class FileServer:
+    """Serves `root` on 127.0.0.1 with `Range: bytes=N-` support (unless `ranges` is False). `cut`
+    maps a URL path to a byte count: its first request sends the full Content-Length, that many
+    bytes, then drops the connection. A daemon thread, shut down on exit or after `max_s`."""
+
+    def __init__(self, root: Path, cut: dict[str, int] | None = None, ranges: bool = True, max_s: float = 60.0):
+        self.root, self.cut, self.ranges, self.max_s = root, dict(cut or {}), ranges, max_s
+        self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
+
+    @contextmanager
+    def running(self) -> Iterator[str]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                server.requests.append((self.path, self.headers.get("Range")))
+                f = server.root / self.path.lstrip("/")
+                if not f.is_file():
+                    self.send_error(404)
+                    return
+                body = f.read_bytes()
+                start = int(rng[6:-1]) if server.ranges and (rng := self.headers.get("Range")) else 0
+                self.send_response(206 if start else 200)
+                self.send_header("Content-Length", str(len(body) - start))
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                self.end_headers()
+                if (n := server.cut.pop(self.path, None)) is not None:
+                    self.wfile.write(body[start:start + n])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body[start:])
+
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        httpd.daemon_threads = True
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        stop = threading.Timer(self.max_s, httpd.shutdown)
+        stop.daemon = True
+        stop.start()
+        try:
+            yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+        finally:
+            stop.cancel()
+            httpd.shutdown()
+            httpd.server_close()
+
+
+def downloaded_data(root: Path, data_dir: Path, multihop_dir: Path | None) -> tuple[Path, Path]:
+    """The data as a fresh machine gets them: FireAct's files (and the multihop ones, unless
+    `multihop_dir` is None) served from loopback in their hosts' layouts (FireAct's repository:
+    `trajs/` at its root, the rest under `data/`) and fetched by `fireact download` into empty dirs
+    under `root`. Returns (FireAct data dir, multihop dir)."""
+    from fireact_utils.cli import main
+
+    www = root / "www"
+    (www / "fire" / "data").mkdir(parents=True)
+    for f in data_dir.iterdir():
+        (www / "fire" / ("trajs" if f.name == "trajs" else f"data/{f.name}")).symlink_to(f)
+    if multihop_dir is not None:
+        (www / "hop").symlink_to(multihop_dir)
+    data, hop = root / "data", root / "multihop"
+    with FileServer(www, max_s=600).running() as base:
+        args = ["download", "--dest", str(data), "--multihop-dest", str(hop), "--base-url", base + "fire/"]
+        args += ["--only", "fireact"] if multihop_dir is None else ["--multihop-url", base + "hop/"]
+        assert main(args) == 0
+    return data, hop

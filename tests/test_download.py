@@ -6,14 +6,10 @@ from the manifest is one error line naming it. Files are served in FireAct's rep
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
+from servers import FileServer, downloaded_data
 
 from fireact_utils import download as dl
 from fireact_utils.cli import main
@@ -24,57 +20,6 @@ FILES = {  # set -> relative path -> content (the trajs file is long enough to b
                 "trajs/run.json": b'{"0": {"em": 1}}' + b" " * 50_000 + b"\n"},
     "multihop": {"hotpotqa/questions.jsonl": b'{"id": "1", "question": "q"}\n'},
 }
-
-
-class FileServer:
-    """Serves `root` on 127.0.0.1 with `Range: bytes=N-` support (unless `ranges` is False). `cut`
-    maps a URL path to a byte count: its first request sends the full Content-Length, that many
-    bytes, then drops the connection. A daemon thread, shut down on exit or after `max_s`."""
-
-    def __init__(self, root: Path, cut: dict[str, int] | None = None, ranges: bool = True, max_s: float = 60.0):
-        self.root, self.cut, self.ranges, self.max_s = root, dict(cut or {}), ranges, max_s
-        self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
-
-    @contextmanager
-    def running(self) -> Iterator[str]:
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                server.requests.append((self.path, self.headers.get("Range")))
-                f = server.root / self.path.lstrip("/")
-                if not f.is_file():
-                    self.send_error(404)
-                    return
-                body = f.read_bytes()
-                start = int(rng[6:-1]) if server.ranges and (rng := self.headers.get("Range")) else 0
-                self.send_response(206 if start else 200)
-                self.send_header("Content-Length", str(len(body) - start))
-                if start:
-                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-                self.end_headers()
-                if (n := server.cut.pop(self.path, None)) is not None:
-                    self.wfile.write(body[start:start + n])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                self.wfile.write(body[start:])
-
-        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        httpd.daemon_threads = True
-        threading.Thread(target=httpd.serve_forever, daemon=True).start()
-        stop = threading.Timer(self.max_s, httpd.shutdown)
-        stop.daemon = True
-        stop.start()
-        try:
-            yield f"http://127.0.0.1:{httpd.server_address[1]}/"
-        finally:
-            stop.cancel()
-            httpd.shutdown()
-            httpd.server_close()
 
 
 @pytest.fixture
@@ -206,14 +151,8 @@ def test_a_fresh_machine_fine_tunes_and_evaluates_on_downloaded_data(tmp_path, d
     an evaluation run on them with no multihop data at all."""
     from tiny import tiny_llama
 
-    www = tmp_path / "www"
-    (www / "data").mkdir(parents=True)
-    for f in data_dir.iterdir():  # FireAct's repository: trajs/ at its root, the rest under data/
-        (www / ("trajs" if f.name == "trajs" else f"data/{f.name}")).symlink_to(f)
-    data = tmp_path / "data"
     monkeypatch.delenv("FIREACT_MULTIHOP_URL", raising=False)
-    with FileServer(www).running() as base:
-        assert main(["download", "--dest", str(data), "--only", "fireact", "--base-url", base]) == 0
+    data, _ = downloaded_data(tmp_path, data_dir, None)
     assert main(["download", "--check", "--dest", str(data), "--only", "fireact"]) == 0
     monkeypatch.setenv("FIREACT_DATA_DIR", str(data))
     monkeypatch.setenv("FIREACT_MULTIHOP_DIR", str(tmp_path / "no-multihop"))  # nothing there

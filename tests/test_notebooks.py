@@ -13,6 +13,7 @@ from pathlib import Path
 import nbformat
 import pandas as pd
 import pytest
+from servers import downloaded_data
 
 from fireact_utils import rl
 from fireact_utils.browser import anchor
@@ -103,8 +104,11 @@ def test_walkthrough_tool_counters_hold_only_their_own_calls(monkeypatch, data_d
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory, data_dir):
-    overrides = [f"output_root={tmp_path_factory.mktemp('runs')}"]
+def chain(tmp_path_factory, data_dir, multihop_dir):
+    """The smoke chain on data as a fresh machine gets them: the kit's downloader fills empty dirs
+    from a loopback server (`servers.downloaded_data`), and the chain's params name those dirs."""
+    data, hop = downloaded_data(tmp_path_factory.mktemp("fresh"), data_dir, multihop_dir)
+    overrides = [f"output_root={tmp_path_factory.mktemp('runs')}", f"data_dir={data}", f"multihop_dir={hop}"]
     t0 = time.time()
     with pytest.MonkeyPatch.context() as mp:
         # One torch thread per kernel: on a shared 2-core machine, two spinning OpenMP threads
@@ -321,7 +325,8 @@ def test_chain_resumes_at_first_unfinished_notebook(chain, capsys):
     before = {nb: (nb_dir / f"{nb}.ipynb").stat().st_mtime for nb in NOTEBOOKS}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")
-        run_chain(SMOKE, [f"output_root={p.output_root}"], html=False)
+        run_chain(SMOKE, [f"output_root={p.output_root}", f"data_dir={p.data_dir}", f"multihop_dir={p.multihop_dir}"],
+                  html=False)
     out = capsys.readouterr().out
     assert out.count("[skip]") == len(NOTEBOOKS) - 1 and f"[done] {NOTEBOOKS[-1]}" in out
     after = {nb: (nb_dir / f"{nb}.ipynb").stat().st_mtime for nb in NOTEBOOKS}
