@@ -13,6 +13,9 @@ forwarded to `upstream` or answered with a canned chat/text completion built by 
 
     monkeypatch.setenv("FIREACT_VLLM_PYTHON", str(fake_vllm(tmp_path)))  # serving.serve starts it
     with ModelListServer(["fireact-other"]) as port: ...   # someone else's server on a loopback port
+
+    with FileServer(www).running() as base: ...            # static files, Range requests, cut connections
+    data, hop = downloaded_data(tmp, data_dir, multihop_dir)  # the data as `fireact download` fetches them
 """
 
 from __future__ import annotations
