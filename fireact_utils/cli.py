@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
                            "bundle of the piece there is resumed from")
             s.add_argument("--partial", action="store_true", help="run nothing: bundle what a piece cut short saved "
                            "(<run>-<piece>.partial.tar.gz), so a run of it on any machine resumes from there")
+            s.add_argument("--minutes", type=float, help="stop the piece after this many minutes and bundle what it "
+                           "saved as partial (exit code 3); the same command later goes on from there")
         if name == "merge":
             s.add_argument("bundles", nargs="+", help="the pieces' bundles (.tar.gz)")
         if name in ("pieces", "piece"):
@@ -216,8 +218,8 @@ def _run(args: argparse.Namespace) -> int:
         if int(os.environ.get("RANK", "0")) == 0:  # under `accelerate launch`, the process that wrote the log
             from .plots import plot_run_loss_curve
 
-            plot_run_loss_curve(p.run_dir)  # as notebook 02
-            print(f"loss curve: {p.run_dir / 'figures' / 'loss_curve.png'}")
+            if plot_run_loss_curve(p.run_dir):  # as notebook 02
+                print(f"loss curve: {p.run_dir / 'figures' / 'loss_curve.png'}")
         print(final)
     elif args.cmd == "select":
         from . import recipes
@@ -234,7 +236,7 @@ def _run(args: argparse.Namespace) -> int:
 
         report(p)
     elif args.cmd in ("pieces", "piece", "merge"):
-        _pieces(args, p)
+        return _pieces(args, p)
     elif args.cmd == "consistency":
         _consistency(p, args.trained)
     elif args.cmd == "beyond":
@@ -279,11 +281,18 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pieces(args: argparse.Namespace, p) -> None:
+def _pieces(args: argparse.Namespace, p) -> int:
     """List a study's pieces, run one (writing its bundle), submit them, or merge bundles."""
     from . import pieces
 
-    if args.cmd == "piece":
+    if args.cmd == "piece" and args.minutes and not args.partial:
+        out, finished = pieces.run_piece_within(args.params_file, args.overrides, args.piece, args.minutes, args.root,
+                                                args.bundle_dir, args.study)
+        if not finished:
+            print(f"piece {args.piece} stopped at {args.minutes:g} min: partial bundle {out} "
+                  f"({pieces.bundle_summary(out)}); the same command goes on from it")
+            return pieces.CUT
+    elif args.cmd == "piece":
         out = pieces.run_piece(p, args.piece, args.root, args.bundle_dir, args.study, partial=args.partial)
         print(f"bundle: {out} ({pieces.bundle_summary(out)})")
     elif args.cmd == "merge":
@@ -301,6 +310,7 @@ def _pieces(args: argparse.Namespace, p) -> None:
         print(f"{pieces.study_of(p, args.study)} of {p.name}, study key {pieces.study_key(p)['key']}:")
         for x in pieces.pieces(p, args.study):
             print(f"  {x.name}: {x.what}")
+    return 0
 
 
 def _sweeps(p) -> None:

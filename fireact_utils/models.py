@@ -362,6 +362,11 @@ def _local_dir(name: str, cache: str | Path | None = None) -> Path:
     return Path(config).parent
 
 
+def has_weights(d: str | Path) -> bool:
+    """Whether dir d holds a model's or an adapter's weight files (a bundle's copy holds none)."""
+    return any(next(Path(d).glob(pattern), None) for pattern in WEIGHT_FILES)
+
+
 def _dir_fingerprint(d: Path) -> str:
     """`_sampled_fingerprint` of d, computed once per process while d's weight files stay as they are
     (their sizes and mtimes key the cache; mtimes change on copy, so they never enter the fingerprint)."""

@@ -6,6 +6,8 @@ builds the study's tables and figures from the bundles as one process would.
                                               # (outputs/runs/pieces/seed-1/headline-seed-1.tar.gz)
     python -m fireact_utils merge params/headline.yaml results/headline/*.tar.gz
     python -m fireact_utils pieces params/headline.yaml --submit local     # all, through submitit
+    python -m fireact_utils piece params/headline.yaml seed-1 --minutes 85  # stopped at 85 min, bundled partial:
+                                              # the same command later goes on from there
 
 A piece is self-contained: it trains every model it evaluates and runs every evaluation of that
 model, since weights do not travel (a retrain on another CPU gives other weights). It runs under the
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Callable
@@ -33,6 +37,7 @@ from .config import REPO_ROOT, Params, override
 from .io import atomic_write_json
 
 BUNDLE = "bundle.json"
+CUT = 3  # the exit code of `piece --minutes` when the deadline stopped it: a partial bundle, not a failure
 # What a bundle leaves out: weights, optimizer states and checkpoints (they do not travel), the
 # dataset's derived copies (rebuilt from trajectories.jsonl), executed notebooks.
 EXCLUDE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".arrow", ".ipynb", ".html")
@@ -172,26 +177,75 @@ def piece_params(p: Params, name: str, root: str | Path | None = None) -> Params
 
 
 def run_piece(p: Params, name: str, root: str | Path | None = None, bundle_dir: str | Path | None = None,
-              study: str | None = None, partial: bool = False) -> Path:
+              study: str | None = None, partial: bool = False, spent: float = 0.0) -> Path:
     """Run piece `name` of `p`'s study (`study_of`) in its own output root (resuming), then write its
     bundle (default: beside the run dir). Returns the bundle's path.
 
     A piece cut short leaves what it saved; `partial` runs nothing and bundles that
-    (<run>-<piece>.partial.tar.gz), and a later run of the piece anywhere, given the same bundle
-    dir, starts from it: each stage reuses what the partial bundle holds under its key (a fine-tune's
-    weights never travel, so only evaluations of models every machine has, such as the base model's,
-    are spared)."""
+    (<run>-<piece>.partial.tar.gz, counting `spent` seconds the cut run took), and a later run of the
+    piece anywhere, given the same bundle dir, starts from it: each stage reuses what the partial
+    bundle holds under its key. A fine-tune's weights never travel: the later run trains its model
+    again, and the saved evaluations of that model count only where the retrain gives the same
+    weights (the same kind of machine: `tests/test_pieces.py`), else their key names the weights."""
     piece = piece_named(p, name, study)
     q = piece_params(p, name, root)
     out_dir = Path(bundle_dir or q.run_dir.parent)
     earlier = resume_partial(q, out_dir / f"{q.name}-{name}.partial.tar.gz")
-    t0 = time.time()
+    t0 = time.time() - spent
     if not partial:
         piece.run(q)
     out = write_bundle(q, name, time.time() - t0, out_dir, study_of(p, study), partial=partial, earlier=earlier)
     if not partial:
         (out_dir / f"{q.name}-{name}.partial.tar.gz").unlink(missing_ok=True)
     return out
+
+
+def run_piece_within(params_file: str | Path, overrides: list[str], name: str, minutes: float,
+                     root: str | Path | None = None, bundle_dir: str | Path | None = None,
+                     study: str | None = None) -> tuple[Path, bool]:
+    """Run piece `name` as the CLI's `piece` in a child process, stopped at `minutes`, so that a slot
+    of fixed length (a 3-hour session, a preemptible job) holds it whatever the machine. A child that
+    finishes writes the piece's bundle; one the deadline stops is bundled here as partial, with the
+    minutes it ran, and the same command later (any machine, the same bundle dir) goes on from it.
+    Returns (bundle, finished)."""
+    from .config import load_params
+
+    p = load_params(params_file, overrides)
+    q = piece_params(p, name, root)
+    out_dir = Path(bundle_dir or q.run_dir.parent)
+    argv = [sys.executable, "-m", "fireact_utils", "piece", str(params_file), name, *overrides,
+            "--bundle-dir", str(out_dir), *(["--root", str(root)] if root else []),
+            *(["--study", study] if study else [])]
+    t0 = time.time()
+    # its own process group, so the deadline stops the piece and whatever it started (its vLLM server
+    # dies with it: serving's PDEATHSIG)
+    child = subprocess.Popen(argv, start_new_session=True)
+    try:
+        rc = child.wait(timeout=minutes * 60)
+    except subprocess.TimeoutExpired:
+        rc = None
+    finally:
+        if child.poll() is None:  # the deadline, or this process interrupted: never leave the piece running
+            _stop_group(child)
+    if rc == 0:
+        return out_dir / f"{q.name}-{name}.tar.gz", True
+    if rc is not None:
+        raise ValueError(f"piece {name} failed (exit code {rc}, its error above); what it saved stays in "
+                         f"{q.run_dir}, and `piece ... --partial` bundles it")
+    return run_piece(p, name, root, out_dir, study, partial=True, spent=time.time() - t0), False
+
+
+def _stop_group(child: subprocess.Popen) -> None:
+    """SIGTERM to the child's process group, SIGKILL after a minute."""
+    for sig, wait_s in ((signal.SIGTERM, 60), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(child.pid, sig)
+            child.wait(timeout=wait_s)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def resume_partial(q: Params, bundle: Path) -> list[dict]:

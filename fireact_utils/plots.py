@@ -175,8 +175,12 @@ def efficiency_claim(table: pd.DataFrame) -> str:
 
 
 def plot_loss_curve(train_log_csv: str | Path, stem: str | Path | None = None):
-    """Training loss per optimizer step, with the learning rate on a second axis."""
-    log = pd.read_csv(train_log_csv)
+    """Training loss per optimizer step, with the learning rate on a second axis; None (a line
+    printed) where the trainer logged no step (fewer steps than train.logging_steps)."""
+    try:
+        log = pd.read_csv(train_log_csv)
+    except pd.errors.EmptyDataError:
+        log = None
     if _empty(log, "the loss curve") or "loss" not in log:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.5))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .config import ModelParams, TrainParams, default
 from .io import atomic_write_json, atomic_write_text
-from .models import builtin_of, model_id
+from .models import builtin_of, has_weights, model_id
 from .tokens import bos_ids, piece_ids
 from .trajectories import ALPACA_HEADER, step_text
 
@@ -262,7 +262,9 @@ def finetune(records: list[dict], out_dir: str | Path, p: TrainParams, model_par
     # resumes, and a finished model is reused, only under the settings, data and base that began it.
     reused = keys.reuse(out_dir / keys.KEY_FILE, now, clear_paths=[out_dir],
                         exists=(out_dir / keys.KEY_FILE).is_file() or final.is_dir() or last_checkpoint(out_dir) is not None)
-    if reused and (final / "train_done.json").is_file():
+    # a piece's bundle carries the records of a fine-tune but never its weights: where they are not
+    # here, the same key trains again (the same weights on the same kind of machine)
+    if reused and (final / "train_done.json").is_file() and (keys.is_saved_only() or has_weights(final)):
         return final
     if keys.is_saved_only():
         raise ValueError(f"{out_dir}: no merged bundle holds this fine-tune; run the piece that trains it")

@@ -150,16 +150,25 @@ def test_the_choices_on_validation_in_pieces_choose_as_one_run(tmp_path, model_p
         assert chosen[0] == chosen[1]
 
 
+def _votes(tiny: Path) -> list[str]:
+    """The consistency study on a tiny model: two seeds' fine-tuned agents, each sampled twice on 2 questions."""
+    return [f"model.name={tiny}", "model.device=cpu", "study.seeds=[42, 7]", "study.sc_agents=[finetuned]",
+            "study.sc_ks=[1, 2]", "study.sc_n=2", "agent.max_turns=1", "agent.max_new_tokens=6",
+            "train.max_steps=1", "train.max_length=128", "dataset.n_trajectories=4"]
+
+
+def tiny_llama_at(tmp_path: Path, model_path: str) -> Path:
+    """A tiny real model (`tiny.tiny_llama`) at <tmp>/tiny."""
+    from tiny import tiny_llama
+
+    return tiny_llama(tmp_path / "tiny", model_path, 0)
+
+
 def test_the_vote_over_seeds_in_pieces_gives_its_curve(tmp_path, model_path, one_thread):
     """`consistency` as pieces (each seed's agent trained and sampled in one), merged with no model:
     a curve per seed and their mean at each k (tiny model, 2 seeds, 2 questions, k = 1, 2). That the
     vote's pieces give one process's numbers is the headline's slow test (fewshot-votes, seed-42)."""
-    from tiny import tiny_llama
-
-    tiny = tiny_llama(tmp_path / "tiny", model_path, 0)
-    ov = [f"model.name={tiny}", "model.device=cpu", "study.seeds=[42, 7]", "study.sc_agents=[finetuned]",
-          "study.sc_ks=[1, 2]", "study.sc_n=2", "agent.max_turns=1", "agent.max_new_tokens=6",
-          "train.max_steps=1", "train.max_length=128", "dataset.n_trajectories=4"]
+    ov = _votes(tiny_llama_at(tmp_path, model_path))
     p = load_params(SMOKE, [f"output_root={tmp_path / 'pieces'}", *ov])
     names = [x.name for x in pieces.pieces(p, "consistency")]
     assert names == ["votes-finetuned", "votes-finetuned_seed7"]
@@ -201,3 +210,66 @@ def test_a_piece_cut_short_resumes_from_its_partial_bundle_elsewhere(tmp_path, m
     assert {"eval/one.jsonl", "eval/two.jsonl"} <= set(files) and not record["partial"]
     assert len(record["earlier"]) == 1 and record["seconds"] >= record["earlier"][0]["seconds"]
     assert not part.exists()  # the finished bundle replaces it
+
+
+class _Cut(BaseException):
+    """The slot ending mid-piece (a kill): no `except Exception` of the kit catches it."""
+
+
+def test_a_cut_piece_trains_its_model_again_and_keeps_the_samples_it_saved(tmp_path, model_path, one_thread,
+                                                                           monkeypatch):
+    """A piece that trains a model, cut after its first sample and bundled partial, goes on on another
+    machine (another output root, no weights): it trains the model again, to the same weights on the
+    same kind of machine, so the saved sample's episodes count (their key holds the weights) and only
+    the second sample runs."""
+    from fireact_utils import self_consistency
+    from fireact_utils.io import read_json
+    from fireact_utils.train import adapter_model_params
+
+    ov = _votes(tiny_llama_at(tmp_path, model_path))
+    real = self_consistency.run_condition
+
+    def cut_before_second_sample(p, name, *a, **k):
+        if name.endswith("_s1"):
+            raise _Cut
+        return real(p, name, *a, **k)
+
+    bundles, first = tmp_path / "bundles", load_params(SMOKE, [f"output_root={tmp_path / 'a'}", *ov])
+    monkeypatch.setattr(self_consistency, "run_condition", cut_before_second_sample)
+    with pytest.raises(_Cut):
+        pieces.run_piece(first, "votes-finetuned", bundle_dir=bundles, study="consistency")
+    monkeypatch.setattr(self_consistency, "run_condition", real)
+    part = pieces.run_piece(first, "votes-finetuned", bundle_dir=bundles, study="consistency", partial=True)
+    assert "eval/sc_finetuned_s0.jsonl" in pieces.read_bundle(part)[1]
+    assert not any(name.endswith(".safetensors") for name in pieces.read_bundle(part)[1])
+
+    second = load_params(SMOKE, [f"output_root={tmp_path / 'b'}", *ov])
+    done = pieces.run_piece(second, "votes-finetuned", bundle_dir=bundles, study="consistency")
+    runs = [pieces.piece_params(q, "votes-finetuned").run_dir for q in (first, second)]
+    weights = [keys.weights_fingerprint(adapter_model_params(first.model, r / "finetune" / "final")) for r in runs]
+    assert weights[0] is not None and weights[0] == weights[1]  # trained twice, the same weights
+    metas = [read_json(runs[1] / "eval" / f"sc_finetuned_s{j}.meta.json") for j in (0, 1)]
+    assert metas[0]["episodes_run"] == 2 and metas[1]["episodes_run"] == 2  # s0 resumed as saved, s1 ran here
+    assert metas[0]["model_fingerprint"] == metas[1]["model_fingerprint"]
+    record = pieces.read_bundle(done)[0]
+    assert not record["partial"] and len(record["earlier"]) == 1
+
+
+def test_a_piece_stopped_at_its_deadline_is_bundled_partial_and_goes_on(tmp_path, model_path, capsys):
+    """`piece --minutes`: the CLI runs the piece in a child process; at the deadline it stops it,
+    bundles what it saved as partial with the seconds it ran, and exits 3; the same command with
+    time enough goes on from that bundle and writes the finished one."""
+    from fireact_utils.cli import main
+
+    bundles = tmp_path / "bundles"
+    argv = ["piece", str(SMOKE), "votes-finetuned", "--study", "consistency", "--bundle-dir", str(bundles),
+            f"output_root={tmp_path / 'out'}", *_votes(tiny_llama_at(tmp_path, model_path))]
+    assert main([*argv, "--minutes", "0.02"]) == pieces.CUT  # 1.2 s: stopped while it starts
+    part = bundles / "smoke-votes-finetuned.partial.tar.gz"
+    record = pieces.read_bundle(part)[0]
+    assert record["partial"] and 1.2 <= record["seconds"] < 120
+    assert "stopped at 0.02 min: partial bundle" in capsys.readouterr().out
+    assert main([*argv, "--minutes", "20"]) == 0
+    record, files = pieces.read_bundle(bundles / "smoke-votes-finetuned.tar.gz")
+    assert not record["partial"] and len(record["earlier"]) == 1 and not part.exists()
+    assert {"eval/sc_finetuned_s0.jsonl", "eval/sc_finetuned_s1.jsonl"} <= set(files)

@@ -165,6 +165,18 @@ def test_fine_tune_summary_from_the_saved_record(tmp_path):
         in summaries.fine_tune(tmp_path)
 
 
+def test_a_fine_tune_that_logged_no_step_draws_no_loss_curve(tmp_path, capsys):
+    """Fewer steps than train.logging_steps: the trainer's log has no row, and `finetune` ends with a
+    line saying so, not an error after the model is saved."""
+    from fireact_utils.plots import plot_run_loss_curve
+    from fireact_utils.train import _write_log
+
+    _write_log(tmp_path / "finetune", [])
+    assert plot_run_loss_curve(tmp_path) is None
+    assert "nothing to plot for the loss curve" in capsys.readouterr().out
+    assert not (tmp_path / "figures").exists()
+
+
 def test_scaling_and_robustness_summary_from_saved_tables(tmp_path, data_dir):
     """Notebook 04: tables built by the real table code from real records (agent loop, scripted
     model) and written as the notebook writes them; a sweep without a table gets no line."""
