@@ -78,6 +78,7 @@ def rebuild(results: str | Path = RESULTS, out: str | Path = REPO_ROOT / "output
 def partial_report(p: Params) -> None:
     """Tables of the conditions a partly merged study holds, one a task and split (the study's own
     task first, as tables/main), each row from the bundles' episodes."""
+    from . import keys, self_consistency
     from .evaluate import write_table
     from .failures import run_conditions
     from .provenance import condition_meta
@@ -90,6 +91,10 @@ def partial_report(p: Params) -> None:
     for (task, split), conds in groups.items():
         main = task == p.evaluate.task and split == p.evaluate.split
         write_table(condition_table(p, conds), p.run_dir / "tables" / ("main" if main else f"{task_slug(task)}_{split}"))
+    fewshot = override(p, {"study.sc_agents": ["fewshot"]}, "the few-shot agent's vote alone")
+    with keys.saved_only():  # its samples are one piece: where they are in, its curve is whole
+        if "fewshot" in p.study.sc_agents and self_consistency.saved_samples(fewshot, "fewshot", p.model):
+            self_consistency.report(fewshot, None, progress=False)
 
 
 def pieces_table(study: Study) -> str:

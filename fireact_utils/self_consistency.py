@@ -186,14 +186,28 @@ def curve(p: Params, trained: str | Path | None, progress: bool = True) -> pd.Da
 
 
 def report(p: Params, trained: str | Path | None, progress: bool = True) -> pd.DataFrame:
-    """`curve`, written to tables/self_consistency.csv with its figure (figures/self_consistency)."""
+    """`curve`, written to tables/self_consistency.csv (and .md, `markdown`) with its figure
+    (figures/self_consistency)."""
     from .io import atomic_write_text
     from .plots import plot_self_consistency
 
     df = curve(p, trained, progress)
     atomic_write_text(p.run_dir / "tables" / "self_consistency.csv", df.to_csv(index=False))
+    atomic_write_text(p.run_dir / "tables" / "self_consistency.md", markdown(df))
     plot_self_consistency(df, p.run_dir / "figures" / "self_consistency")
     return df
+
+
+def markdown(df: pd.DataFrame) -> str:
+    """The curve as a page shows it: EM of the k-vote with its CI, its ceiling pass@k, and the cost
+    per question (tokens compare across machines; seconds only on the machine named)."""
+    from .evaluate import fmt_ci
+
+    lines = ["| agent | k | n | EM % [95% CI] | pass@k % | tokens/question | s/question | machine |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.agent} | {r.k} | {r.n} | {fmt_ci(r.em, r.em_lo, r.em_hi)} | {r.pass_at_k * 100:.1f} | "
+              f"{r.tokens_per_question:,.0f} | {r.seconds_per_question:.1f} | {r.machine} |" for r in df.itertuples()]
+    return "\n".join(lines) + f"\n\nT = {df['temperature'].iloc[0]:g}; a tie goes to the earliest sample's answer.\n"
 
 
 def _seconds_per_episode(meta: dict) -> float:
