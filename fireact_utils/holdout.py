@@ -151,9 +151,10 @@ def _overlaps(qs: frozenset[str], sets: list[QuestionSet]) -> list[tuple[Questio
 
 def check_choice(p: Params) -> None:
     """Refuse to choose on a split that shares a question with any evaluation set of the run;
-    else record the choice (`record_choice`), since every caller is about to make one."""
+    else record the choice (`record_choice`), since every caller is about to make one. A merge
+    (`keys.saved_only`) chooses on the bundles' episodes: checked where they ran, recorded here."""
     chosen = choice_set(p)
-    if hits := _overlaps(chosen.keys, evaluation_sets(p)):
+    if not keys.is_saved_only() and (hits := _overlaps(chosen.keys, evaluation_sets(p))):
         where = "; ".join(f"{n} questions of {s.label}" for s, n in hits)
         raise HoldoutError(f"choices on {chosen.label.split(': ', 1)[1]} would be made on test questions ({where}): "
                            "set study.select_task/select_split to a validation split, e.g. hotpotqa-wiki val")

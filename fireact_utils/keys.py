@@ -118,8 +118,9 @@ _SAVED_ONLY: ContextVar[bool] = ContextVar("saved_only", default=False)
 
 @contextmanager
 def saved_only() -> Iterator[None]:
-    """Inside, no model is loaded, trained or fingerprinted: every stage must find its output saved
-    (a merge of bundles, whose weights stayed on the machines that made them)."""
+    """Inside, no model is loaded, trained or fingerprinted and no data is read: every stage must find
+    its output saved (a merge of bundles, whose weights stayed on the machines that made them, on a
+    clone that may hold no data: tasks are what the saved episodes show, `pipeline.run_task`)."""
     token = _SAVED_ONLY.set(True)
     try:
         yield

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -276,21 +277,28 @@ class VLLMBackend:
 
     def stream(self, requests: list[tuple[object, Prompt]], stop: list[Stop], max_new_tokens: int,
                temperature: float, on_done: Callable[[object, Generation], list[tuple[object, Prompt]]]) -> None:
-        """Send each (key, prompt) at once; `on_done(key, generation)` runs as each one ends and
-        returns follow-up (key, prompt) requests, sent at once too (the engine batches them)."""
+        """Keep `concurrency` requests in flight: `on_done(key, generation)` runs as each one ends
+        and returns follow-up (key, prompt) requests, sent before any request not yet started. So an
+        episode's next turn never queues behind the first turns of every other episode: episodes
+        end (and are saved) all along a condition, not all at its end, and a turn finds the turn
+        before it still in the engine's prefix cache."""
         if requests:
             self._ensure_server()
+        waiting = deque(requests)
         with ThreadPoolExecutor(self.concurrency) as pool:
-            def submit(key: object, prompt: Prompt):
-                ids = encode(self.tok, prompt).tolist()
-                return pool.submit(self._one, ids, stop, max_new_tokens, temperature), key
+            pending: dict = {}
 
-            pending = dict(submit(k, p) for k, p in requests)
-            while pending:
+            def submit(key: object, prompt: Prompt) -> None:
+                ids = encode(self.tok, prompt).tolist()
+                pending[pool.submit(self._one, ids, stop, max_new_tokens, temperature)] = key
+
+            while waiting or pending:
+                while waiting and len(pending) < self.concurrency:
+                    submit(*waiting.popleft())
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for f in finished:
-                    key = pending.pop(f)
-                    pending.update(submit(k, p) for k, p in on_done(key, f.result()))
+                    for k, p in on_done(pending.pop(f), f.result()):
+                        submit(k, p)
 
     def generate(self, prompts: list[Prompt], stop: list[Stop], max_new_tokens: int = 128,
                  temperature: float = 0.0) -> list[Generation]:

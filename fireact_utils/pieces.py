@@ -16,7 +16,7 @@ names one process would give them, and the pieces of a study write disjoint cond
 holds episodes, records, keys and provenance (machine, commit, library versions), never weights.
 `merge` refuses bundles of other settings (the study key) or another pre-registration, a piece
 given twice and a file two bundles hold with different content; then it runs the study's report
-with no model (`keys.saved_only`): every number comes from the bundles' episodes.
+with no model and no data (`keys.saved_only`): every number comes from the bundles' episodes.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ records about its making in `provenance`.
 from __future__ import annotations
 
 import copy
+import functools
 import random
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ from .provenance import (
     merge_tool_stats,
     save_provenance,
 )
-from .tasks import eval_indices, load_task
+from .tasks import eval_indices, load_task, saved_task
 
 if TYPE_CHECKING:
     from .config import ModelParams
@@ -136,15 +137,18 @@ def training_records(p: Params) -> list[dict]:
 def finetune(p: Params, records: list[dict] | None = None, out: str | Path | None = None) -> Path:
     """Fine-tune on `records` (default: the run's dataset) into `out` (default <run>/finetune);
     provenance/<out's path in the run, joined by _>.json says with what. Refused when a record's
-    question is held out (`holdout.check_training`): every fine-tune of the kit passes here."""
+    question is held out (`holdout.check_training`): every fine-tune of the kit passes here. Under
+    `keys.saved_only` (a merge) it is the bundle's, whose data was read and checked where it trained."""
     from .holdout import check_training, without_held_out
     from .train import finetune as sft
 
-    if records is None:
-        records = training_records(p)
-    if p.dataset.drop_held_out:
-        records = without_held_out(p, records)
-    check_training(p, [r["question"] for r in records], f"fine-tuning data of {Path(out or p.run_dir / 'finetune')}")
+    if keys.is_saved_only():
+        records = None
+    else:
+        records = training_records(p) if records is None else records
+        if p.dataset.drop_held_out:
+            records = without_held_out(p, records)
+        check_training(p, [r["question"] for r in records], f"fine-tuning data of {Path(out or p.run_dir / 'finetune')}")
     out = Path(out or p.run_dir / "finetune")
     # One record per fine-tune: a seed's, a recipe's or a sweep's must not overwrite the main one's.
     where = out.relative_to(p.run_dir).parts if out.is_relative_to(p.run_dir) else (out.name,)
@@ -156,7 +160,32 @@ def finetune(p: Params, records: list[dict] | None = None, out: str | Path | Non
 
 def check_task(p: Params):
     """Load the evaluation task (and so validate its file) before any model is loaded."""
-    return load_task(p.evaluate.task, p.evaluate.split, p.data_dir, p.multihop_dir)
+    return run_task(p)
+
+
+def run_task(p: Params, task: str | None = None, split: str | None = None):
+    """`task` (default evaluate.task and split) from the data; under `keys.saved_only` (a merge,
+    whose data may be nowhere here), as the run's saved episodes and metas show it (`saved_task`)."""
+    name, split = task or p.evaluate.task, split if task else p.evaluate.split
+    if keys.is_saved_only():
+        eval_dir = p.run_dir / "eval"
+        return _saved_task(name, split, eval_dir, tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                                                        for f in sorted(eval_dir.glob("*.json*"))))
+    return load_task(name, split, p.data_dir, p.multihop_dir)
+
+
+@functools.lru_cache(maxsize=16)
+def _saved_task(task: str, split: str | None, eval_dir: Path, files: tuple):
+    return saved_task(task, split, *_saved(eval_dir, files))
+
+
+@functools.lru_cache(maxsize=2)
+def _saved(eval_dir: Path, _files: tuple) -> tuple[list[dict], list[dict]]:
+    """eval_dir's episodes and metas, read once while its files stay as they were (`_files`)."""
+    from .agent import load_done
+
+    return ([r for f in sorted(eval_dir.glob("*.jsonl")) for r in load_done(f).values()],
+            [read_json(f) for f in sorted(eval_dir.glob("*.meta.json"))])
 
 
 def run_condition(p: Params, name: str, llm, agent: AgentParams, search: SearchParams | None = None,
@@ -177,8 +206,9 @@ def run_condition(p: Params, name: str, llm, agent: AgentParams, search: SearchP
 
     t, idx = condition_questions(p, task, split, n)
     check_evaluation(p, t, idx)  # the registered settings; no score on a split a choice was made on
-    if keys.is_saved_only():
+    if keys.is_saved_only():  # a merge runs nothing: no model, tool or data, only what the bundles saved
         check_saved(p, name, t, idx)
+        return saved_condition(p, name, task, split, n, agent=agent, search=search)
     sp = environment(p, t, agent, search)
     tool = make_search(sp, p.data_dir, t.corpus, p.multihop_dir) if sp is not None else None
     path = p.run_dir / "eval" / f"{name}.jsonl"
@@ -210,10 +240,11 @@ def run_condition(p: Params, name: str, llm, agent: AgentParams, search: SearchP
             wiki = tool.tool if isinstance(tool, NoisyTool) else tool
             if recs is not None and t.gold_titles is not None and isinstance(wiki, WikiSearch):
                 meta["fidelity"] = fidelity(recs, t.gold_titles, wiki)
+                meta["gold_titles"] = {r["id"]: t.gold_titles[r["idx"]] for r in recs}  # for a merge (`run_task`)
         else:
             meta["environment"] = {"search": "none"}
         meta.update(condition=name, model=model.spec, model_fingerprint=model.fingerprint, model_dtype=dtype,
-                    agent=agent.model_dump(), task=t.name, split=t.split, key=now)
+                    agent=agent.model_dump(), task=t.name, split=t.split, task_size=len(t), key=now)
         atomic_write_json(meta_path, meta)
 
     def count(_rec: dict) -> None:
@@ -253,7 +284,7 @@ def environment(p: Params, task, agent: AgentParams, search: SearchParams | None
 def condition_questions(p: Params, task: str | None = None, split: str | None = None, n: int | None = None):
     """(task, indices) of a condition: `task` (default evaluate.task and split) and the first n
     (default evaluate.n_questions) of its seeded shuffle."""
-    t = load_task(task or p.evaluate.task, split if task else p.evaluate.split, p.data_dir, p.multihop_dir)
+    t = run_task(p, task, split)
     return t, eval_indices(t, n or p.evaluate.n_questions, p.evaluate.seed)
 
 
@@ -291,10 +322,12 @@ def known_model(model: ModelParams | None) -> tuple[ModelId | None, str | None]:
 def known_key(p: Params, agent: AgentParams, task, model: ModelParams | None = None,
               search: SearchParams | None = None) -> dict:
     """A condition's key as far as it is known without its tool or decoder (those, and a model whose
-    weights are not here, are None: not compared), for checking saved episodes."""
+    weights are not here, are None: not compared), for checking saved episodes. Under
+    `keys.saved_only` FireAct's exemplars are data, not read: that prompt is not compared either."""
+    unread = keys.is_saved_only() and fireact_prompt(agent, task)
     key = condition_key(*known_model(model), None, agent, environment(p, task, agent, search), task,
-                        fewshot_text(p, agent, task))
-    settings = {**key["settings"], "search.card": None}
+                        None if unread else fewshot_text(p, agent, task))
+    settings = {**key["settings"], "search.card": None, **({"fewshot": None} if unread else {})}
     if agent.temperature > 0:
         settings["model.decoder"] = None
     return {**key, "settings": settings}
@@ -315,10 +348,15 @@ def fewshot_text(p: Params, agent: AgentParams, task) -> str | None:
     from .data import fireact_exemplars
     from .tasks import fewshot_prompt
 
-    if agent.mode != "fewshot" or agent.exemplars == "kit" or agent.method not in ("react", "reflexion") \
-            or task.kind != "qa":
+    if not fireact_prompt(agent, task):
         return None
     return fewshot_prompt("qa", "react", exemplars=fireact_exemplars(agent.n_exemplars, p.data_dir))
+
+
+def fireact_prompt(agent: AgentParams, task) -> bool:
+    """Whether `agent` prompts with FireAct's trajectories (`fewshot_text`), which are data."""
+    return agent.mode == "fewshot" and agent.exemplars != "kit" and agent.method in ("react", "reflexion") \
+        and task.kind == "qa"
 
 
 def agent_model(p: Params, trained: str | Path | None = None) -> ModelParams:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import keys
 from .config import Params, override
 from .evaluate import bootstrap_ci, episode_values, paired_bootstrap_diff, results_table, write_table
 from .holdout import check_choice, selecting
@@ -28,10 +29,10 @@ from .pipeline import (
     finetuned_agent,
     local_llm,
     run_condition,
+    run_task,
     saved_condition,
 )
 from .tables import condition_label, table_extras
-from .tasks import load_task
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -43,7 +44,7 @@ def variants(p: Params, which: str) -> dict[str, Params]:
 
 
 def _select_n(p: Params) -> int:
-    return p.study.select_n or len(load_task(p.study.select_task, p.study.select_split, p.data_dir, p.multihop_dir))
+    return p.study.select_n or len(run_task(p, p.study.select_task, p.study.select_split))
 
 
 def select_condition(p: Params, name: str, llm, agent, progress: bool = True) -> list[dict]:
@@ -79,10 +80,13 @@ def recipe_search(p: Params, progress: bool = True, only: list[str] | None = Non
     return out
 
 
-def recipe_records(q: Params) -> list[dict]:
-    """The training records of a recipe's params `q`: its dataset pool, mixed as `q.dataset` says."""
+def recipe_records(q: Params) -> list[dict] | None:
+    """The training records of a recipe's params `q`: its dataset pool, mixed as `q.dataset` says;
+    None under `keys.saved_only`, where `finetune` finds the bundle's and the data may be nowhere."""
     from .data import mix
 
+    if keys.is_saved_only():
+        return None
     pool, _ = dataset_pool(q)
     return mix(pool, q.dataset.mixture or None, q.dataset.n_trajectories, q.dataset.seed, q.dataset.tasks)
 

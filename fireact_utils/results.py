@@ -20,7 +20,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import pieces
+from . import keys, pieces
 from .config import REPO_ROOT, Params, override
 
 RESULTS = REPO_ROOT / "results"
@@ -63,12 +63,10 @@ def rebuild(results: str | Path = RESULTS, out: str | Path = REPO_ROOT / "output
         study = records[0].get("study")
         done = {r["piece"] for r in records if not r.get("partial")}
         missing = [x.name for x in pieces.pieces(p, study) if x.name not in done]
-        if missing:
-            partial_report(p)
-        else:
-            from . import keys
-
-            with keys.saved_only():
+        with keys.saved_only():  # from the bundles alone: no model, and no data (a fresh clone has none)
+            if missing:
+                partial_report(p)
+            else:
                 pieces.report(p, study)
         tables = {f.stem: f.read_text() for f in sorted((run_dir / "tables").glob("*.md"))}
         studies.append(Study(folder.name, run_dir, records, missing, tables))
@@ -77,8 +75,8 @@ def rebuild(results: str | Path = RESULTS, out: str | Path = REPO_ROOT / "output
 
 def partial_report(p: Params) -> None:
     """Tables of the conditions a partly merged study holds, one a task and split (the study's own
-    task first, as tables/main), each row from the bundles' episodes."""
-    from . import keys, self_consistency
+    task first, as tables/main), each row from the bundles' episodes (under `keys.saved_only`)."""
+    from . import self_consistency
     from .evaluate import write_table
     from .failures import run_conditions
     from .provenance import condition_meta
@@ -92,9 +90,9 @@ def partial_report(p: Params) -> None:
         main = task == p.evaluate.task and split == p.evaluate.split
         write_table(condition_table(p, conds), p.run_dir / "tables" / ("main" if main else f"{task_slug(task)}_{split}"))
     fewshot = override(p, {"study.sc_agents": ["fewshot"]}, "the few-shot agent's vote alone")
-    with keys.saved_only():  # its samples are one piece: where they are in, its curve is whole
-        if "fewshot" in p.study.sc_agents and self_consistency.saved_samples(fewshot, "fewshot", p.model):
-            self_consistency.report(fewshot, None, progress=False)
+    # its samples are one piece: where they are in, its curve is whole
+    if "fewshot" in p.study.sc_agents and self_consistency.saved_samples(fewshot, "fewshot", p.model):
+        self_consistency.report(fewshot, None, progress=False)
 
 
 def pieces_table(study: Study) -> str:

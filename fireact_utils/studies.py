@@ -21,10 +21,10 @@ from .pipeline import (
     finetuned_agent,
     local_llm,
     run_condition,
+    run_task,
     searching_react,
 )
 from .tables import GENERALIZATION_LABELS, condition_table, noise_effects, outcome_table, task_slug
-from .tasks import load_task
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -119,7 +119,7 @@ def robustness(p: Params, trained: str | Path, progress: bool = True) -> dict[st
 
 def transfer_n(p: Params, task: str) -> int:
     """Questions a sweep runs on another task: study.generalization_n, else all of its default split."""
-    return p.study.generalization_n or len(load_task(task, None, p.data_dir, p.multihop_dir))
+    return p.study.generalization_n or len(run_task(p, task))
 
 
 def transfer_pair(p: Params, trained: str | Path, task: str, progress: bool = True) -> dict[str, list[dict]]:

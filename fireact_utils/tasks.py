@@ -18,6 +18,7 @@ import random
 import re
 import string
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -172,6 +173,15 @@ WIKI_TASKS = {
 WIKI_SPLIT_SEED = 0
 WIKI_SPLIT_SIZES = {"val": 200, "test": 300}
 CHOICES_HELP = ", ".join([*TASKS, *WIKI_TASKS]) + ", mmlu:<subject>, or a path ending .json/.jsonl"
+# Questions in each split of the data `download` fetches (a test holds them equal to it): a condition's
+# questions are a seeded shuffle of them (`eval_indices`), rebuilt from its saved episodes alone by
+# `saved_task` where its meta predates `task_size`.
+SPLIT_SIZES = {
+    "hotpotqa": {"dev": 7405, "test": 7405}, "bamboogle": {"test": 125},
+    "strategyqa": {"dev": 229, "test": 490, "train": 2821}, "mmlu": {"dev": 285, "val": 1531, "test": 14042},
+    "hotpotqa-wiki": {"train": 293, "val": 200, "test": 300}, "2wikimultihopqa": {"dev": 164},
+    "strategyqa-wiki": {"dev": 229},
+}
 
 
 def _gold(value: Any, kind: str, where: str) -> str:
@@ -307,6 +317,33 @@ def load_task(name: str, split: str | None = None, data_dir: str | Path | None =
         where = [f"{path} record {i}" for i in range(len(records))]
         questions, answers = _qa_records(records, spec.kind, labeled, where)
     return Task(name, split, spec.kind, questions, answers, labeled)
+
+
+def saved_task(name: str, split: str | None, records: Iterable[dict], metas: Iterable[dict] = ()) -> Task:
+    """`name`'s task as saved episode `records` show it, for a report that reads no data
+    (`keys.saved_only`): each saved question and gold at its index, "" at the others. Its length
+    (the seeded shuffle's) is what condition `metas` record (`task_size`), else `SPLIT_SIZES`; a
+    wiki task's gold titles are what they record (`gold_titles`: episode id -> titles), else None."""
+    base = name.partition(":")[0]
+    corpus, kind, default = WIKI_TASKS.get(name, (None, None, "custom"))  # None, None: a question file's
+    if base in TASKS:
+        kind, default = TASKS[base].kind, TASKS[base].default_split
+    split = split or default
+    mine = {r["idx"]: r for r in records if r["id"].startswith(f"{name}/{split}/")}
+    metas = [m for m in metas if (m.get("task"), m.get("split")) == (name, split)]
+    size = next((m["task_size"] for m in metas if "task_size" in m), SPLIT_SIZES.get(name, {}).get(split))
+    if size is None:
+        raise ValueError(f"{name} {split}: no saved condition records its size (task_size) and tasks.SPLIT_SIZES "
+                         "lacks it: its questions' order cannot be rebuilt from the bundles")
+    questions, answers = [""] * size, [""] * size
+    for i, r in mine.items():
+        questions[i], answers[i] = r["question"], r["gold"]
+    if kind is None:  # a question file: yes/no when every gold is (`_load_custom`)
+        kind = "yesno" if mine and all(r["gold"] in ("yes", "no") for r in mine.values()) else "qa"
+    gold = {i: t for m in metas for i, t in (m.get("gold_titles") or {}).items()}
+    titles = [list(gold.get(f"{name}/{split}/{i}", [])) for i in range(size)] if gold else None
+    return Task(name, split, kind, questions, answers, base not in TASKS or split not in TASKS[base].unlabeled,
+                corpus, titles)
 
 
 def eval_indices(task_or_len: Task | int, n: int, seed: int = default(EvalParams, "seed")) -> list[int]:

@@ -236,7 +236,17 @@ def train_timed(trainer, ckpt: str | None, p: TrainParams) -> float | None:
     return None if before is None else before + time.perf_counter() - t0
 
 
-def finetune(records: list[dict], out_dir: str | Path, p: TrainParams, model_params: ModelParams | None = None,
+def finetune_key(records: list[dict] | None, p: TrainParams, mp: ModelParams) -> dict:
+    """A fine-tune's key (`keys`): train.* resolved, the base model's weights, the data's content
+    (`records` None: a merge's, `keys.saved_only`, whose data is not here, so not compared)."""
+    from . import keys
+
+    known = records is not None
+    return keys.make("finetune", {**keys.train_settings(p, mp), "data": keys.data_hash(records) if known else None,
+                                  "n_examples": len(records) if known else None})
+
+
+def finetune(records: list[dict] | None, out_dir: str | Path, p: TrainParams, model_params: ModelParams | None = None,
              resume: bool = True, extra_meta: dict | None = None) -> Path:
     """Fine-tune on trajectory records; returns the dir holding the adapter (lora) or model (full).
 
@@ -245,19 +255,12 @@ def finetune(records: list[dict], out_dir: str | Path, p: TrainParams, model_par
     finished fine-tune is reused, and a checkpoint resumed, only under its key (`keys`: train.*
     resolved, the data's content, the base model's weights), else refused naming what differs.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTTrainer
-
     from . import keys
-    from .models import pick_device, resolve_model
-    from .serving import make_room
 
     out_dir = Path(out_dir)
     final = out_dir / "final"
     mp = model_params or ModelParams()
-    now = keys.make("finetune", {**keys.train_settings(p, mp), "data": keys.data_hash(records),
-                                 "n_examples": len(records)})
+    now = finetune_key(records, p, mp)
     # One key for the fine-tune and its checkpoints: written before the first step, so a checkpoint
     # resumes, and a finished model is reused, only under the settings, data and base that began it.
     reused = keys.reuse(out_dir / keys.KEY_FILE, now, clear_paths=[out_dir],
@@ -268,6 +271,13 @@ def finetune(records: list[dict], out_dir: str | Path, p: TrainParams, model_par
         return final
     if keys.is_saved_only():
         raise ValueError(f"{out_dir}: no merged bundle holds this fine-tune; run the piece that trains it")
+    import torch  # here, not above: a merge that finds its fine-tune saved reports in seconds
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTTrainer
+
+    from .models import pick_device, resolve_model
+    from .serving import make_room
+
     if not reused:
         keys.write(out_dir / keys.KEY_FILE, now)
     base = model_id(mp.name, cache=mp.cache_dir)

@@ -196,3 +196,45 @@ def test_text_completion_rejects_chat_prompt():
     llm = OpenAIBackend(LLMParams(backend="openai", base_url="http://127.0.0.1:9/v1", chat=False, max_retries=0))
     g = llm.generate([[{"role": "user", "content": "hi"}]], stop=[], max_new_tokens=2)[0]
     assert g.text == "" and "needs string (or token id) prompts" in g.error
+
+
+def test_vllm_stream_sends_an_episodes_next_turn_before_new_episodes(model_path):
+    """`VLLMBackend.stream` keeps `concurrency` turns in flight and sends follow-up turns ahead of
+    episodes not yet started: with 2 lanes, 6 episodes of 2 turns each end two by two in order,
+    never all at the end (the server's HTTP call is replaced by one that records what it was sent)."""
+    import threading
+    import time
+
+    from transformers import AutoTokenizer
+
+    from fireact_utils.llm import Generation, VLLMBackend
+
+    backend = object.__new__(VLLMBackend)
+    backend.tok, backend.concurrency = AutoTokenizer.from_pretrained(model_path), 2
+    backend._ensure_server = lambda: None
+    sent, lock, running, most = [], threading.Lock(), [0], [0]
+
+    def one(ids, *_a, **_k):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            sent.append(backend.tok.decode(ids))
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return Generation("ok")
+
+    backend._one = one
+    ended = []
+
+    def on_done(key, _gen):
+        episode, turn = key
+        if turn == 0:
+            return [((episode, 1), f"episode {episode} turn 1")]
+        ended.append(episode)
+        return []
+
+    backend.stream([((e, 0), f"episode {e} turn 0") for e in range(6)], [], 8, 0.0, on_done)
+    assert most[0] == 2 and len(sent) == 12
+    assert sent.index("episode 0 turn 1") < sent.index("episode 2 turn 0")  # the old FIFO sent all first turns first
+    assert sorted(ended[:2]) == [0, 1] and sorted(ended) == list(range(6))

@@ -8,12 +8,15 @@ from pathlib import Path
 import pytest
 from eval_records import react_records
 
-from fireact_utils import pieces, results
+from fireact_utils import keys, llm, pieces, pipeline, results, train
 from fireact_utils.cli import main
 from fireact_utils.config import REPO_ROOT, load_params
 from fireact_utils.io import atomic_write_json, write_jsonl
 
 SMOKE = REPO_ROOT / "params" / "smoke.yaml"
+# the smoke headline cut to three pieces (baselines, few-shot votes, seed 42), 2 questions everywhere
+SMALL = ["study.seeds=[42]", "study.transfer_tasks=[2wikimultihopqa]", "study.generalization_n=2",
+         "evaluate.n_questions=2", "study.sc_n=2"]
 
 
 def _bundle(p, piece: str, conditions: dict[str, tuple[str, list[dict]]], dest: Path) -> Path:
@@ -81,3 +84,71 @@ def test_the_committed_pages_match_the_committed_results(tmp_path):
         pytest.skip("no bundle under results/ yet")
     found = results.blocks(results.rebuild(results.RESULTS, tmp_path / "out"))
     assert results.write_docs(found, results.pages(), check=True) == []
+
+
+def _finetune_untrained(records, out_dir, tp, mp=None, **_) -> Path:
+    """`train.finetune` as a bundle carries one, trained on nothing: its key and done record, no weights."""
+    keys.write(Path(out_dir) / keys.KEY_FILE, train.finetune_key(records, tp, mp))
+    atomic_write_json(Path(out_dir) / "final" / "train_done.json", {
+        "params": tp.model_dump(mode="json"), "model": mp.model_dump(mode="json"), "base_path": mp.name,
+        "n_examples": len(records), "n_tokens": 0, "n_loss_tokens": 0, "train_runtime_s": 0.0, "final_loss": None})
+    return Path(out_dir) / "final"
+
+
+@pytest.fixture
+def whole_study(tmp_path, data_dir, multihop_dir, monkeypatch):
+    """results/headline/ holding every piece of a small smoke headline, made by the pieces themselves
+    with a scripted model (one search, then the gold answer on each task's first question, a wrong
+    one on the other) and a fine-tune that trains nothing; a base model with no weights anywhere."""
+    from scripted import ScriptedLLM
+
+    p = load_params(SMOKE, [f"output_root={tmp_path / 'made'}", f"model.name={tmp_path / 'no-weights'}", *SMALL])
+    asked = [pipeline.condition_questions(p, task, None, 2) for task in (None, "2wikimultihopqa")]
+    gold = {t.questions[i]: t.answers[i] if k == 0 else "nobody" for t, idx in asked for k, i in enumerate(idx)}
+
+    def reply(text: str) -> str:
+        turn = text.rsplit("### Response:\n" if "### Response:" in text else "\nQuestion: ", 1)[-1]
+        if "Observation" not in turn:
+            return "Thought: look it up.\nAction: search[it]"
+        return f"Thought: found it.\nAction: finish[{next(a for q, a in gold.items() if q in text)}]"
+
+    with monkeypatch.context() as m:  # while the pieces run; the report has no model either way
+        m.setattr(llm, "local_backend", lambda *a, **k: ScriptedLLM(reply))
+        m.setattr(train, "finetune", _finetune_untrained)
+        for piece in pieces.pieces(p):
+            pieces.run_piece(p, piece.name, bundle_dir=tmp_path / "results" / "headline")
+    return tmp_path / "results"
+
+
+def _tables(study: results.Study) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted((study.run_dir / "tables").iterdir())}
+
+
+@pytest.mark.parametrize("made", ["study", "whole_study"])
+def test_a_study_is_rebuilt_without_the_data(made, request, tmp_path, monkeypatch):
+    """`report` on a fresh clone, whose data dirs hold nothing: a partial study and a whole one
+    (merged, the headline's own report) give the tables they give with the data, byte for byte."""
+    bundles = request.getfixturevalue(made)
+    (want,) = results.rebuild(bundles, tmp_path / "with")
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("FIREACT_DATA_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("FIREACT_MULTIHOP_DIR", str(tmp_path / "empty"))
+    (got,) = results.rebuild(bundles, tmp_path / "without")
+    assert got.missing == want.missing == ([] if made == "whole_study" else ["fewshot-votes", "seed-42", "seed-7"])
+    assert _tables(got) == _tables(want) and "main.csv" in _tables(got)
+    if made == "whole_study":
+        assert {"headline_seeds.csv", "headline_transfer.md", "self_consistency.md", "summary_vs_paper.csv",
+                "failures.md", "paired_gain.json"} <= set(_tables(got))
+
+
+def test_what_a_report_without_data_takes_for_it_is_the_data(data_dir, multihop_dir):
+    """The facts a merge takes where it reads no data: every split's size (`tasks.SPLIT_SIZES`, for
+    the seeded shuffle of a condition's questions) and FireAct's released runs' rows."""
+    from fireact_utils.evaluate import FIREACT_RELEASED, fireact_reference
+    from fireact_utils.holdout import QUESTION_KEYS
+    from fireact_utils.io import read_json
+    from fireact_utils.tasks import SPLIT_SIZES, TASKS, load_task
+
+    named = {**{t: list(spec.files) for t, spec in TASKS.items()}, **read_json(QUESTION_KEYS)}
+    assert SPLIT_SIZES == {t: {s: len(load_task(t, s)) for s in splits} for t, splits in named.items()}
+    assert fireact_reference().to_dict("records") == FIREACT_RELEASED
